@@ -1,0 +1,116 @@
+"""Command line: parse arguments, build the objects, call them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import EX_CONFIG, Config, ConfigError, from_dict, load
+
+
+def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    default = argparse.SUPPRESS if suppress else None
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--root", type=Path, default=default, help="folder holding config.yaml (default: current folder)")
+    where.add_argument("--config", type=Path, default=default, help="path of the config file")
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        default=default if suppress else False,
+        help="use the built-in tiny random-weight SDXL (no downloads, CPU-friendly sizes)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", default=default if suppress else False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdxld", description="Self-hosted SDXL image factory.")
+    parser.add_argument("--version", action="version", version=f"sdxld {__version__}")
+    _common(parser, suppress=False)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="generate images in the foreground (the seed's modes 1 and 2)")
+    _common(gen, suppress=True)
+    gen.add_argument("--stage1", action="store_true", help="stage 1 only: base images to curate")
+    gen.add_argument("--once", action="store_true", help="make one image and exit")
+    gen.add_argument("--count", type=int, help="make this many images and exit")
+    gen.add_argument("--seed", type=int, help="seed of the first image (next ones: +1 each)")
+
+    check = commands.add_parser("check", help="validate config, load the model, list LoRAs and why any were rejected")
+    _common(check, suppress=True)
+    return parser
+
+
+def config_path(args) -> Path:
+    if args.config:
+        return args.config
+    return (args.root or Path.cwd()) / "config.yaml"
+
+
+def load_config(args) -> Config:
+    from .tiny import apply_demo
+
+    path = config_path(args)
+    if not path.exists() and args.demo and not args.config:
+        # The demo must run anywhere: no config.yaml means the defaults, rooted here.
+        config = from_dict({}, path.parent)
+    else:
+        config = load(path)
+    if args.demo:
+        apply_demo(config)
+    return config
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    if not verbose:
+        for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    log = logging.getLogger("sdxld")
+    try:
+        config = load_config(args)
+    except ConfigError as err:
+        log.error("%s", err)
+        return EX_CONFIG
+
+    if args.command == "check":
+        from .check import run_check
+
+        return run_check(config)
+
+    if args.command == "generate":
+        from . import foreground
+        from .engine import Engine
+        from .models import ModelLoadError
+
+        if not args.stage1:
+            log.error("stages 2 and 3 are not built yet in this version: run `sdxld generate --stage1`")
+            return 2
+        if args.count is not None and args.count < 1:
+            log.error("--count must be at least 1")
+            return 2
+        stop = foreground.StopFlag()
+        with stop.installed():
+            try:
+                engine = Engine.load(config)
+            except ModelLoadError as err:
+                log.error("%s", err)
+                return 1
+            return foreground.generate(engine, once=args.once, count=args.count, seed=args.seed, stop=stop)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""config.yaml -> a validated, typed Config.
+
+Every problem is reported as one ConfigError that names the file, the dotted key and what to do,
+because the user reading it is looking at a YAML file, not at a traceback. The CLI turns it into
+exit status 78 (EX_CONFIG), which the systemd unit treats as "do not restart".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+EX_CONFIG = 78
+
+SAMPLERS = ("UniPC", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ConfigError(Exception):
+    """A config problem a user can fix: carries the file and the dotted key it is about."""
+
+    def __init__(self, message: str, key: str = "", file: Path | str | None = None):
+        self.key, self.file, self.detail = key, file, message
+        where = f"{file}: " if file else ""
+        what = f"{key}: " if key else ""
+        super().__init__(f"{where}{what}{message}")
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(message, key)
+
+
+def _multiple_of_8(value: int, key: str) -> None:
+    _check(value % 8 == 0, key, f"{value} is not a multiple of 8 (try {value // 8 * 8})")
+
+
+def _unit_strength(value: float, key: str) -> None:
+    _check(0 < value <= 1, key, f"{value} is outside (0, 1]: 0 changes nothing, 1 replaces the image")
+
+
+@dataclass
+class ModelConfig:
+    # A hub id ("owner/name"), a local diffusers folder, or a single-file .safetensors checkpoint.
+    base: str = "WhiteAiZ/Illustrious-xl-v1.0"
+    refiner: str | None = "stabilityai/stable-diffusion-xl-refiner-1.0"
+    use_refiner: bool = True
+    # For single-file checkpoints: a local diffusers folder whose configs describe the model.
+    # Without it diffusers fetches the configs from the Hub, which fails offline.
+    config: str | None = None
+    refiner_config: str | None = None
+    # Optional VAE replacement, e.g. madebyollin/sdxl-vae-fp16-fix (fp16-safe).
+    vae: str | None = None
+
+    def validate(self) -> None:
+        _check(bool(self.base.strip()), "model.base", "is empty: name a hub id, a diffusers folder or a .safetensors file")
+        if self.use_refiner:
+            _check(bool(self.refiner), "model.refiner", "is empty but model.use_refiner is true")
+
+
+@dataclass
+class PerformanceConfig:
+    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    compile_unet: bool = False
+    # auto: CUDA when present, else CPU.
+    device: str = "auto"
+    # auto: xformers when installed on CUDA, else PyTorch SDPA.
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+
+    def validate(self) -> None:
+        ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)
+        _check(bool(ok), "performance.device", f"'{self.device}' is not one of auto, cpu, cuda, cuda:N, mps")
+
+
+@dataclass
+class MemoryConfig:
+    strategy: Literal["gpu", "model_offload", "sequential_offload"] = "model_offload"
+    vae_slicing: bool = True
+    vae_tiling: bool = True
+
+
+@dataclass
+class LoraConfig:
+    character_dir: str = "loras/character"
+    style_dir: str = "loras/style"
+    character_strength: float = 1.0
+    style_strength: float = 0.85
+
+    def validate(self) -> None:
+        for key in ("character_strength", "style_strength"):
+            value = getattr(self, key)
+            _check(-4 <= value <= 4, f"lora.{key}", f"{value} is outside [-4, 4]; typical values are 0.5 to 1.2")
+
+
+@dataclass
+class PromptsConfig:
+    manual_prompt: str = "prompts/manual_prompt.txt"
+    negative_prompt: str = "prompts/manual_negative_prompt.txt"
+    options: str = "prompts/prompt_options.txt"
+    max_extras: int = 5
+
+    def validate(self) -> None:
+        _check(0 <= self.max_extras <= 100, "prompts.max_extras", f"{self.max_extras} is outside 0..100")
+
+
+@dataclass
+class TextToImageConfig:
+    steps: int = 30
+    cfg: float = 8.0
+    # Fraction of the schedule the base runs before the refiner takes over.
+    denoise_split: float = 0.8
+
+    def validate(self, key: str = "generation.t2i") -> None:
+        _check(1 <= self.steps <= 500, f"{key}.steps", f"{self.steps} is outside 1..500")
+        _check(0 <= self.cfg <= 50, f"{key}.cfg", f"{self.cfg} is outside 0..50")
+        _check(0 < self.denoise_split < 1, f"{key}.denoise_split", f"{self.denoise_split} is outside (0, 1)")
+
+
+@dataclass
+class Stage2Config:
+    enabled: bool = True
+    steps: int = 22
+    cfg: float = 4.5
+    strength: float = 0.25
+    use_refiner: bool = True
+    denoise_split: float = 0.8
+
+    def validate(self) -> None:
+        TextToImageConfig(self.steps, self.cfg, self.denoise_split).validate("generation.stage2")
+        _unit_strength(self.strength, "generation.stage2.strength")
+
+
+@dataclass
+class Stage3Config:
+    enabled: bool = True
+    steps: int = 18
+    cfg: float = 4.5
+    strength: float = 0.4
+    use_refiner: bool = True
+    denoise_split: float = 0.8
+    tile_size: int = 2048
+    tile_overlap: int = 256
+    blend_mode: Literal["cosine", "linear"] = "cosine"
+
+    def validate(self) -> None:
+        TextToImageConfig(self.steps, self.cfg, self.denoise_split).validate("generation.stage3")
+        _unit_strength(self.strength, "generation.stage3.strength")
+        _multiple_of_8(self.tile_size, "generation.stage3.tile_size")
+        _multiple_of_8(self.tile_overlap, "generation.stage3.tile_overlap")
+        _check(self.tile_size >= 64, "generation.stage3.tile_size", f"{self.tile_size} is below 64")
+        _check(
+            0 <= self.tile_overlap < self.tile_size // 2,
+            "generation.stage3.tile_overlap",
+            f"{self.tile_overlap} must be at least 0 and under half of tile_size ({self.tile_size})",
+        )
+
+
+@dataclass
+class GenerationConfig:
+    # -1: a fresh random seed per image. N: the first image uses N, the next N+1, and so on.
+    seed: int = -1
+    base_width: int = 768
+    base_height: int = 1344
+    mid_scale: float = 2.0
+    final_scale: float = 4.0
+    sampler: Literal[SAMPLERS] = "UniPC"  # type: ignore[valid-type]
+    t2i: TextToImageConfig = field(default_factory=TextToImageConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    stage3: Stage3Config = field(default_factory=Stage3Config)
+
+    def validate(self) -> None:
+        _check(-1 <= self.seed < 2**63, "generation.seed", f"{self.seed} is not -1 (random) or a seed in 0..2^63-1")
+        for key in ("base_width", "base_height"):
+            value = getattr(self, key)
+            _multiple_of_8(value, f"generation.{key}")
+            _check(64 <= value <= 4096, f"generation.{key}", f"{value} is outside 64..4096")
+        _check(1 <= self.mid_scale <= 8, "generation.mid_scale", f"{self.mid_scale} is outside 1..8")
+        _check(
+            self.mid_scale <= self.final_scale <= 16,
+            "generation.final_scale",
+            f"{self.final_scale} must be between mid_scale ({self.mid_scale}) and 16",
+        )
+        self.t2i.validate()
+        self.stage2.validate()
+        self.stage3.validate()
+
+    def scaled_size(self, scale: float) -> tuple[int, int]:
+        """Width and height at `scale` x the base size, rounded down to multiples of 8."""
+        return (int(self.base_width * scale) // 8 * 8, int(self.base_height * scale) // 8 * 8)
+
+
+@dataclass
+class UpscalerConfig:
+    # Missing weights are not an error: the upscale falls back to Lanczos, as the seed did.
+    weights: str = "weights/RealESRGAN_x4plus_anime_6B.pth"
+    tile: int = 512
+    pad: int = 32
+
+    def validate(self) -> None:
+        _check(self.tile >= 32, "upscaler.tile", f"{self.tile} is below 32")
+        _check(0 <= self.pad < self.tile // 2, "upscaler.pad", f"{self.pad} must be in 0..tile/2")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "outputs"
+    save_intermediates: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    # The folder relative paths resolve against: the config file's folder.
+    root: Path = field(default_factory=Path.cwd, metadata={"internal": True})
+    source: Path | None = field(default=None, metadata={"internal": True})
+    # Set by --demo: the built-in tiny model is in use (recorded in every Record).
+    demo: bool = field(default=False, metadata={"internal": True})
+
+    def path(self, value: str | Path) -> Path:
+        """A configured path, resolved against the config file's folder."""
+        return (self.root / Path(value).expanduser()).resolve()
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if not f.metadata.get("internal") and hasattr(section, "validate"):
+                section.validate()
+        self._validate_model_paths()
+
+    def _validate_model_paths(self) -> None:
+        for key in ("base", "refiner", "config", "refiner_config", "vae"):
+            value = getattr(self.model, key)
+            if not value or (key == "refiner" and not self.model.use_refiner):
+                continue
+            if key in ("config", "refiner_config"):
+                _check(self.path(value).is_dir(), f"model.{key}", f"folder '{self.path(value)}' not found")
+                continue
+            source = model_source(self, value)
+            if source.kind != "hub":
+                _check(source.path.exists(), f"model.{key}", f"'{source.path}' not found (a file or folder)")
+            if source.kind == "folder":
+                _check(
+                    (source.path / "model_index.json").exists() or (source.path / "config.json").exists(),
+                    f"model.{key}",
+                    f"'{source.path}' is not a diffusers folder (no model_index.json)",
+                )
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: Literal["hub", "folder", "file"]
+    location: str
+    path: Path | None = None
+
+
+def model_source(config: Config, value: str) -> ModelSource:
+    """Decide whether a model setting names a hub id, a local folder or a single-file checkpoint.
+
+    A value is a path when it exists relative to the config's folder, is absolute, starts with
+    ./ ../ or ~, or ends like a checkpoint file; otherwise it must look like 'owner/name'.
+    """
+    candidate = config.path(value)
+    looks_like_path = (
+        candidate.exists()
+        or value.startswith(("/", "./", "../", "~"))
+        or value.lower().endswith(CHECKPOINT_SUFFIXES)
+    )
+    if looks_like_path:
+        kind = "file" if value.lower().endswith(CHECKPOINT_SUFFIXES) or candidate.is_file() else "folder"
+        return ModelSource(kind, str(candidate), candidate)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+        raise ConfigError(
+            f"'{value}' is neither an existing path nor a hub id of the form owner/name", "model"
+        )
+    return ModelSource("hub", value)
+
+
+# --- YAML -> dataclasses -------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and len(args) < len(typing.get_args(tp)):
+        return f"{_type_name(args[0])} or null"
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{value!r} is not {_type_name(tp)}", key)
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    # YAML's bool is a subclass of int: refuse it where a number is meant, and vice versa.
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif tp is str:
+        ok = isinstance(value, str)
+    else:  # pragma: no cover - a programming error in the dataclasses above
+        raise TypeError(f"unsupported config type {tp} at {key}")
+    if not ok:
+        raise ConfigError(f"{value!r} is not {_type_name(tp)}", key)
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a section of key: value pairs, got {type(data).__name__}", prefix or "(top level)")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in known:
+            close = [k for k in known if k.lower() == str(key).lower().replace("-", "_")]
+            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown key{hint}", dotted)
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def from_dict(data: Any, root: Path, source: Path | None = None) -> Config:
+    try:
+        config = _build(Config, data, "")
+        config.root, config.source = Path(root).resolve(), source
+        config.validate()
+    except ConfigError as err:
+        raise ConfigError(err.detail, err.key, source) from None
+    return config
+
+
+def load(path: Path) -> Config:
+    """Read and validate a config file; relative paths in it resolve against its folder."""
+    path = Path(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("file not found; run from the folder holding config.yaml or pass --root/--config", file=path) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot be read: {err}", file=path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"invalid YAML{where}: {getattr(err, 'problem', err)}", file=path) from None
+    return from_dict(data, path.parent, path)
+
+
+def to_dict(config: Config) -> dict:
+    """The settings as plain data (for records and `sdxld check`), without internal fields."""
+    out = {}
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("internal"):
+            out[f.name] = dataclasses.asdict(getattr(config, f.name))
+    return out

@@ -1,0 +1,60 @@
+"""Every path sdxld touches, derived once from the root and the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+    outputs: Path
+    stage1: Path
+    metadata: Path
+    final: Path
+    intermediates: Path
+    inbox: Path
+    approved: Path
+    done: Path
+    failed: Path
+    manual_prompt: Path
+    negative_prompt: Path
+    prompt_options: Path
+    lora_dirs: dict
+    upscaler_weights: Path
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Layout":
+        outputs = config.path(config.output.dir)
+        inbox = config.root / "inbox"
+        return cls(
+            root=config.root,
+            outputs=outputs,
+            stage1=outputs / "stage1",
+            metadata=outputs / "metadata",
+            final=outputs / "final",
+            intermediates=outputs / "intermediates",
+            inbox=inbox,
+            approved=inbox / "approved",
+            done=inbox / "done",
+            failed=inbox / "failed",
+            manual_prompt=config.path(config.prompts.manual_prompt),
+            negative_prompt=config.path(config.prompts.negative_prompt),
+            prompt_options=config.path(config.prompts.options),
+            lora_dirs={
+                "character": config.path(config.lora.character_dir),
+                "style": config.path(config.lora.style_dir),
+            },
+            upscaler_weights=config.path(config.upscaler.weights),
+        )
+
+    def intermediate(self, kind: str) -> Path:
+        """One of the seed's intermediate folders: stage2_up, stage2, stage3_up, tiles."""
+        return self.intermediates / kind
+
+    def ensure_output_dirs(self) -> None:
+        for folder in (self.stage1, self.metadata, self.final):
+            folder.mkdir(parents=True, exist_ok=True)

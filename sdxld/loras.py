@@ -1,0 +1,306 @@
+"""LoraLibrary: the LoRA folders on disk <-> the adapters loaded in the base pipeline.
+
+Each file is loaded once as a named adapter (peft, through diffusers' load_lora_weights) and then
+only switched on and off per image with set_adapters, which is cheap. `sync()` makes the loaded set
+follow the folders: new files are loaded, changed files reloaded, adapters of files that left are
+deleted (inactive adapters still cost memory and slow set_adapters down). A file that cannot be
+loaded is kept out of rotation with its reason until it changes on disk; it never stops the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import struct
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .records import LoraUse
+
+log = logging.getLogger(__name__)
+
+LORA_SUFFIXES = (".safetensors", ".safetensor")
+KINDS = ("character", "style")
+MAX_TRIGGER_BYTES = 64_000
+# A safetensors header above this is not a LoRA's (and reading it would be a memory hazard).
+MAX_HEADER_BYTES = 64 * 1024 * 1024
+
+
+class LoraFileError(ValueError):
+    """Why a file is not a usable LoRA, in words the user can act on."""
+
+
+@dataclass
+class LoraEntry:
+    kind: str
+    path: Path
+    signature: tuple
+    status: str = "pending"  # loaded | rejected | pending
+    reason: str = ""
+    adapter: str | None = None
+    hash: str = ""
+    triggers: str = ""
+    trigger_signature: tuple | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+@dataclass
+class SyncReport:
+    added: list[str] = field(default_factory=list)
+    reloaded: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.reloaded or self.removed or self.rejected)
+
+
+def _signature(path: Path) -> tuple:
+    stat = path.stat()
+    return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, with errors that say what is wrong with the file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise LoraFileError("the file is empty (0 bytes); is it still being copied?")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise LoraFileError(f"the file is {size} bytes, too short to be safetensors")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise LoraFileError(
+                "not a safetensors file (its first 8 bytes do not give a valid header length); "
+                "re-download it or convert it to .safetensors"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoraFileError("not a safetensors file (the header is not JSON); re-download it") from None
+    if not isinstance(header, dict):
+        raise LoraFileError("not a safetensors file (the header is not a JSON object)")
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and 8 + length + max(ends) > size:
+        raise LoraFileError(
+            f"truncated: the header promises {8 + length + max(ends)} bytes but the file has {size}; "
+            "the copy or download did not finish"
+        )
+    return header
+
+
+def check_lora_header(header: dict) -> None:
+    keys = [k for k in header if k != "__metadata__"]
+    if not keys:
+        raise LoraFileError("the safetensors file holds no tensors")
+    if not any("lora" in k.lower() for k in keys):
+        sample = ", ".join(keys[:3])
+        raise LoraFileError(
+            f"a safetensors file but not a LoRA: none of its {len(keys)} tensors is a LoRA weight "
+            f"(e.g. {sample}); is it a checkpoint, VAE or embedding? Move it out of the LoRA folder"
+        )
+
+
+def addnet_hash(path: Path) -> str:
+    """A1111's LoRA hash: sha256 of the file after the safetensors header, first 12 hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        handle.seek(8 + length)
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def read_triggers(txt: Path) -> str:
+    """Comma-separated trigger words from the .txt beside a LoRA ('' when absent or unusable)."""
+    try:
+        size = txt.stat().st_size
+    except OSError:
+        return ""
+    if size > MAX_TRIGGER_BYTES:
+        log.warning("trigger file %s is %d bytes (limit %d); ignoring it", txt, size, MAX_TRIGGER_BYTES)
+        return ""
+    try:
+        text = txt.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        log.warning("trigger file %s is not UTF-8 text; ignoring it", txt)
+        return ""
+    if "\x00" in text:
+        log.warning("trigger file %s is binary; ignoring it", txt)
+        return ""
+    words = [w.strip() for w in re.split(r"[,\n]", text) if w.strip() and not w.strip().startswith("#")]
+    return ", ".join(words)
+
+
+class LoraLibrary:
+    def __init__(self, pipe, dirs: dict[str, Path], strengths: dict[str, float], settle_s: float = 0.0):
+        self.pipe = pipe
+        self.dirs = {kind: Path(d) for kind, d in dirs.items()}
+        self.strengths = dict(strengths)
+        # Files modified less than this long ago may still be copying: wait before loading them.
+        self.settle_s = settle_s
+        self._entries: dict[Path, LoraEntry] = {}
+        self._counter = 0
+        self._active: tuple = ()
+
+    # --- folder state -----------------------------------------------------------------------
+
+    def _scan(self) -> dict[Path, tuple[str, tuple]]:
+        found = {}
+        for kind, folder in self.dirs.items():
+            if not folder.is_dir():
+                continue
+            for path in sorted(folder.iterdir()):
+                if path.name.startswith(".") or path.suffix.lower() not in LORA_SUFFIXES:
+                    continue
+                try:
+                    if path.is_symlink() and not path.resolve().is_file():
+                        continue
+                    if path.is_file():
+                        found[path] = (kind, _signature(path))
+                except OSError:
+                    continue
+        return found
+
+    def sync(self) -> SyncReport:
+        report = SyncReport()
+        found = self._scan()
+        for path in list(self._entries):
+            if path not in found:
+                entry = self._entries.pop(path)
+                self._unload(entry)
+                report.removed.append(f"{entry.kind}/{entry.name}")
+                log.info("LoRA %s/%s left the folder; removed from rotation", entry.kind, entry.name)
+        now = time.time()
+        for path, (kind, signature) in found.items():
+            entry = self._entries.get(path)
+            if entry and entry.signature == signature and entry.status != "pending":
+                self._refresh_triggers(entry)
+                continue
+            if self.settle_s and now - signature[0] / 1e9 < self.settle_s:
+                if entry is None:
+                    self._entries[path] = LoraEntry(kind, path, signature, reason="still being written")
+                continue
+            reloading = entry is not None and entry.status == "loaded"
+            if entry is not None:
+                self._unload(entry)
+            entry = LoraEntry(kind, path, signature)
+            self._entries[path] = entry
+            self._load(entry)
+            self._refresh_triggers(entry)
+            label = f"{kind}/{entry.name}"
+            if entry.status == "rejected":
+                report.rejected.append(label)
+            else:
+                (report.reloaded if reloading else report.added).append(label)
+        return report
+
+    def _refresh_triggers(self, entry: LoraEntry) -> None:
+        txt = entry.path.with_suffix(".txt")
+        try:
+            stat = txt.stat()
+            signature = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            signature = None
+        if signature != entry.trigger_signature:
+            entry.triggers = read_triggers(txt) if signature else ""
+            entry.trigger_signature = signature
+
+    def _load(self, entry: LoraEntry) -> None:
+        # Loading makes the new adapter active: whatever was switched on before is unknown now.
+        self._active = ()
+        self._counter += 1
+        # peft adapter names become module attribute names: no dots, nothing exotic.
+        adapter = f"{entry.kind}_{re.sub(r'[^0-9A-Za-z_]', '_', entry.name)}_{self._counter}"
+        try:
+            check_lora_header(read_safetensors_header(entry.path))
+            entry.hash = addnet_hash(entry.path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # use_safetensors=True also forbids diffusers' pickle fallback for odd extensions.
+                self.pipe.load_lora_weights(str(entry.path), adapter_name=adapter, use_safetensors=True)
+            if not any(adapter in names for names in self.pipe.get_list_adapters().values()):
+                raise LoraFileError("no layer of this model matched the LoRA's keys (a LoRA for another architecture?)")
+        except Exception as err:  # noqa: BLE001 - any failure of a user file keeps it out of rotation
+            self._forget_adapter(adapter)
+            entry.status, entry.adapter = "rejected", None
+            entry.reason = _explain(err)
+            log.warning("LoRA %s rejected: %s", entry.path, entry.reason)
+            return
+        entry.status, entry.adapter, entry.reason = "loaded", adapter, ""
+        log.info("LoRA %s/%s loaded (hash %s)", entry.kind, entry.name, entry.hash)
+
+    def _unload(self, entry: LoraEntry) -> None:
+        if entry.adapter:
+            self._forget_adapter(entry.adapter)
+            entry.adapter = None
+        self._active = ()
+
+    def _forget_adapter(self, adapter: str) -> None:
+        try:
+            loaded = any(adapter in names for names in self.pipe.get_list_adapters().values())
+        except Exception:  # noqa: BLE001 - no LoRA ever loaded: nothing to forget
+            loaded = False
+        if loaded:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.pipe.delete_adapters(adapter)
+
+    # --- queries ----------------------------------------------------------------------------
+
+    def entries(self) -> list[LoraEntry]:
+        return sorted(self._entries.values(), key=lambda e: (e.kind, e.name))
+
+    def available(self, kind: str) -> list[LoraEntry]:
+        return [e for e in self.entries() if e.kind == kind and e.status == "loaded"]
+
+    def find(self, kind: str, name: str) -> LoraEntry | None:
+        return next((e for e in self.available(kind) if e.name == name), None)
+
+    def pick(self, rng: random.Random) -> list[LoraEntry]:
+        """One loaded LoRA of each kind, chosen at random (a kind with none is simply absent)."""
+        chosen = []
+        for kind in KINDS:
+            pool = self.available(kind)
+            if pool:
+                chosen.append(rng.choice(pool))
+        return chosen
+
+    def activate(self, chosen: list[LoraEntry], strengths: dict[str, float] | None = None) -> list[LoraUse]:
+        """Switch the pipeline to exactly these adapters; returns what goes into the Record."""
+        strengths = strengths or {}
+        uses = [
+            LoraUse(e.kind, e.name, e.path.name, float(strengths.get(e.name, self.strengths[e.kind])), e.hash, e.triggers)
+            for e in chosen
+        ]
+        wanted = tuple((e.adapter, u.strength) for e, u in zip(chosen, uses))
+        if wanted != self._active:
+            if wanted:
+                self.pipe.enable_lora()
+                self.pipe.set_adapters([a for a, _ in wanted], adapter_weights=[s for _, s in wanted])
+            elif any(self.pipe.get_list_adapters().values()):
+                self.pipe.disable_lora()
+            self._active = wanted
+        return uses
+
+
+def _explain(err: Exception) -> str:
+    if isinstance(err, LoraFileError):
+        return str(err)
+    text = str(err).strip().splitlines()
+    detail = next((line.strip() for line in text if "size mismatch" in line), text[0] if text else "")
+    if "size mismatch" in detail:
+        return f"its layer shapes do not fit this model (a LoRA for another architecture, e.g. SD1.5?): {detail}"
+    return f"diffusers could not load it ({type(err).__name__}: {detail[:300]})"

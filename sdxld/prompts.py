@@ -1,0 +1,116 @@
+"""Prompt files -> prompt parts; compose(rng, triggers) -> the prompt for one image.
+
+Files are re-read whenever their mtime or size changes, so an edit applies to the next image
+without a restart. A missing or empty file falls back to the seed's text with one warning per
+state of the file (not one per image).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+FALLBACK_PROMPT = "masterpiece, best quality, highly detailed"
+FALLBACK_NEGATIVE = "lowres, bad anatomy, bad hands, text, error, worst quality, low quality, blurry"
+# Prompt files are text a person edits; anything larger is a mistake (or not a prompt file).
+MAX_PROMPT_FILE_BYTES = 1_000_000
+
+
+@dataclass
+class Composed:
+    prompt: str
+    negative: str
+    parts: dict = field(default_factory=dict)
+
+
+def parse_options(text: str) -> list[str]:
+    """One or more comma-separated phrases per line, '#' lines are comments; each phrase is one option."""
+    options: list[str] = []
+    for line in text.splitlines():
+        if line.strip().startswith("#"):
+            continue
+        options.extend(phrase.strip() for phrase in line.split(",") if phrase.strip())
+    # Repeats would make a phrase more likely and could be sampled twice into one prompt.
+    return list(dict.fromkeys(options))
+
+
+def normalize_phrases(text: str) -> str:
+    """A prompt file's text as one line of ', '-joined phrases (newlines act as commas)."""
+    lines = [line for line in text.splitlines() if not line.strip().startswith("#")]
+    phrases = [p.strip() for p in ",".join(lines).split(",")]
+    return ", ".join(p for p in phrases if p)
+
+
+class _WatchedText:
+    """A text file re-read when its (mtime, size) changes."""
+
+    def __init__(self, path: Path, label: str):
+        self.path, self.label = path, label
+        self._signature: tuple | None = None
+        self._text = ""
+        self._warned_for: tuple | None = None
+
+    def read(self) -> str:
+        try:
+            stat = self.path.stat()
+            signature = (stat.st_mtime_ns, stat.st_size)
+        except OSError:
+            signature = ("missing",)
+        if signature != self._signature:
+            self._text = self._load(signature)
+            self._signature = signature
+        return self._text
+
+    def _load(self, signature: tuple) -> str:
+        if signature == ("missing",):
+            return self._warn(signature, "not found")
+        if signature[1] > MAX_PROMPT_FILE_BYTES:
+            return self._warn(signature, f"is {signature[1]} bytes, over the {MAX_PROMPT_FILE_BYTES} limit")
+        try:
+            raw = self.path.read_bytes()
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return self._warn(signature, "is not UTF-8 text")
+        except OSError as err:
+            return self._warn(signature, f"cannot be read ({err.strerror})")
+        if "\x00" in text:
+            return self._warn(signature, "contains NUL bytes (binary, not text)")
+        if not text.strip():
+            return self._warn(signature, "is empty")
+        return text
+
+    def _warn(self, signature: tuple, problem: str) -> str:
+        if self._warned_for != signature:
+            log.warning("%s %s %s; using the built-in default until it is fixed", self.label, self.path, problem)
+            self._warned_for = signature
+        return ""
+
+
+class PromptSource:
+    def __init__(self, manual: Path, negative: Path, options: Path, max_extras: int):
+        self._manual = _WatchedText(manual, "manual prompt")
+        self._negative = _WatchedText(negative, "negative prompt")
+        self._options = _WatchedText(options, "prompt options")
+        self.max_extras = max_extras
+
+    @classmethod
+    def from_layout(cls, layout, max_extras: int) -> "PromptSource":
+        return cls(layout.manual_prompt, layout.negative_prompt, layout.prompt_options, max_extras)
+
+    def options(self) -> list[str]:
+        return parse_options(self._options.read())
+
+    def compose(self, rng: random.Random, triggers: list[str]) -> Composed:
+        """Trigger words, then the manual prompt, then 0..max_extras sampled options (the seed's order)."""
+        manual = normalize_phrases(self._manual.read()) or FALLBACK_PROMPT
+        negative = normalize_phrases(self._negative.read()) or FALLBACK_NEGATIVE
+        pool = self.options()
+        count = rng.randint(0, min(self.max_extras, len(pool)))
+        extras = rng.sample(pool, count)
+        triggers = [t for t in triggers if t]
+        prompt = ", ".join([*triggers, manual, *extras])
+        return Composed(prompt, negative, {"triggers": triggers, "manual": manual, "extras": extras})

@@ -1,0 +1,183 @@
+"""Record: everything needed to reproduce an image, as JSON and as PNG text chunks.
+
+Stages 2 and 3 read the prompt, seed and LoRAs back from the Record, never from the current
+prompt files, so an image is upscaled with what made it. The same Record is embedded in the PNG
+(`sdxld` chunk) so a renamed or moved image still carries it, next to an A1111-style
+`parameters` chunk that Civitai and most image viewers understand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import __version__
+
+PARAMETERS_CHUNK = "parameters"
+RECORD_CHUNK = "sdxld"
+RECORD_FORMAT = 1
+
+
+class RecordError(ValueError):
+    """A record that cannot be trusted: names the field and what is wrong with it."""
+
+
+@dataclass
+class LoraUse:
+    kind: str  # "character" or "style"
+    name: str  # file stem, the name users see
+    file: str  # file name inside its kind's folder
+    strength: float
+    hash: str  # A1111 "addnet" hash: sha256 of the tensors after the header, 12 hex
+    triggers: str = ""
+
+
+@dataclass
+class Record:
+    tag: str
+    prompt: str
+    negative: str
+    seed: int
+    width: int
+    height: int
+    sampler: str
+    steps: int
+    cfg: float
+    model: dict = field(default_factory=dict)  # base, hash, refiner (None when not used)
+    refiner_split: float | None = None
+    parts: dict = field(default_factory=dict)  # triggers, manual, extras
+    loras: list[LoraUse] = field(default_factory=list)
+    files: dict = field(default_factory=dict)  # stage1, final, ... -> file names
+    stages: dict = field(default_factory=dict)  # stage2 / stage3 settings once they ran
+    created: str = ""
+    demo: bool = False
+    version: str = __version__
+    format: int = RECORD_FORMAT
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Record":
+        if not isinstance(data, dict):
+            raise RecordError(f"a record must be a JSON object, not {type(data).__name__}")
+        hints = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(hints)
+        if unknown:
+            raise RecordError(f"unknown field(s) {sorted(unknown)}")
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise RecordError(f"missing field(s) {missing}")
+        values = dict(data)
+        _expect(values, "tag", str)
+        _expect(values, "prompt", str)
+        _expect(values, "negative", str)
+        _expect(values, "sampler", str)
+        for key in ("seed", "width", "height", "steps"):
+            _expect(values, key, int)
+        _expect(values, "cfg", (int, float))
+        for key in ("model", "parts", "files", "stages"):
+            if key in values:
+                _expect(values, key, dict)
+        loras = values.get("loras", [])
+        if not isinstance(loras, list):
+            raise RecordError("field 'loras' must be a list")
+        try:
+            values["loras"] = [item if isinstance(item, LoraUse) else LoraUse(**item) for item in loras]
+        except TypeError as err:
+            raise RecordError(f"field 'loras' has a malformed entry: {err}") from None
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Record":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"invalid JSON: {err}") from None
+        return cls.from_dict(data)
+
+    # --- A1111 "parameters" ------------------------------------------------------------------
+
+    def a1111_parameters(self) -> str:
+        items: list[tuple[str, Any]] = [
+            ("Steps", self.steps),
+            ("Sampler", self.sampler),
+            ("CFG scale", _number(self.cfg)),
+            ("Seed", self.seed),
+            ("Size", f"{self.width}x{self.height}"),
+            ("Model", self.model.get("name") or self.model.get("base", "")),
+        ]
+        if self.model.get("hash"):
+            items.append(("Model hash", self.model["hash"]))
+        if self.model.get("refiner") and self.refiner_split is not None:
+            items.append(("Refiner", self.model["refiner"].rstrip("/").split("/")[-1]))
+            items.append(("Refiner switch at", _number(self.refiner_split)))
+        if self.loras:
+            items.append(("Lora hashes", ", ".join(f"{lora.name}: {lora.hash}" for lora in self.loras)))
+        items.append(("Version", f"sdxld {self.version}"))
+        lines = [_one_line(self.prompt)]
+        if self.negative:
+            lines.append(f"Negative prompt: {_one_line(self.negative)}")
+        lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in items))
+        return "\n".join(lines)
+
+    def png_chunks(self) -> dict[str, str]:
+        return {PARAMETERS_CHUNK: self.a1111_parameters(), RECORD_CHUNK: self.to_json()}
+
+
+def _expect(values: dict, key: str, types: type | tuple) -> None:
+    value = values.get(key)
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise RecordError(f"field '{key}' has the wrong type ({type(value).__name__})")
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _one_line(text: str) -> str:
+    # A newline inside the prompt would be read as the start of the next section.
+    return " ".join(text.split("\n"))
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n\"") else text
+
+
+def parse_a1111(text: str) -> dict:
+    """Parse an A1111 `parameters` text: {'prompt', 'negative', and each key: value item}."""
+    lines = text.strip("\n").split("\n")
+    settings_line = lines[-1]
+    head = lines[:-1]
+    negative_at = next((i for i, line in enumerate(head) if line.startswith("Negative prompt: ")), None)
+    if negative_at is None:
+        prompt, negative = "\n".join(head), ""
+    else:
+        prompt = "\n".join(head[:negative_at])
+        negative = "\n".join(head[negative_at:])[len("Negative prompt: "):]
+    result: dict[str, Any] = {"prompt": prompt, "negative": negative}
+    item = re.compile(r'\s*([\w \-/+]+):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+    for match in item.finditer(settings_line):
+        key, value = match[1].strip(), match[2].strip()
+        if value.startswith('"'):
+            value = json.loads(value)
+        result[key] = value
+    return result
+
+
+def read_png_record(path) -> Record:
+    """The Record embedded in an sdxld PNG's `sdxld` chunk."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = image.text.get(RECORD_CHUNK) if hasattr(image, "text") else None
+    if text is None:
+        raise RecordError(f"{path}: no '{RECORD_CHUNK}' text chunk (not written by sdxld?)")
+    return Record.from_json(text)

@@ -1,0 +1,146 @@
+"""The only writer of outputs: atomic writes, unique tags, the seed's file names.
+
+A reader (the user's file manager, another daemon, a crash-recovery pass) must never see a
+half-written file, so everything is written to a hidden temporary name in the destination folder,
+fsynced and renamed into place. Temporary names start with '.' and end with '.tmp' so the watcher
+and the inbox ignore them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+# 20260207_143022 is the seed's tag; sdxld adds microseconds and the process id so that many
+# images per second, from several processes, never share a tag, and tags still sort by time.
+TAG_PATTERN = r"\d{8}_\d{6}(?:_\d{6}_[0-9a-f]+)?"
+_NAME = re.compile(rf"^(?P<tag>{TAG_PATTERN})_(?P<kind>stage1|stage2_up|stage2|stage3_up|final)_(?P<w>\d+)x(?P<h>\d+)\.png$")
+
+
+class TagClock:
+    """Issues strictly increasing microsecond timestamps in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = 0
+
+    def next_tag(self) -> str:
+        with self._lock:
+            now = time.time_ns() // 1000
+            self._last = now if now > self._last else self._last + 1
+            micros = self._last
+        stamp = datetime.fromtimestamp(micros // 1_000_000)
+        return f"{stamp:%Y%m%d_%H%M%S}_{micros % 1_000_000:06d}_{os.getpid():x}"
+
+
+_clock = TagClock()
+
+
+def new_tag() -> str:
+    return _clock.next_tag()
+
+
+def image_name(tag: str, kind: str, width: int, height: int) -> str:
+    """`<tag>_<kind>_<W>x<H>.png`, e.g. 20260207_143022_stage1_768x1344.png."""
+    return f"{tag}_{kind}_{width}x{height}.png"
+
+
+def parse_image_name(name: str) -> dict | None:
+    """The tag, kind and size encoded in an sdxld file name, or None for any other name."""
+    match = _NAME.match(name)
+    if not match:
+        return None
+    return {"tag": match["tag"], "kind": match["kind"], "width": int(match["w"]), "height": int(match["h"])}
+
+
+def tag_of(name: str) -> str | None:
+    """The tag at the start of a file name (`<tag>_...` or `<tag>.json`), or None."""
+    match = re.match(rf"^({TAG_PATTERN})(?:[_.]|$)", name)
+    return match[1] if match else None
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> Path:
+    """Write bytes so that `path` either keeps its old content or has all of the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident():x}.tmp"
+    try:
+        # Honour the umask like any other file the user's tools create (no fixed 0600 of mkstemp).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    return atomic_write(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def encode_png(image, text_chunks: dict[str, str]) -> bytes:
+    """PNG bytes with tEXt/iTXt chunks (Pillow's PngInfo), compressed at a speed-friendly level."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text_chunks.items():
+        # iTXt keeps non-Latin-1 prompts intact; plain tEXt is what most viewers read first.
+        if value.isascii():
+            info.add_text(key, value)
+        else:
+            info.add_itxt(key, value)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=4)
+    return buffer.getvalue()
+
+
+def save_image(layout, record, image, kind: str, folder: Path | None = None) -> Path:
+    """Write an image and its record: metadata JSON first, then the PNG with both chunks.
+
+    The PNG appearing is what users and the watcher react to, so it comes last; a crash in
+    between leaves only a JSON with no image, which nothing treats as work.
+    """
+    name = image_name(record.tag, kind, image.width, image.height)
+    record.files[kind] = name
+    png = encode_png(image, record.png_chunks())
+    write_json(layout.metadata / f"{record.tag}.json", record.to_dict())
+    return atomic_write((folder or _folder_for(layout, kind)) / name, png)
+
+
+def _folder_for(layout, kind: str) -> Path:
+    if kind == "stage1":
+        return layout.stage1
+    if kind == "final":
+        return layout.final
+    return layout.intermediate(kind)

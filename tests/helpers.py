@@ -1,0 +1,33 @@
+"""Helpers shared by the tests (imported as a plain module; pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+
+def demo_config(root: Path, **changes):
+    """The root's config with --demo applied, then `section__key=value` changes."""
+    from sdxld.config import load
+    from sdxld.tiny import apply_demo
+
+    config = apply_demo(load(root / "config.yaml"))
+    for dotted, value in changes.items():
+        target = config
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            target = getattr(target, part)
+        setattr(target, leaf, value)
+    return config
+
+
+def run_sdxld(*args, cwd: Path, timeout: float = 120, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "sdxld.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )

@@ -1,0 +1,107 @@
+"""The command line, as a user runs it: real processes, the tiny model, real signals."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import run_sdxld
+from PIL import Image
+
+from sdxld.records import parse_a1111
+from sdxld.tiny import write_sd15_shaped_lora, write_tiny_lora
+
+
+def outputs(root):
+    pngs = sorted((root / "outputs" / "stage1").glob("*.png")) if (root / "outputs" / "stage1").exists() else []
+    jsons = sorted((root / "outputs" / "metadata").glob("*.json")) if (root / "outputs" / "metadata").exists() else []
+    return pngs, jsons
+
+
+def test_generate_demo_stage1_once_writes_one_png_and_its_json(root):
+    result = run_sdxld("generate", "--demo", "--stage1", "--once", cwd=root)
+    assert result.returncode == 0, result.stderr
+    pngs, jsons = outputs(root)
+    assert len(pngs) == 1 and len(jsons) == 1
+    tag = jsons[0].stem
+    assert pngs[0].name == f"{tag}_stage1_128x224.png"
+    assert result.stdout.strip() == str(pngs[0])
+    record = json.loads(jsons[0].read_text())
+    with Image.open(pngs[0]) as image:
+        params = parse_a1111(image.text["parameters"])
+    assert params["prompt"] == record["prompt"]
+    assert params["negative"] == record["negative"]
+    assert int(params["Steps"]) == record["steps"]
+    assert params["Sampler"] == record["sampler"]
+    assert float(params["CFG scale"]) == record["cfg"]
+    assert int(params["Seed"]) == record["seed"]
+    assert params["Size"] == f"{record['width']}x{record['height']}"
+
+
+def test_generate_with_seed_and_count(root):
+    result = run_sdxld("generate", "--demo", "--stage1", "--count", "2", "--seed", "77", cwd=root)
+    assert result.returncode == 0, result.stderr
+    _, jsons = outputs(root)
+    assert sorted(json.loads(p.read_text())["seed"] for p in jsons) == [77, 78]
+
+
+def test_demo_runs_without_a_config_file(tmp_path):
+    result = run_sdxld("generate", "--demo", "--stage1", "--once", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(outputs(tmp_path)[0]) == 1
+    assert "not found; using the built-in default" in result.stderr  # no prompt files here
+
+
+def test_check_demo_prints_the_lora_table_with_reasons(root):
+    write_tiny_lora(root / "loras/character/alice.safetensors", seed=1)
+    (root / "loras/character/alice.txt").write_text("alice_(tiny)")
+    write_sd15_shaped_lora(root / "loras/style/old_sd15.safetensors")
+    (root / "loras/style/broken.safetensor").write_bytes(b"\x00" * 64)
+    result = run_sdxld("check", "--demo", cwd=root)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "valid" in out and "[demo: built-in tiny SDXL]" in out
+    assert "LoRAs      1 loaded, 2 rejected" in out
+    lines = {line.split()[1]: line for line in out.splitlines() if line.startswith(("character", "style"))}
+    assert "loaded" in lines["alice.safetensors"] and "triggers: alice_(tiny)" in lines["alice.safetensors"]
+    assert "rejected" in lines["old_sd15.safetensors"] and "another architecture" in lines["old_sd15.safetensors"]
+    assert "rejected" in lines["broken.safetensor"] and "not a safetensors file" in lines["broken.safetensor"]
+    assert "missing -> Lanczos fallback" in out
+
+
+def test_sigterm_stops_continuous_generation_cleanly(root):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdxld.cli", "generate", "--demo", "--stage1"],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while len(outputs(root)[0]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(outputs(root)[0]) >= 2, "continuous mode should keep making images"
+        process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        _, stderr = process.communicate(timeout=10)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr
+    assert time.monotonic() - stopped_at < 10
+    assert "SIGTERM received" in stderr
+    pngs, jsons = outputs(root)
+    leftovers = [p for p in (root / "outputs").rglob("*") if p.is_file() and p.suffix not in (".png", ".json")]
+    assert leftovers == []
+    # Every visible image is whole and has its record.
+    assert {p.name.split("_stage1_")[0] for p in pngs} <= {j.stem for j in jsons}
+    for png in pngs:
+        with Image.open(png) as image:
+            image.load()
+
+
+def test_generate_full_pipeline_is_not_available_yet(root):
+    result = run_sdxld("generate", "--demo", "--once", cwd=root)
+    assert result.returncode == 2
+    assert "--stage1" in result.stderr

@@ -1,0 +1,169 @@
+"""LoRA rotation on the real (tiny) pipeline: discovery, both file formats, rejection, live sync."""
+
+import random
+
+import numpy as np
+import pytest
+
+from sdxld.tiny import write_sd15_shaped_lora, write_tiny_lora
+
+
+def render(engine, seed=7):
+    """One stage-1 image through the full engine path, as an array."""
+    result = engine.stage1_once(seed=seed)
+    from PIL import Image
+
+    return np.asarray(Image.open(result.path).convert("RGB"), dtype=np.int16), result.record
+
+
+def no_extras(engine):
+    engine.prompts.max_extras = 0
+
+
+def test_both_extensions_are_discovered_with_trigger_words(root, make_engine):
+    write_tiny_lora(root / "loras/character/alice.safetensors", "kohya", seed=1)
+    (root / "loras/character/alice.txt").write_text("alice_(tiny), red hair\n")
+    write_tiny_lora(root / "loras/style/ink.safetensor", "kohya", seed=2)
+    (root / "loras/style/notes.md").write_text("not a LoRA")
+    engine = make_engine()
+    report = engine.sync_loras()
+    assert sorted(report.added) == ["character/alice", "style/ink"]
+    entries = {e.name: e for e in engine.loras.entries()}
+    assert set(entries) == {"alice", "ink"}
+    assert entries["alice"].triggers == "alice_(tiny), red hair"
+    assert entries["ink"].triggers == ""
+    assert all(e.status == "loaded" and len(e.hash) == 12 for e in entries.values())
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_each_format_loads_and_changes_the_image(fmt, root, make_engine):
+    engine = make_engine()
+    no_extras(engine)
+    plain, plain_record = render(engine)
+    assert plain_record.loras == []
+    write_tiny_lora(root / "loras/style/look.safetensors", fmt, seed=3)
+    with_lora, record = render(engine)
+    assert [(u.kind, u.name, u.strength) for u in record.loras] == [("style", "look", 0.85)]
+    assert np.abs(with_lora - plain).mean() > 1.0, "the LoRA should visibly change the image"
+
+
+def test_kohya_lora_adapts_unet_and_both_text_encoders(root, make_engine):
+    write_tiny_lora(root / "loras/character/c.safetensors", "kohya", seed=4)
+    engine = make_engine()
+    engine.sync_loras()
+    adapters = engine.models.base.get_list_adapters()
+    assert set(adapters) == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_trigger_words_lead_the_prompt(root, make_engine):
+    write_tiny_lora(root / "loras/character/alice.safetensors", seed=1)
+    (root / "loras/character/alice.txt").write_text("alice_(tiny)")
+    write_tiny_lora(root / "loras/style/ink.safetensors", seed=2)
+    (root / "loras/style/ink.txt").write_text("ink style")
+    engine = make_engine()
+    _, record = render(engine)
+    assert record.prompt.startswith("alice_(tiny), ink style, masterpiece")
+    assert [u.kind for u in record.loras] == ["character", "style"]
+    assert [u.strength for u in record.loras] == [1.0, 0.85]
+
+
+def test_bad_files_are_rejected_with_a_reason_and_generation_goes_on(root, make_engine):
+    (root / "loras/style/random.safetensors").write_bytes(np.random.default_rng(0).bytes(5000))
+    (root / "loras/style/empty.safetensors").write_bytes(b"")
+    write_sd15_shaped_lora(root / "loras/style/sd15.safetensors")
+    from safetensors.torch import save_file
+    import torch
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4)}, str(root / "loras/character/checkpoint.safetensors"))
+    good = write_tiny_lora(root / "loras/character/good.safetensors", seed=5)
+    good_full = good.read_bytes()
+    (root / "loras/character/half.safetensors").write_bytes(good_full[: len(good_full) // 2])
+
+    engine = make_engine()
+    report = engine.sync_loras()
+    reasons = {e.name: e.reason for e in engine.loras.entries() if e.status == "rejected"}
+    assert set(report.rejected) == {"style/random", "style/empty", "style/sd15", "character/checkpoint", "character/half"}
+    assert "not a safetensors file" in reasons["random"]
+    assert "empty" in reasons["empty"]
+    assert "another architecture" in reasons["sd15"] and "size mismatch" in reasons["sd15"]
+    assert "not a LoRA" in reasons["checkpoint"]
+    assert "truncated" in reasons["half"]
+    _, record = render(engine)
+    assert [u.name for u in record.loras] == ["good"]
+
+
+def test_a_rejected_lora_leaves_no_residue_in_the_pipeline(root, make_engine):
+    engine = make_engine()
+    no_extras(engine)
+    before, _ = render(engine)
+    write_sd15_shaped_lora(root / "loras/style/sd15.safetensors")
+    after, record = render(engine)
+    assert record.loras == []
+    assert np.array_equal(before, after)
+
+
+def test_a_rejected_file_returns_when_fixed(root, make_engine):
+    path = root / "loras/style/later.safetensors"
+    path.write_bytes(b"garbage that is not safetensors")
+    engine = make_engine()
+    engine.sync_loras()
+    assert engine.loras.entries()[0].status == "rejected"
+    # Not retried while unchanged (no log spam, no repeated work).
+    assert not engine.sync_loras().changed
+    write_tiny_lora(path, seed=6)
+    report = engine.sync_loras()
+    assert report.added == ["style/later"]
+    assert engine.loras.entries()[0].status == "loaded"
+
+
+def test_sync_follows_files_added_changed_and_removed_between_images(root, make_engine):
+    engine = make_engine()
+    _, first = render(engine)
+    assert first.loras == []
+
+    added = write_tiny_lora(root / "loras/style/new.safetensors", seed=7)
+    _, second = render(engine)
+    assert [u.name for u in second.loras] == ["new"]
+    old_hash = second.loras[0].hash
+
+    write_tiny_lora(added, seed=8)  # replaced in place with different weights
+    assert engine.sync_loras().reloaded == ["style/new"]
+    _, third = render(engine)
+    assert third.loras[0].hash != old_hash
+
+    added.unlink()
+    assert engine.sync_loras().removed == ["style/new"]
+    assert not any(engine.models.base.get_list_adapters().values())
+    _, fourth = render(engine)
+    assert fourth.loras == []
+
+
+def test_an_empty_or_missing_folder_means_no_lora_of_that_kind(root, make_engine):
+    (root / "loras/style").rmdir()
+    write_tiny_lora(root / "loras/character/c.safetensors", seed=9)
+    engine = make_engine()
+    _, record = render(engine)
+    assert [u.kind for u in record.loras] == ["character"]
+
+
+def test_pick_covers_every_loaded_lora(root, make_engine):
+    for i in range(3):
+        write_tiny_lora(root / f"loras/style/s{i}.safetensors", seed=10 + i, rank=2)
+    engine = make_engine()
+    engine.sync_loras()
+    rng = random.Random(0)
+    seen = {engine.loras.pick(rng)[0].name for _ in range(60)}
+    assert seen == {"s0", "s1", "s2"}
+
+
+def test_files_still_being_written_wait_for_the_settle_time(root):
+    from helpers import demo_config
+
+    from sdxld.engine import Engine
+
+    write_tiny_lora(root / "loras/style/fresh.safetensors", seed=11)
+    engine = Engine.load(demo_config(root), lora_settle_s=3600)
+    engine.sync_loras()
+    entry = engine.loras.entries()[0]
+    assert entry.status == "pending" and entry.reason == "still being written"
+    assert engine.loras.available("style") == []

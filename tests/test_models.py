@@ -1,0 +1,67 @@
+"""Model sources and the ModelBank: folder, single-file checkpoint, shared modules, settings."""
+
+import numpy as np
+import pytest
+import torch
+from helpers import demo_config
+from ldm_checkpoint import write_single_file
+from PIL import Image
+
+from sdxld.config import ConfigError, from_dict
+from sdxld.engine import Engine
+from sdxld.models import ModelLoadError, load_models
+from sdxld.tiny import ensure_tiny_model
+
+
+def test_img2img_and_refiner_share_weights_with_the_base(make_engine):
+    models = make_engine().models
+    assert models.img2img.unet is models.base.unet
+    assert models.img2img.vae is models.base.vae
+    assert models.img2img.text_encoder is models.base.text_encoder
+    assert models.refiner.vae is models.base.vae
+    assert models.refiner.text_encoder_2 is models.base.text_encoder_2
+    assert models.refiner.unet is not models.base.unet
+
+
+def test_on_the_cpu_fp16_becomes_fp32_and_strategies_are_reported(root):
+    config = demo_config(root)
+    config.performance.dtype = "fp16"
+    config.performance.device = "cpu"
+    models = load_models(config)
+    assert models.dtype_name == "fp32"
+    assert models.base.unet.dtype == torch.float32
+    assert any("fp32" in note for note in models.notes)
+    assert any("memory.strategy model_offload applies on CUDA only" in note for note in models.notes)
+
+
+def test_a_single_file_checkpoint_loads_offline_and_matches_its_folder(root):
+    base_folder, _ = ensure_tiny_model()
+    checkpoint = write_single_file(base_folder, root / "tiny-sdxl.safetensors")
+    from_folder = Engine.load(demo_config(root, model__use_refiner=False))
+
+    config = demo_config(root, model__use_refiner=False)
+    config.model.base = "tiny-sdxl.safetensors"  # relative to the config's folder
+    config.model.config = str(base_folder)
+    from_file = Engine.load(config)
+    assert from_file.models.base_hash and len(from_file.models.base_hash) == 10
+    from_folder.prompts.max_extras = from_file.prompts.max_extras = 0
+
+    a = from_folder.stage1_once(seed=21)
+    b = from_file.stage1_once(seed=21)
+    assert np.array_equal(np.asarray(Image.open(a.path)), np.asarray(Image.open(b.path)))
+    assert b.record.model["hash"] == from_file.models.base_hash
+    assert b.record.model["name"] == "sdxld-tiny-demo"
+
+
+def test_a_missing_checkpoint_is_a_config_error_naming_the_key(root):
+    with pytest.raises(ConfigError, match="model.base"):
+        from_dict({"model": {"base": "models/gone.safetensors"}}, root)
+
+
+def test_a_broken_checkpoint_is_a_load_error_naming_the_setting(root):
+    (root / "broken.safetensors").write_bytes(b"\x00" * 100)
+    config = demo_config(root, model__use_refiner=False)
+    config.model.base = "broken.safetensors"
+    config.model.config = str(ensure_tiny_model()[0])
+    with pytest.raises(ModelLoadError, match="model.base 'broken.safetensors' could not be loaded"):
+        load_models(config)
