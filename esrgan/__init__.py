@@ -1,0 +1,157 @@
+"""Upscaler: any ESRGAN-family super-resolution network (through spandrel), tiled; Lanczos fallback.
+
+spandrel detects the architecture from the weights alone (RealESRGAN_x4plus_anime_6B with its
+`params_ema` and new-arch key names, old-arch ESRGAN files, .safetensors, 2x and 4x models ...).
+`.pth` files are pickles: they are only ever read through spandrel's restricted unpickler, which
+accepts tensors and plain containers and refuses everything else, so a weights file cannot run code.
+
+Inference is tiled (tile_size x tile_size input tiles, each read with tile_pad extra pixels of
+context that are cropped off the result) so that a 1536x2688 input fits a small GPU; the output
+is assembled on the CPU as 8-bit pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+WEIGHT_SUFFIXES = (".pth", ".safetensors", ".ckpt")
+
+
+class UpscalerError(Exception):
+    """Weights that cannot be used as an upscaler; the message says why and what to do."""
+
+
+@dataclass
+class Upscaler:
+    model: object | None  # spandrel ImageModelDescriptor, None for Lanczos
+    source: str
+    tile_size: int = 512
+    tile_pad: int = 32
+    device: str = "cpu"
+    dtype_name: str = "fp32"
+    fallback_reason: str = ""
+
+    # --- construction ---------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: Path | str, *, device: str = "cpu", dtype: str = "fp32", tile_size: int = 512, tile_pad: int = 32) -> "Upscaler":
+        """Load super-resolution weights; raises UpscalerError with the reason when they can't be used."""
+        import torch
+        from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
+
+        path = Path(path)
+        if not path.is_file():
+            raise UpscalerError(f"{path}: file not found")
+        if path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise UpscalerError(f"{path}: unsupported file type '{path.suffix}' (use .pth or .safetensors)")
+        try:
+            # spandrel reads .pth/.ckpt with its RestrictedUnpickle: tensors and plain containers only.
+            descriptor = ModelLoader(device="cpu").load_from_file(path)
+        except UnsupportedModelError:
+            raise UpscalerError(f"{path}: spandrel does not recognise this network's architecture") from None
+        except Exception as err:  # noqa: BLE001 - corrupt files fail in many ways; say which file and why
+            raise UpscalerError(f"{path}: cannot be read as weights ({type(err).__name__}: {err})") from None
+        if not isinstance(descriptor, ImageModelDescriptor) or descriptor.input_channels != 3 or descriptor.output_channels != 3:
+            raise UpscalerError(f"{path}: {descriptor.architecture.name} is not an RGB image-to-image upscaler")
+        if descriptor.scale < 1:
+            raise UpscalerError(f"{path}: scale {descriptor.scale} is not an upscale")
+        dtype = _pick_dtype(descriptor, device, dtype)
+        descriptor.to(torch.device(device)).eval()
+        if dtype != "fp32":
+            descriptor.to({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
+        return cls(descriptor, str(path), tile_size, tile_pad, device, dtype)
+
+    @classmethod
+    def lanczos(cls, reason: str) -> "Upscaler":
+        return cls(None, "lanczos", fallback_reason=reason)
+
+    @classmethod
+    def load_or_fallback(cls, path: Path | str, **kwargs) -> "Upscaler":
+        """The configured weights, or Lanczos with a logged reason (the seed's behaviour)."""
+        path = Path(path)
+        if not path.exists():
+            reason = f"no upscaler weights at {path}; using Lanczos (put e.g. RealESRGAN_x4plus_anime_6B.pth there)"
+            log.warning("%s", reason)
+            return cls.lanczos(reason)
+        try:
+            return cls.load(path, **kwargs)
+        except UpscalerError as err:
+            log.warning("upscaler weights refused, using Lanczos instead: %s", err)
+            return cls.lanczos(str(err))
+
+    # --- description ----------------------------------------------------------------------
+
+    @property
+    def scale(self) -> int:
+        return self.model.scale if self.model is not None else 1
+
+    @property
+    def method(self) -> str:
+        """What went into the record: 'lanczos' or e.g. 'ESRGAN x4 (RealESRGAN_x4plus_anime_6B.pth)'."""
+        if self.model is None:
+            return "lanczos"
+        return f"{self.model.architecture.name} x{self.model.scale} ({Path(self.source).name})"
+
+    # --- inference ------------------------------------------------------------------------
+
+    def upscale(self, image, size: tuple[int, int]):
+        """`image` (PIL) to exactly `size` (width, height): the network's scale, then Lanczos to size."""
+        from PIL import Image
+
+        image = image.convert("RGB")
+        if self.model is not None:
+            image = Image.fromarray(self.run(np.asarray(image)))
+        if image.size != tuple(size):
+            image = image.resize(tuple(size), Image.LANCZOS)
+        return image
+
+    def run(self, pixels: np.ndarray, tiled: bool = True) -> np.ndarray:
+        """HxWx3 uint8 -> (H*scale)x(W*scale)x3 uint8 through the network, tile by tile."""
+        import torch
+
+        height, width = pixels.shape[:2]
+        scale = self.scale
+        out = np.empty((height * scale, width * scale, 3), dtype=np.uint8)
+        tile = max(height, width) if not tiled else self.tile_size
+        source = torch.from_numpy(np.array(pixels, dtype=np.uint8, copy=True)).permute(2, 0, 1)[None]
+        with torch.inference_mode():
+            for y0 in range(0, height, tile):
+                for x0 in range(0, width, tile):
+                    y1, x1 = min(y0 + tile, height), min(x0 + tile, width)
+                    # Context around the tile so the seams see the same neighbourhood as untiled.
+                    py0, px0 = max(y0 - self.tile_pad, 0), max(x0 - self.tile_pad, 0)
+                    py1, px1 = min(y1 + self.tile_pad, height), min(x1 + self.tile_pad, width)
+                    patch = source[:, :, py0:py1, px0:px1].to(self.device, self._torch_dtype()).div_(255)
+                    result = self.model(patch)
+                    top, left = (y0 - py0) * scale, (x0 - px0) * scale
+                    result = result[:, :, top : top + (y1 - y0) * scale, left : left + (x1 - x0) * scale]
+                    out[y0 * scale : y1 * scale, x0 * scale : x1 * scale] = (
+                        result[0].float().clamp_(0, 1).mul_(255).round_().byte().permute(1, 2, 0).cpu().numpy()
+                    )
+        return out
+
+    def _torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype_name]
+
+    def tile_count(self, width: int, height: int) -> int:
+        return math.ceil(width / self.tile_size) * math.ceil(height / self.tile_size)
+
+
+def _pick_dtype(descriptor, device: str, wanted: str) -> str:
+    """fp16/bf16 only on CUDA and only where the architecture supports it; the CPU runs fp32."""
+    if not str(device).startswith("cuda") or wanted == "fp32":
+        return "fp32"
+    if wanted == "bf16" and descriptor.supports_bfloat16:
+        return "bf16"
+    if wanted == "fp16" and descriptor.supports_half:
+        return "fp16"
+    return "fp32"
