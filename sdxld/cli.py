@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--count", type=int, help="make this many images and exit")
     gen.add_argument("--seed", type=int, help="seed of the first image (next ones: +1 each)")
 
+    up = commands.add_parser("upscale", help="upscale approved images through stages 2 and 3 (the seed's mode 3)")
+    _common(up, suppress=True)
+    up.add_argument("files", nargs="*", type=Path, help="images to upscale (default: everything in inbox/approved)")
+    up.add_argument("--stage1", action="store_true", help="every stage-1 image with metadata and no final yet")
+
     check = commands.add_parser("check", help="validate config, load the model, list LoRAs and why any were rejected")
     _common(check, suppress=True)
     return parser
@@ -90,17 +95,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_check(config)
 
-    if args.command == "generate":
+    if args.command == "upscale" and args.files and args.stage1:
+        log.error("give files or --stage1, not both")
+        return 2
+    if args.command == "generate" and args.count is not None and args.count < 1:
+        log.error("--count must be at least 1")
+        return 2
+    if args.command in ("generate", "upscale"):
         from . import foreground
         from .engine import Engine
         from .models import ModelLoadError
 
-        if not args.stage1:
-            log.error("stages 2 and 3 are not built yet in this version: run `sdxld generate --stage1`")
-            return 2
-        if args.count is not None and args.count < 1:
-            log.error("--count must be at least 1")
-            return 2
         stop = foreground.StopFlag()
         with stop.installed():
             try:
@@ -108,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
             except ModelLoadError as err:
                 log.error("%s", err)
                 return 1
-            return foreground.generate(engine, once=args.once, count=args.count, seed=args.seed, stop=stop)
+            if args.command == "upscale":
+                return foreground.upscale(engine, files=args.files, backlog=args.stage1, stop=stop)
+            return foreground.generate(
+                engine, stage1_only=args.stage1, once=args.once, count=args.count, seed=args.seed, stop=stop
+            )
     return 2
 
 

@@ -148,9 +148,15 @@ class Stage3Config:
     tile_size: int = 2048
     tile_overlap: int = 256
     blend_mode: Literal["cosine", "linear"] = "cosine"
+    # latent: per-step fusion of tile predictions (no seams, no tile divergence); pixel: the seed's
+    # independent tiles blended afterwards.
+    mode: Literal["latent", "pixel"] = "latent"
+    # Latent mode: tiles per UNet call. More is faster until the GPU runs out of memory.
+    tile_batch: int = 2
 
     def validate(self) -> None:
         TextToImageConfig(self.steps, self.cfg, self.denoise_split).validate("generation.stage3")
+        _check(1 <= self.tile_batch <= 64, "generation.stage3.tile_batch", f"{self.tile_batch} is outside 1..64")
         _unit_strength(self.strength, "generation.stage3.strength")
         _multiple_of_8(self.tile_size, "generation.stage3.tile_size")
         _multiple_of_8(self.tile_overlap, "generation.stage3.tile_overlap")

@@ -19,7 +19,7 @@ from .layout import Layout
 from .loras import LoraLibrary
 from .prompts import PromptSource
 from .records import Record
-from .stages import Hooks, stage1
+from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3_latent, stage3_pixel
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,14 @@ class SeedSequence:
 class Stage1Result:
     record: Record
     path: Path
+    image: object = None
+
+
+@dataclass
+class FinalResult:
+    record: Record
+    path: Path
+    notes: list
 
 
 class Engine:
@@ -58,6 +66,7 @@ class Engine:
         )
         self.seeds = SeedSequence(config.generation.seed)
         self._warned_dirs = False
+        self._upscaler = None
 
     @classmethod
     def load(cls, config: Config, **kwargs) -> "Engine":
@@ -104,8 +113,112 @@ class Engine:
         image = stage1(self.models, record, hooks)
         path = store.save_image(self.layout, record, image, "stage1")
         log.info("stage1 %s seed %d -> %s", record.tag, record.seed, path.name)
-        return Stage1Result(record, path)
+        return Stage1Result(record, path, image)
 
     def stage1_once(self, seed: int | None = None, hooks: Hooks | None = None) -> Stage1Result:
         self.sync_loras()
         return self.run_stage1(self.new_stage1_record(seed), hooks)
+
+    # --- stages 2 and 3 -----------------------------------------------------------------------
+
+    @property
+    def upscaler(self):
+        """The ESRGAN-family upscaler (or Lanczos), loaded on first use and kept."""
+        if self._upscaler is None:
+            from esrgan import Upscaler
+
+            self._upscaler = Upscaler.load_or_fallback(
+                self.layout.upscaler_weights,
+                device=self.models.device,
+                dtype=self.models.dtype_name,
+                tile_size=self.config.upscaler.tile,
+                tile_pad=self.config.upscaler.pad,
+            )
+        return self._upscaler
+
+    def activate_recorded_loras(self, record: Record) -> list[str]:
+        """Switch on the LoRAs that made the image, at their recorded strengths.
+
+        A LoRA that left its folder cannot be used: the upscale goes on without it and the note
+        says so (it is written into the final's record)."""
+        self.sync_loras()
+        chosen, strengths, notes = [], [], []
+        for use in record.loras:
+            entry = self.loras.find(use.kind, use.name)
+            if entry is None:
+                notes.append(f"LoRA {use.kind}/{use.name} is no longer available; upscaled without it")
+                continue
+            if use.hash and entry.hash != use.hash:
+                notes.append(f"LoRA {use.kind}/{use.name} changed since the image was made (hash {use.hash} -> {entry.hash})")
+            chosen.append(entry)
+            strengths.append(use.strength)
+        self.loras.activate(chosen, strengths)
+        for note in notes:
+            log.warning("%s: %s", record.tag, note)
+        return notes
+
+    def final_exists(self, tag: str) -> Path | None:
+        return next(iter(sorted(self.layout.final.glob(f"{tag}_final_*.png"))), None) if self.layout.final.is_dir() else None
+
+    def upscale(self, record: Record, stage1_image, hooks: Hooks | None = None) -> FinalResult:
+        """Stage 2 then stage 3 for one image, with the prompt, seed and LoRAs of its record;
+        the stage-2/3 settings come from the current config."""
+        hooks = hooks or Hooks()
+        gen = self.config.generation
+        self.layout.ensure_output_dirs()
+        notes = self.activate_recorded_loras(record)
+        mid_size = scaled(record.width, record.height, gen.mid_scale)
+        final_size = scaled(record.width, record.height, gen.final_scale)
+        intermediates = self.config.output.save_intermediates
+
+        stage2_up, stage2_image = stage2(self.models, record, stage1_image, gen.stage2, mid_size, hooks)
+        if intermediates:
+            store.save_image(self.layout, record, stage2_up, "stage2_up")
+            store.save_image(self.layout, record, stage2_image, "stage2")
+
+        stage3_up = self.upscaler.upscale(stage2_image, final_size)
+        if intermediates:
+            store.save_image(self.layout, record, stage3_up, "stage3_up")
+        settings3 = gen.stage3
+        tiles = 0
+        if not settings3.enabled:
+            final_image = stage3_up
+        elif settings3.mode == "pixel":
+            save_tile = None
+            if intermediates:
+                def save_tile(index, tile_image):
+                    store.save_image(self.layout, record, tile_image, "tiles", name=f"{record.tag}_tile_{index:03d}.png")
+            final_image, tiles = stage3_pixel(self.models, record, stage3_up, settings3, hooks, on_tile=save_tile)
+        else:
+            final_image, tiles = stage3_latent(self.models, record, stage3_up, settings3, hooks)
+
+        use_refiner = self.models.refiner is not None
+        record.stages = {
+            "stage2": {
+                "enabled": gen.stage2.enabled, "size": list(mid_size), "steps": gen.stage2.steps,
+                "cfg": gen.stage2.cfg, "strength": gen.stage2.strength,
+                "refiner_split": gen.stage2.denoise_split if use_refiner and gen.stage2.use_refiner else None,
+                "seed": record.seed + STAGE2_SEED_OFFSET, "upscale": "lanczos",
+            },
+            "stage3": {
+                "enabled": settings3.enabled, "size": list(final_size), "mode": settings3.mode,
+                "steps": settings3.steps, "cfg": settings3.cfg, "strength": settings3.strength,
+                "refiner_split": settings3.denoise_split if use_refiner and settings3.use_refiner else None,
+                "tile_size": settings3.tile_size, "tile_overlap": settings3.tile_overlap,
+                "blend_mode": settings3.blend_mode, "tile_batch": settings3.tile_batch, "tiles": tiles,
+                "seed": record.seed + STAGE3_SEED_OFFSET, "upscaler": self.upscaler.method,
+            },
+            "final": {
+                "scale": gen.final_scale, "upscaler": self.upscaler.method,
+                "strength": settings3.strength if settings3.enabled else (gen.stage2.strength if gen.stage2.enabled else 0),
+            },
+            "notes": notes,
+        }
+        path = store.save_image(self.layout, record, final_image, "final")
+        log.info("final %s -> %s", record.tag, path.name)
+        return FinalResult(record, path, notes)
+
+
+def scaled(width: int, height: int, scale: float) -> tuple[int, int]:
+    """A size `scale` times larger, rounded down to multiples of 8 (the seed's rule)."""
+    return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8

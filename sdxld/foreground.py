@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 from .stages import Hooks, Interrupted
 
@@ -67,8 +68,8 @@ class StepProgress:
         self._bar, self._phase = None, None
 
 
-def generate(engine, *, once: bool, count: int | None, seed: int | None, stop: StopFlag) -> int:
-    """The seed's `--stage1` mode: one image, `count` images, or until stopped."""
+def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: int | None, stop: StopFlag) -> int:
+    """The seed's modes 1 (stage 1 -> 2 -> 3) and 2 (`--stage1`): one image, `count`, or until stopped."""
     progress = StepProgress()
     hooks = Hooks(should_stop=stop, on_step=progress.on_step)
     made = 0
@@ -79,13 +80,69 @@ def generate(engine, *, once: bool, count: int | None, seed: int | None, stop: S
         while not stop() and (limit is None or made < limit):
             try:
                 result = engine.stage1_once(hooks=hooks)
+                print(result.path, flush=True)
+                if not stage1_only:
+                    final = engine.upscale(result.record, result.image, hooks)
+                    print(final.path, flush=True)
             except Interrupted:
                 break
             finally:
                 progress.close()
             made += 1
-            print(result.path, flush=True)
     except KeyboardInterrupt:
         log.info("stopped at once on the second signal")
-    log.info("made %d stage-1 image(s)", made)
+    log.info("made %d %s", made, "stage-1 image(s)" if stage1_only else "final image(s)")
     return 0
+
+
+def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
+    """The seed's mode 3: approved images (claimed and moved), given files, or the stage-1 backlog."""
+    from .inbox import Inbox
+    from .upscaling import stage1_backlog, upscale_claimed, upscale_in_place
+
+    progress = StepProgress()
+    hooks = Hooks(should_stop=stop, on_step=progress.on_step)
+    inbox = Inbox(engine.layout)
+    approved = engine.layout.approved.resolve()
+    if backlog:
+        jobs = [(path, False) for path in stage1_backlog(engine)]
+    elif files:
+        jobs = [(Path(f), Path(f).resolve().parent == approved) for f in files]
+    else:
+        for path in inbox.recover():
+            log.info("requeued %s", path.name)
+        jobs = [(path, True) for path in inbox.pending()]
+    if not jobs:
+        log.info("nothing to upscale")
+        return 0
+    counts: dict[str, int] = {}
+    try:
+        for path, from_inbox in jobs:
+            if stop():
+                break
+            try:
+                if from_inbox:
+                    claim = inbox.claim(path)
+                    if claim is None:
+                        counts["taken"] = counts.get("taken", 0) + 1
+                        continue
+                    outcome = upscale_claimed(engine, inbox, claim, hooks)
+                elif not path.exists():
+                    log.error("%s: file not found", path)
+                    counts["failed"] = counts.get("failed", 0) + 1
+                    continue
+                else:
+                    outcome = upscale_in_place(engine, path, hooks)
+            finally:
+                progress.close()
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+            if outcome.final is not None and outcome.status == "final":
+                print(outcome.final, flush=True)
+            elif outcome.status == "skipped":
+                log.info("%s: skipped, %s (%s)", outcome.name, outcome.detail, outcome.final.name)
+            elif outcome.status == "interrupted":
+                break
+    except KeyboardInterrupt:
+        log.info("stopped at once on the second signal")
+    log.info("upscale: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing done")
+    return 1 if counts.get("failed") else 0

@@ -278,13 +278,12 @@ class LoraLibrary:
                 chosen.append(rng.choice(pool))
         return chosen
 
-    def activate(self, chosen: list[LoraEntry], strengths: dict[str, float] | None = None) -> list[LoraUse]:
-        """Switch the pipeline to exactly these adapters; returns what goes into the Record."""
-        strengths = strengths or {}
-        uses = [
-            LoraUse(e.kind, e.name, e.path.name, float(strengths.get(e.name, self.strengths[e.kind])), e.hash, e.triggers)
-            for e in chosen
-        ]
+    def activate(self, chosen: list[LoraEntry], strengths: list[float] | None = None) -> list[LoraUse]:
+        """Switch the pipeline to exactly these adapters (at the kind's configured strength unless
+        `strengths` are given); returns what goes into the Record."""
+        if strengths is None:
+            strengths = [self.strengths[e.kind] for e in chosen]
+        uses = [LoraUse(e.kind, e.name, e.path.name, float(s), e.hash, e.triggers) for e, s in zip(chosen, strengths)]
         wanted = tuple((e.adapter, u.strength) for e, u in zip(chosen, uses))
         if wanted != self._active:
             if wanted:

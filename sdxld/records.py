@@ -118,6 +118,12 @@ class Record:
         if self.model.get("refiner") and self.refiner_split is not None:
             items.append(("Refiner", self.model["refiner"].rstrip("/").split("/")[-1]))
             items.append(("Refiner switch at", _number(self.refiner_split)))
+        final = self.stages.get("final")
+        if final:
+            # A1111's hires-fix vocabulary, so viewers show how the final was made.
+            items.append(("Hires upscale", _number(final["scale"])))
+            items.append(("Hires upscaler", final["upscaler"]))
+            items.append(("Denoising strength", _number(final["strength"])))
         if self.loras:
             items.append(("Lora hashes", ", ".join(f"{lora.name}: {lora.hash}" for lora in self.loras)))
         items.append(("Version", f"sdxld {self.version}"))

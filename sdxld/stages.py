@@ -96,3 +96,193 @@ def stage1(models, record: Record, hooks: Hooks | None = None):
         if hooks.should_stop():
             raise Interrupted("stage 1 interrupted")
     return to_pil(result.images, "stage 1")
+
+
+# --- stages 2 and 3 ------------------------------------------------------------------------
+
+STAGE2_SEED_OFFSET = 9001
+STAGE3_SEED_OFFSET = 18001
+TILE_SEED_STRIDE = 1337
+
+
+def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed, hooks, phase, micro=None):
+    """img2img at `strength`, the refiner taking over at `split` (None: base only). Returns float HxWx3.
+
+    The base covers the denoising fraction [1 - strength, split] and the refiner [split, 1]. When
+    the whole img2img lies past the split there is nothing for the base to do: the refiner alone
+    runs it.
+    """
+    use_refiner = models.refiner is not None and split is not None
+    generator = _generator(models.device, seed)
+    common = dict(prompt=record.prompt, negative_prompt=record.negative, num_inference_steps=steps, guidance_scale=cfg)
+    micro = micro or {}
+    if use_refiner and 1 - strength >= split:
+        result = models.refiner(
+            **common, image=image, strength=strength, generator=generator, output_type="np",
+            callback_on_step_end=_step_callback(hooks, f"{phase} refiner"),
+            **{k: v for k, v in micro.items() if k != "target_size"},
+        )
+        if hooks.should_stop():
+            raise Interrupted(f"{phase} interrupted")
+        return result.images[0]
+    result = models.img2img(
+        **common,
+        image=image,
+        strength=strength,
+        generator=generator,
+        denoising_end=split if use_refiner else None,
+        output_type="latent" if use_refiner else "np",
+        callback_on_step_end=_step_callback(hooks, phase),
+        **micro,
+    )
+    if hooks.should_stop():
+        raise Interrupted(f"{phase} interrupted")
+    if use_refiner:
+        result = models.refiner(
+            **common,
+            image=result.images,
+            generator=generator,
+            denoising_start=split,
+            output_type="np",
+            callback_on_step_end=_step_callback(hooks, f"{phase} refiner"),
+            **{k: v for k, v in micro.items() if k != "target_size"},
+        )
+        if hooks.should_stop():
+            raise Interrupted(f"{phase} interrupted")
+    return result.images[0]
+
+
+def stage2(models, record: Record, stage1_image, settings, size: tuple[int, int], hooks: Hooks | None = None):
+    """Lanczos to the mid size, then img2img (the seed's stage 2). Returns (upscaled, refined)."""
+    from PIL import Image
+
+    hooks = hooks or Hooks()
+    upscaled = stage1_image.convert("RGB").resize(size, Image.LANCZOS)
+    if not settings.enabled:
+        return upscaled, upscaled
+    models.set_sampler(record.sampler)
+    pixels = _refine(
+        models, record, upscaled,
+        steps=settings.steps, cfg=settings.cfg, strength=settings.strength,
+        split=settings.denoise_split if settings.use_refiner else None,
+        seed=record.seed + STAGE2_SEED_OFFSET, hooks=hooks, phase="stage2",
+    )
+    return upscaled, to_pil(pixels[None], "stage 2")
+
+
+def stage3_pixel(models, record: Record, image, settings, hooks: Hooks | None = None, on_tile=None):
+    """The seed's stage 3: img2img each tile on its own, blend with ramps over the overlap."""
+    from .tiling import blend, tile_grid
+
+    hooks = hooks or Hooks()
+    models.set_sampler(record.sampler)
+    width, height = image.size
+    tiles = tile_grid(width, height, settings.tile_size, settings.tile_overlap)
+    refined = []
+    base_seed = record.seed + STAGE3_SEED_OFFSET
+    for index, tile in enumerate(tiles):
+        crop = image.crop((tile.x, tile.y, tile.x + tile.width, tile.y + tile.height))
+        # SDXL's micro-conditioning describes exactly this: a crop of a larger image.
+        micro = dict(original_size=(height, width), crops_coords_top_left=(tile.y, tile.x), target_size=(tile.height, tile.width))
+        pixels = _refine(
+            models, record, crop,
+            steps=settings.steps, cfg=settings.cfg, strength=settings.strength,
+            split=settings.denoise_split if settings.use_refiner else None,
+            seed=base_seed + index * TILE_SEED_STRIDE, hooks=hooks, phase=f"stage3 tile {index + 1}/{len(tiles)}",
+            micro=micro,
+        )
+        if not np.isfinite(pixels).all():
+            to_pil(pixels[None], f"stage 3 tile {index}")
+        refined.append((tile, pixels))
+        if on_tile is not None:
+            on_tile(index, to_pil(pixels[None], f"stage 3 tile {index}"))
+    return to_pil(blend(refined, width, height, settings.tile_overlap, settings.blend_mode)[None], "stage 3"), len(tiles)
+
+
+def _vae_upcast(vae):
+    """fp16 SDXL VAE overflows: run it in fp32 like the diffusers pipelines do (force_upcast)."""
+    import torch
+
+    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)
+        return torch.float16
+    return None
+
+
+def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None = None):
+    """Tiled refinement in latent space: one latent, per-step fusion of per-tile UNet predictions."""
+    import torch
+
+    from .tiling import Conditioning, tile_grid, tiled_denoise
+
+    hooks = hooks or Hooks()
+    models.set_sampler(record.sampler)
+    pipe = models.img2img
+    device = models.execution_device
+    width, height = image.size
+    factor = pipe.vae_scale_factor
+    pixel_tiles = tile_grid(width, height, settings.tile_size, settings.tile_overlap)
+    latent_tiles = [t.scaled(factor) for t in pixel_tiles]
+    generator = _generator(device, record.seed + STAGE3_SEED_OFFSET)
+
+    with torch.inference_mode():
+        restore = _vae_upcast(pipe.vae)
+        pixels = pipe.image_processor.preprocess(image).to(device, pipe.vae.dtype)
+        init = pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
+        if restore is not None:
+            pipe.vae.to(restore)
+
+        pipe.scheduler.set_timesteps(settings.steps, device=device)
+        timesteps, _ = pipe.get_timesteps(settings.steps, settings.strength, device)
+        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(device)
+        latents = pipe.scheduler.add_noise(init.float(), noise, timesteps[:1])
+
+        phases = [(0, _conditioning(pipe, record, settings.cfg, (height, width), device))]
+        if models.refiner is not None and settings.use_refiner:
+            cutoff = round(pipe.scheduler.config.num_train_timesteps * (1 - settings.denoise_split))
+            handoff = next((i for i, t in enumerate(timesteps) if t < cutoff), len(timesteps))
+            phases.append((handoff, _conditioning(models.refiner, record, settings.cfg, (height, width), device)))
+
+        def on_step(step, total):
+            hooks.on_step("stage3 latent", step, total)
+            return hooks.should_stop()
+
+        latents = tiled_denoise(latents, list(timesteps), pipe.scheduler, phases, latent_tiles, pixel_tiles,
+                                settings.tile_batch, on_step)
+        if hooks.should_stop():
+            raise Interrupted("stage 3 interrupted")
+        restore = _vae_upcast(pipe.vae)
+        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        if restore is not None:
+            pipe.vae.to(restore)
+        array = pipe.image_processor.postprocess(decoded.float(), output_type="np")
+    return to_pil(array, "stage 3"), len(pixel_tiles)
+
+
+def _conditioning(pipe, record: Record, cfg: float, original_size, device):
+    """Prompt embeddings and a per-tile time-id function for one pipeline (base or refiner)."""
+    import torch
+
+    from .tiling import Conditioning
+
+    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        prompt=record.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+        negative_prompt=record.negative,
+    )
+    projection_dim = pipe.text_encoder_2.config.projection_dim
+
+    def time_ids(tile):
+        positive, negative_ids = pipe._get_add_time_ids(
+            original_size, (tile.y, tile.x), (tile.height, tile.width), 6.0, 2.5,
+            original_size, (tile.y, tile.x), (tile.height, tile.width),
+            dtype=embeds.dtype, text_encoder_projection_dim=projection_dim,
+        )
+        return torch.cat([negative_ids, positive]).to(device)
+
+    return Conditioning(
+        unet=pipe.unet,
+        prompt_embeds=torch.cat([negative, embeds]),
+        pooled=torch.cat([negative_pooled, pooled]),
+        time_ids=time_ids,
+        guidance=cfg,
+    )

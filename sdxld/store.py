@@ -125,17 +125,19 @@ def encode_png(image, text_chunks: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def save_image(layout, record, image, kind: str, folder: Path | None = None) -> Path:
-    """Write an image and its record: metadata JSON first, then the PNG with both chunks.
+def save_image(layout, record, image, kind: str, name: str | None = None) -> Path:
+    """Write an image with the record's chunks; for stage1 and final also the metadata JSON.
 
-    The PNG appearing is what users and the watcher react to, so it comes last; a crash in
-    between leaves only a JSON with no image, which nothing treats as work.
+    The JSON is written first: the PNG appearing is what users and the watcher react to, and a
+    crash in between leaves only a record with no image, which nothing treats as work.
     """
-    name = image_name(record.tag, kind, image.width, image.height)
-    record.files[kind] = name
+    name = name or image_name(record.tag, kind, image.width, image.height)
+    if kind in ("stage1", "final"):
+        record.files[kind] = name
     png = encode_png(image, record.png_chunks())
-    write_json(layout.metadata / f"{record.tag}.json", record.to_dict())
-    return atomic_write((folder or _folder_for(layout, kind)) / name, png)
+    if kind in ("stage1", "final"):
+        write_json(layout.metadata / f"{record.tag}.json", record.to_dict())
+    return atomic_write(_folder_for(layout, kind) / name, png)
 
 
 def _folder_for(layout, kind: str) -> Path:

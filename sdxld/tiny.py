@@ -261,8 +261,8 @@ DEMO_SETTINGS = {
     "t2i_steps": 8,
     "stage2_steps": 6,
     "stage3_steps": 6,
-    "tile_size": 256,
-    "tile_overlap": 64,
+    "tile_size": 352,
+    "tile_overlap": 48,
 }
 
 

@@ -101,7 +101,15 @@ def test_sigterm_stops_continuous_generation_cleanly(root):
             image.load()
 
 
-def test_generate_full_pipeline_is_not_available_yet(root):
+def test_generate_demo_once_runs_the_full_pipeline(root):
     result = run_sdxld("generate", "--demo", "--once", cwd=root)
-    assert result.returncode == 2
-    assert "--stage1" in result.stderr
+    assert result.returncode == 0, result.stderr
+    pngs, jsons = outputs(root)
+    finals = sorted((root / "outputs" / "final").glob("*.png"))
+    assert len(pngs) == len(jsons) == len(finals) == 1
+    tag = jsons[0].stem
+    assert finals[0].name == f"{tag}_final_512x896.png"  # exactly 4x the 128x224 demo base
+    with Image.open(finals[0]) as image:
+        assert image.size == (512, 896)
+    assert result.stdout.split() == [str(pngs[0]), str(finals[0])]
+    assert json.loads(jsons[0].read_text())["files"]["final"] == finals[0].name

@@ -1,0 +1,267 @@
+"""The approved-image inbox: approved/ -> claim (atomic rename) -> done/ | failed/.
+
+The only mover of files under inbox/. A claim is a rename of approved/NAME into
+processing/<owner>__NAME: rename is atomic within a filesystem, so of several processes racing
+for one file exactly one wins (the others find the source gone), and the unique destination
+means a claim never overwrites another. Nothing is ever deleted: every approved image ends in
+done/ or in failed/ beside a NAME.error.txt that says what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import store
+from .records import Record, RecordError, read_png_record
+
+log = logging.getLogger(__name__)
+
+# Larger than any SDXL stage-1 image by far; refusing before decoding keeps a PNG bomb harmless.
+MAX_INPUT_PIXELS = 64_000_000
+SIDECAR_SUFFIX = ".json"
+ERROR_SUFFIX = ".error.txt"
+
+
+class InboxError(Exception):
+    """Why an approved file cannot be upscaled, and what the user can do about it."""
+
+    def __init__(self, problem: str, advice: str = ""):
+        super().__init__(problem)
+        self.problem, self.advice = problem, advice
+
+
+@dataclass
+class Claim:
+    name: str  # the name the user gave the file
+    path: Path  # where it is while being processed
+    sidecar: Path | None = None  # a <stem>.json that came with it
+
+
+_claims = itertools.count(1)
+
+
+def _host() -> str:
+    return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:32]
+
+
+def _owner() -> str:
+    # host.pid.n: lets recovery tell a claim of a dead process from one still being worked on.
+    return f"{_host()}.{os.getpid()}.{next(_claims)}"
+
+
+def _unique(folder: Path, name: str) -> Path:
+    """folder/name, or 'stem (2).ext' ... if that is taken: done/ and failed/ never overwrite."""
+    candidate = folder / name
+    stem, suffix = os.path.splitext(name)
+    for n in itertools.count(2):
+        if not candidate.exists() and not candidate.is_symlink():
+            return candidate
+        candidate = folder / f"{stem} ({n}){suffix}"
+    raise AssertionError("unreachable")
+
+
+def is_ignored(name: str) -> bool:
+    """Names that are never work: hidden and temporary files, partial downloads, editor files,
+    record sidecars and our own error reports."""
+    lowered = name.lower()
+    return (
+        name.startswith(".")
+        or name.endswith("~")
+        or lowered.endswith((".tmp", ".part", ".crdownload", ".swp", SIDECAR_SUFFIX, ERROR_SUFFIX))
+        or name == "4913"
+    )
+
+
+class Inbox:
+    def __init__(self, layout):
+        self.layout = layout
+        self.approved = layout.approved
+        self.processing = layout.inbox / "processing"
+        self.done_dir = layout.done
+        self.failed_dir = layout.failed
+
+    def ensure_dirs(self) -> None:
+        for folder in (self.approved, self.processing, self.done_dir, self.failed_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def pending(self) -> list[Path]:
+        """Entries waiting in approved/, oldest first."""
+        if not self.approved.is_dir():
+            return []
+        entries = []
+        for entry in self.approved.iterdir():
+            if is_ignored(entry.name):
+                continue
+            try:
+                mtime = entry.lstat().st_mtime
+            except FileNotFoundError:
+                continue
+            entries.append((mtime, entry.name, entry))
+        return [entry for _, _, entry in sorted(entries)]
+
+    def claim(self, path: Path) -> Claim | None:
+        """Take a file out of approved/ for processing; None if another process took it first."""
+        self.ensure_dirs()
+        target = self.processing / f"{_owner()}__{path.name}"
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        moved_sidecar = None
+        for sidecar in _sidecars(path):
+            moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{sidecar.name}")
+            try:
+                os.rename(sidecar, moved)
+            except FileNotFoundError:
+                continue
+            moved_sidecar = moved
+            break
+        return Claim(path.name, target, moved_sidecar)
+
+    def done(self, claim: Claim) -> Path:
+        self.ensure_dirs()
+        destination = _unique(self.done_dir, claim.name)
+        os.rename(claim.path, destination)
+        if claim.sidecar is not None and claim.sidecar.exists():
+            os.rename(claim.sidecar, _unique(self.done_dir, claim.sidecar.name.rsplit("__", 1)[1]))
+        return destination
+
+    def fail(self, claim: Claim, error: InboxError) -> Path:
+        """Move to failed/ and write NAME.error.txt beside it."""
+        self.ensure_dirs()
+        destination = _unique(self.failed_dir, claim.name)
+        text = f"{claim.name}: {error.problem}\n"
+        if error.advice:
+            text += f"\nWhat to do: {error.advice}\n"
+        text += "\nMove the file back into inbox/approved/ to try again.\n"
+        store.atomic_write(destination.with_name(destination.name + ERROR_SUFFIX), text.encode("utf-8"))
+        os.rename(claim.path, destination)
+        if claim.sidecar is not None and claim.sidecar.exists():
+            os.rename(claim.sidecar, _unique(self.failed_dir, claim.sidecar.name.rsplit("__", 1)[1]))
+        log.warning("approved %s failed: %s", claim.name, error.problem)
+        return destination
+
+    def release(self, claim: Claim) -> Path:
+        """Give an unfinished claim back to approved/ (the run was stopped before it finished)."""
+        destination = _unique(self.approved, claim.name)
+        os.rename(claim.path, destination)
+        if claim.sidecar is not None and claim.sidecar.exists():
+            os.rename(claim.sidecar, _unique(self.approved, claim.sidecar.name.rsplit("__", 1)[1]))
+        return destination
+
+    def recover(self) -> list[Path]:
+        """Claims left by processes on this host that no longer run go back to approved/."""
+        if not self.processing.is_dir():
+            return []
+        host = _host()
+        returned = []
+        for entry in sorted(self.processing.iterdir()):
+            owner, sep, name = entry.name.partition("__")
+            parts = owner.split(".")
+            if not sep or len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+                continue
+            returned.append(self.release(Claim(name, entry)))
+            log.info("recovered %s, left unfinished by process %s", name, parts[1])
+        return returned
+
+
+def _sidecars(path: Path) -> list[Path]:
+    """Where a record may sit beside an approved image: <tag>.json, or <stem>.json."""
+    tag = store.tag_of(path.name)
+    names = [f"{tag}{SIDECAR_SUFFIX}"] if tag else []
+    names.append(path.with_suffix(SIDECAR_SUFFIX).name)
+    return [path.with_name(n) for n in dict.fromkeys(names) if n != path.name]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def open_image(path: Path):
+    """A fully decoded RGB image, or an InboxError naming what is wrong with the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.is_symlink():
+        raise InboxError("is a symbolic link; sdxld does not follow links out of the inbox", "move the image itself, not a link")
+    if path.is_dir():
+        raise InboxError("is a folder, not an image", "move the images inside it into inbox/approved/ one by one")
+    size = path.stat().st_size
+    if size == 0:
+        raise InboxError("is empty (0 bytes)", "the copy may have failed; approve the original image again")
+    declared = _png_size(path)
+    try:
+        if declared is not None:
+            _check_pixels(*declared)
+        with Image.open(path) as image:
+            _check_pixels(*image.size)
+            image.load()
+            return image.convert("RGB")
+    except InboxError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InboxError(f"is refused before decoding: {err}", "approve stage-1 images from outputs/stage1/") from None
+    except UnidentifiedImageError:
+        raise InboxError("is not an image (Pillow cannot identify its format)", "approve PNG images from outputs/stage1/") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise InboxError(f"is a truncated or corrupt image ({err})", "approve the original from outputs/stage1/ again") from None
+
+
+def _png_size(path: Path) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR, read without decoding anything."""
+    with open(path, "rb") as handle:
+        head = handle.read(24)
+    if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return None
+
+
+def _check_pixels(width: int, height: int) -> None:
+    if width * height > MAX_INPUT_PIXELS:
+        raise InboxError(
+            f"declares {width}x{height} pixels, over the {MAX_INPUT_PIXELS:,} limit (refused before decoding)",
+            "approve stage-1 images from outputs/stage1/",
+        )
+
+
+def find_record(path: Path, layout, sidecar: Path | None = None, name: str | None = None) -> Record:
+    """The image's Record: a JSON beside it, else outputs/metadata/<tag>.json, else its PNG chunk."""
+    name = name or path.name
+    tag = store.tag_of(name)
+    tried = []
+    candidates = []
+    if sidecar is not None:
+        candidates.append(("the JSON beside it", sidecar))
+    else:
+        candidates.extend(("the JSON beside it", c) for c in _sidecars(path.with_name(name)))
+    if tag:
+        candidates.append(("outputs/metadata", layout.metadata / f"{tag}{SIDECAR_SUFFIX}"))
+    for label, candidate in candidates:
+        if candidate.is_file():
+            try:
+                return Record.from_json(candidate.read_text(encoding="utf-8"))
+            except (RecordError, UnicodeDecodeError) as err:
+                raise InboxError(f"its record {candidate.name} ({label}) is invalid: {err}", "restore the JSON or approve the PNG alone") from None
+        tried.append(f"{label} ({candidate.name})")
+    try:
+        return read_png_record(path)
+    except RecordError as err:
+        if "no 'sdxld' text chunk" not in str(err):
+            raise InboxError(f"its embedded sdxld record is invalid: {err}", "approve the original PNG from outputs/stage1/") from None
+    except OSError:
+        pass
+    tried.append("an sdxld chunk inside the PNG")
+    raise InboxError(
+        "has no record: looked for " + ", ".join(tried),
+        "approve images that sdxld made (outputs/stage1/), or put the image's <tag>.json beside it",
+    )

@@ -1,0 +1,185 @@
+"""Tile grids, blend weights, and the latent tiled-denoise loop of stage 3.
+
+Two designs (REFERENCE.md):
+- pixel: each tile is img2img'd on its own and the results are blended with ramps over the
+  overlap (the seed's algorithm). Cheap in memory, but neighbours may draw different things
+  where they overlap.
+- latent: at every denoising step the UNet predicts noise for each latent tile, the predictions
+  are fused with per-tile weights, and ONE scheduler step runs over the whole latent (Mixture of
+  Diffusers / MultiDiffusion). Tiles cannot diverge, because there is only one image state.
+
+Grid and weights are plain numpy and need no model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tile:
+    x: int
+    y: int
+    width: int
+    height: int
+
+    def scaled(self, factor: int) -> "Tile":
+        return Tile(self.x // factor, self.y // factor, self.width // factor, self.height // factor)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets covering [0, length): stride tile - overlap, the last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return starts
+
+
+def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[Tile]:
+    """Tiles row by row; a tile is never larger than the image, edges are flush."""
+    tw, th = min(tile, width), min(tile, height)
+    return [
+        Tile(x, y, tw, th)
+        for y in tile_starts(height, tile, overlap)
+        for x in tile_starts(width, tile, overlap)
+    ]
+
+
+def _ramp(size: int, overlap: int, rise: bool, fall: bool, mode: str) -> np.ndarray:
+    """1D weight: 1 in the middle, ramping over `overlap` on the sides that have a neighbour.
+    Never 0 (half-sample offset), so a pixel covered only by a ramp still gets its value."""
+    weight = np.ones(size, dtype=np.float64)
+    n = min(overlap, size // 2)
+    if n <= 0:
+        return weight
+    t = (np.arange(n) + 0.5) / n
+    ramp = t if mode == "linear" else 0.5 - 0.5 * np.cos(np.pi * t)
+    if rise:
+        weight[:n] = ramp
+    if fall:
+        weight[size - n :] = ramp[::-1]
+    return weight
+
+
+def ramp_weights(tile: Tile, width: int, height: int, overlap: int, mode: str) -> np.ndarray:
+    """2D blend weights (height x width) of one tile for pixel mode: cosine or linear ramps
+    toward inner neighbours, flat at the image border."""
+    wx = _ramp(tile.width, overlap, tile.x > 0, tile.x + tile.width < width, mode)
+    wy = _ramp(tile.height, overlap, tile.y > 0, tile.y + tile.height < height, mode)
+    return np.outer(wy, wx)
+
+
+def gaussian_weights(width: int, height: int, sigma: float = 0.3) -> np.ndarray:
+    """Mixture-of-Diffusers style weights: a Gaussian over the tile, highest in the middle."""
+    def axis(n: int) -> np.ndarray:
+        x = (np.arange(n) + 0.5) / n - 0.5
+        return np.exp(-(x**2) / (2 * sigma**2))
+
+    return np.outer(axis(height), axis(width))
+
+
+def blend(tiles: list[tuple[Tile, np.ndarray]], width: int, height: int, overlap: int, mode: str) -> np.ndarray:
+    """Weighted average of HxWxC float tile images into one image (pixel mode)."""
+    channels = tiles[0][1].shape[2]
+    total = np.zeros((height, width, channels), dtype=np.float64)
+    weights = np.zeros((height, width, 1), dtype=np.float64)
+    for tile, pixels in tiles:
+        w = ramp_weights(tile, width, height, overlap, mode)[..., None]
+        total[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width] += pixels * w
+        weights[tile.y : tile.y + tile.height, tile.x : tile.x + tile.width] += w
+    return total / weights
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def fuse(predictions, latent_tiles: list[Tile], weights, shape):
+    """Weighted average of per-tile tensors (N,C,h,w) into one (1,C,H,W) tensor (latent mode)."""
+    import torch
+
+    first = predictions[0]
+    total = torch.zeros(shape, dtype=torch.float32, device=first.device)
+    norm = torch.zeros((1, 1, *shape[2:]), dtype=torch.float32, device=first.device)
+    for prediction, tile, weight in zip(predictions, latent_tiles, weights):
+        region = (slice(None), slice(None), slice(tile.y, tile.y + tile.height), slice(tile.x, tile.x + tile.width))
+        total[region] += prediction.float() * weight
+        norm[region] += weight
+    return total / norm
+
+
+@dataclass
+class Conditioning:
+    """Everything a UNet call needs besides the latent: text embeddings and SDXL time ids per tile."""
+
+    unet: object
+    prompt_embeds: object  # (2, seq, dim): negative then positive (classifier-free guidance)
+    pooled: object  # (2, dim)
+    time_ids: Callable  # tile -> (2, n) time ids for that tile
+    guidance: float
+
+
+def tiled_denoise(
+    latents,
+    timesteps: list,
+    scheduler,
+    phases: list[tuple[int, Conditioning]],
+    latent_tiles: list[Tile],
+    pixel_tiles: list[Tile],
+    tile_batch: int,
+    on_step: Callable[[int, int], bool],
+):
+    """The MultiDiffusion loop: per step, UNet over every tile (batched), fuse, one scheduler step.
+
+    `phases` are (first step index, conditioning): the base UNet, then optionally the refiner's
+    from the handoff step on. `on_step(step, total)` returns True to stop early.
+    """
+    import torch
+
+    weights = []
+    for tile in latent_tiles:
+        weights.append(torch.from_numpy(gaussian_weights(tile.width, tile.height)).float().to(latents.device))
+    order = list(range(len(latent_tiles)))
+    total = len(timesteps)
+    for index, t in enumerate(timesteps):
+        cond = [c for start, c in phases if start <= index][-1]
+        model_input = scheduler.scale_model_input(latents, t)
+        predictions = [None] * len(latent_tiles)
+        for group in batches(order, tile_batch):
+            crops = [model_input[:, :, latent_tiles[i].y : latent_tiles[i].y + latent_tiles[i].height,
+                                 latent_tiles[i].x : latent_tiles[i].x + latent_tiles[i].width] for i in group]
+            x = torch.cat(crops, dim=0)
+            x = torch.cat([x, x], dim=0).to(cond.unet.dtype)  # all negatives, then all positives
+            n = len(group)
+            embeds = torch.cat([cond.prompt_embeds[0:1].expand(n, -1, -1), cond.prompt_embeds[1:2].expand(n, -1, -1)])
+            pooled = torch.cat([cond.pooled[0:1].expand(n, -1), cond.pooled[1:2].expand(n, -1)])
+            ids = [cond.time_ids(pixel_tiles[i]) for i in group]
+            time_ids = torch.cat([torch.cat([i[0:1] for i in ids]), torch.cat([i[1:2] for i in ids])])
+            noise = cond.unet(
+                x,
+                t,
+                encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+                return_dict=False,
+            )[0]
+            uncond, text = noise.chunk(2)
+            guided = uncond + cond.guidance * (text - uncond)
+            for j, i in enumerate(group):
+                predictions[i] = guided[j : j + 1]
+        fused = fuse(predictions, latent_tiles, weights, tuple(latents.shape)).to(latents.dtype)
+        latents = scheduler.step(fused, t, latents, return_dict=False)[0]
+        if on_step(index + 1, total):
+            break
+    return latents
+
+
+def unet_calls(tiles: int, tile_batch: int, steps: int) -> int:
+    """UNet evaluations the latent loop makes (CFG halves share a call)."""
+    return math.ceil(tiles / tile_batch) * steps

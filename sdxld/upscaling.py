@@ -1,0 +1,89 @@
+"""Upscale jobs: an approved image (claimed from the inbox) or a file in place -> its final.
+
+Shared by `sdxld upscale`, the full `generate` pipeline and the daemon, so every path treats a
+file the same way: validate it, find its record, run stages 2-3, and account for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .inbox import Claim, Inbox, InboxError, find_record, open_image
+from .stages import Hooks, Interrupted, NaNImageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outcome:
+    name: str
+    status: str  # "final", "skipped" (a final already existed), "failed", "interrupted", "taken"
+    final: Path | None = None
+    detail: str = ""
+
+
+def _load(path: Path, layout, sidecar=None, name=None):
+    image = open_image(path)
+    record = find_record(path, layout, sidecar=sidecar, name=name)
+    if image.size != (record.width, record.height):
+        raise InboxError(
+            f"is {image.size[0]}x{image.size[1]} but its record {record.tag} says {record.width}x{record.height}",
+            "approve the stage-1 image itself, not a resized copy",
+        )
+    return image, record
+
+
+def upscale_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None) -> Outcome:
+    """Process one claimed approved image; it always ends in done/, failed/ or (stopped) back in approved/."""
+    try:
+        image, record = _load(claim.path, engine.layout, sidecar=claim.sidecar, name=claim.name)
+        existing = engine.final_exists(record.tag)
+        if existing is not None:
+            inbox.done(claim)
+            return Outcome(claim.name, "skipped", existing, "a final already exists")
+        result = engine.upscale(record, image, hooks)
+    except Interrupted:
+        inbox.release(claim)
+        return Outcome(claim.name, "interrupted")
+    except InboxError as err:
+        inbox.fail(claim, err)
+        return Outcome(claim.name, "failed", detail=err.problem)
+    except NaNImageError as err:
+        inbox.fail(claim, InboxError(str(err)))
+        return Outcome(claim.name, "failed", detail=str(err))
+    inbox.done(claim)
+    return Outcome(claim.name, "final", result.path)
+
+
+def upscale_in_place(engine, path: Path, hooks: Hooks | None = None) -> Outcome:
+    """Upscale a file without moving it (the seed's `--upscale` over outputs/stage1/)."""
+    try:
+        image, record = _load(path, engine.layout)
+        existing = engine.final_exists(record.tag)
+        if existing is not None:
+            return Outcome(path.name, "skipped", existing, "a final already exists")
+        result = engine.upscale(record, image, hooks)
+    except Interrupted:
+        return Outcome(path.name, "interrupted")
+    except (InboxError, NaNImageError) as err:
+        problem = getattr(err, "problem", str(err))
+        log.warning("%s: %s", path, problem)
+        return Outcome(path.name, "failed", detail=problem)
+    return Outcome(path.name, "final", result.path)
+
+
+def stage1_backlog(engine) -> list[Path]:
+    """Stage-1 images that still exist, have their metadata, and have no final yet."""
+    from . import store
+
+    layout = engine.layout
+    if not layout.stage1.is_dir():
+        return []
+    found = []
+    for path in sorted(layout.stage1.glob("*_stage1_*.png")):
+        tag = store.tag_of(path.name)
+        if tag and (layout.metadata / f"{tag}.json").is_file() and engine.final_exists(tag) is None:
+            found.append(path)
+    return found

@@ -1,0 +1,141 @@
+"""Stages 2 and 3 on the tiny model: sizes, seeds, both tiling modes, UNet call counts, records."""
+
+import math
+
+import numpy as np
+import pytest
+from esrgan_weights import write_esrgan
+from PIL import Image
+
+from sdxld.records import parse_a1111, read_png_record
+from sdxld.stages import Hooks, Interrupted, stage2, stage3_latent
+from sdxld.tiling import tile_grid
+from sdxld.tiny import write_tiny_lora
+
+
+def count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    return calls, handle
+
+
+@pytest.mark.parametrize("use_refiner", [False, True])
+@pytest.mark.parametrize("tile_batch", [1, 4])
+def test_latent_mode_calls_the_unet_once_per_tile_batch_per_step(make_engine, use_refiner, tile_batch):
+    engine = make_engine(generation__stage3__tile_batch=tile_batch, generation__stage3__use_refiner=use_refiner,
+                         generation__stage3__steps=10, generation__stage3__strength=0.5)
+    first = engine.stage1_once(seed=1)
+    settings = engine.config.generation.stage3
+    image = first.image.resize((512, 896))
+    base_calls, h1 = count_calls(engine.models.base.unet)
+    refiner_calls, h2 = count_calls(engine.models.refiner.unet)
+    steps = []
+    try:
+        final, tiles = stage3_latent(engine.models, first.record, image, settings,
+                                     Hooks(on_step=lambda phase, step, total: steps.append(total)))
+    finally:
+        h1.remove()
+        h2.remove()
+    assert final.size == (512, 896)
+    assert tiles == len(tile_grid(512, 896, settings.tile_size, settings.tile_overlap)) == 6
+    effective = steps[-1]
+    assert effective == 5  # 10 steps at strength 0.5
+    assert len(base_calls) + len(refiner_calls) == math.ceil(tiles / tile_batch) * effective
+    assert bool(refiner_calls) == use_refiner
+    # Each call carries the negative and positive halves of every tile in its batch.
+    assert max(base_calls + refiner_calls) == 2 * min(tile_batch, tiles)
+
+
+def test_stage2_upscales_to_the_mid_size_with_its_own_seed(make_engine):
+    engine = make_engine()
+    first = engine.stage1_once(seed=4)
+    settings = engine.config.generation.stage2
+    upscaled, refined = stage2(engine.models, first.record, first.image, settings, (256, 448))
+    assert upscaled.size == refined.size == (256, 448)
+    assert np.abs(np.asarray(refined, dtype=int) - np.asarray(upscaled, dtype=int)).mean() > 1
+    again = stage2(engine.models, first.record, first.image, settings, (256, 448))[1]
+    assert np.array_equal(np.asarray(refined), np.asarray(again))
+
+
+def test_disabled_stage2_is_a_plain_lanczos_resize(make_engine):
+    engine = make_engine(generation__stage2__enabled=False)
+    first = engine.stage1_once(seed=4)
+    upscaled, refined = stage2(engine.models, first.record, first.image, engine.config.generation.stage2, (256, 448))
+    assert refined is upscaled
+    assert np.array_equal(np.asarray(refined), np.asarray(first.image.resize((256, 448), Image.LANCZOS)))
+
+
+@pytest.mark.parametrize("mode", ["latent", "pixel"])
+def test_full_upscale_makes_a_4x_final_with_its_record(make_engine, mode):
+    engine = make_engine(generation__stage3__mode=mode)
+    first = engine.stage1_once(seed=6)
+    result = engine.upscale(first.record, first.image)
+    assert result.path.name == f"{first.record.tag}_final_512x896.png"
+    with Image.open(result.path) as image:
+        assert image.size == (512, 896)
+        params = parse_a1111(image.text["parameters"])
+    record = read_png_record(result.path)
+    assert record.files == {"stage1": first.path.name, "final": result.path.name}
+    assert record.stages["stage3"]["mode"] == mode and record.stages["stage3"]["tiles"] == 6
+    assert record.stages["stage3"]["upscaler"] == "lanczos"
+    assert record.stages["stage2"]["seed"] == 6 + 9001 and record.stages["stage3"]["seed"] == 6 + 18001
+    assert (params["Hires upscale"], params["Hires upscaler"], params["Denoising strength"]) == ("4", "lanczos", "0.4")
+    assert params["Size"] == "128x224" and params["Seed"] == "6"
+    # The metadata JSON was updated (atomically) with the final's name.
+    saved = (engine.layout.metadata / f"{first.record.tag}.json").read_text()
+    assert result.path.name in saved
+
+
+def test_esrgan_weights_are_used_and_recorded(root, make_engine):
+    write_esrgan(root / "weights" / "RealESRGAN_x4plus_anime_6B.pth", "new")
+    engine = make_engine()
+    first = engine.stage1_once(seed=2)
+    record = engine.upscale(first.record, first.image).record
+    assert record.stages["stage3"]["upscaler"] == "ESRGAN x4 (RealESRGAN_x4plus_anime_6B.pth)"
+
+
+def test_stage2_and_3_use_the_records_prompt_and_loras_not_the_current_files(root, make_engine):
+    write_tiny_lora(root / "loras/style/ink.safetensors", seed=1)
+    engine = make_engine()
+    first = engine.stage1_once(seed=8)
+    assert [u.name for u in first.record.loras] == ["ink"]
+    baseline = np.asarray(Image.open(engine.upscale(first.record, first.image).path))
+
+    (root / "prompts" / "manual_prompt.txt").write_text("something else entirely")
+    (engine.layout.final / f"{first.record.tag}_final_512x896.png").unlink()
+    write_tiny_lora(root / "loras/style/other.safetensors", seed=2)
+    again = engine.upscale(first.record, first.image)
+    assert np.array_equal(baseline, np.asarray(Image.open(again.path)))
+    assert again.notes == []
+
+
+def test_a_lora_that_left_is_noted_in_the_final_record(root, make_engine):
+    lora = write_tiny_lora(root / "loras/character/alice.safetensors", seed=1)
+    engine = make_engine()
+    first = engine.stage1_once(seed=9)
+    lora.unlink()
+    result = engine.upscale(first.record, first.image)
+    assert result.notes == ["LoRA character/alice is no longer available; upscaled without it"]
+    assert read_png_record(result.path).stages["notes"] == result.notes
+
+
+def test_intermediates_use_the_seeds_names(make_engine):
+    engine = make_engine(output__save_intermediates=True, generation__stage3__mode="pixel")
+    first = engine.stage1_once(seed=3)
+    engine.upscale(first.record, first.image)
+    tag = first.record.tag
+    folder = engine.layout.intermediates
+    assert (folder / "stage2_up" / f"{tag}_stage2_up_256x448.png").exists()
+    assert (folder / "stage2" / f"{tag}_stage2_256x448.png").exists()
+    assert (folder / "stage3_up" / f"{tag}_stage3_up_512x896.png").exists()
+    assert sorted(p.name for p in (folder / "tiles").iterdir()) == [f"{tag}_tile_{i:03d}.png" for i in range(6)]
+
+
+def test_stopping_during_stage3_saves_no_final(make_engine):
+    engine = make_engine()
+    first = engine.stage1_once(seed=5)
+    seen = []
+    hooks = Hooks(should_stop=lambda: any(p.startswith("stage3") for p in seen), on_step=lambda p, s, t: seen.append(p))
+    with pytest.raises(Interrupted):
+        engine.upscale(first.record, first.image, hooks)
+    assert list(engine.layout.final.iterdir()) == []
