@@ -123,36 +123,34 @@ class Inbox:
             break
         return Claim(path.name, target, moved_sidecar)
 
-    def done(self, claim: Claim) -> Path:
+    def _move(self, claim: Claim, folder: Path) -> Path:
+        """Move a claimed file (and its record sidecar) to `folder` under the user's names."""
         self.ensure_dirs()
-        destination = _unique(self.done_dir, claim.name)
+        destination = _unique(folder, claim.name)
         os.rename(claim.path, destination)
         if claim.sidecar is not None and claim.sidecar.exists():
-            os.rename(claim.sidecar, _unique(self.done_dir, claim.sidecar.name.rsplit("__", 1)[1]))
+            os.rename(claim.sidecar, _unique(folder, claim.sidecar.name.rsplit("__", 1)[1]))
         return destination
 
+    def done(self, claim: Claim) -> Path:
+        return self._move(claim, self.done_dir)
+
     def fail(self, claim: Claim, error: InboxError) -> Path:
-        """Move to failed/ and write NAME.error.txt beside it."""
+        """Move to failed/ with NAME.error.txt beside it (written first, so it is never missing)."""
         self.ensure_dirs()
-        destination = _unique(self.failed_dir, claim.name)
+        report = _unique(self.failed_dir, claim.name)
         text = f"{claim.name}: {error.problem}\n"
         if error.advice:
             text += f"\nWhat to do: {error.advice}\n"
         text += "\nMove the file back into inbox/approved/ to try again.\n"
-        store.atomic_write(destination.with_name(destination.name + ERROR_SUFFIX), text.encode("utf-8"))
-        os.rename(claim.path, destination)
-        if claim.sidecar is not None and claim.sidecar.exists():
-            os.rename(claim.sidecar, _unique(self.failed_dir, claim.sidecar.name.rsplit("__", 1)[1]))
+        store.atomic_write(report.with_name(report.name + ERROR_SUFFIX), text.encode("utf-8"))
+        destination = self._move(claim, self.failed_dir)
         log.warning("approved %s failed: %s", claim.name, error.problem)
         return destination
 
     def release(self, claim: Claim) -> Path:
         """Give an unfinished claim back to approved/ (the run was stopped before it finished)."""
-        destination = _unique(self.approved, claim.name)
-        os.rename(claim.path, destination)
-        if claim.sidecar is not None and claim.sidecar.exists():
-            os.rename(claim.sidecar, _unique(self.approved, claim.sidecar.name.rsplit("__", 1)[1]))
-        return destination
+        return self._move(claim, self.approved)
 
     def recover(self) -> list[Path]:
         """Claims left by processes on this host that no longer run go back to approved/."""

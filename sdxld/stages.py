@@ -191,11 +191,10 @@ def stage3_pixel(models, record: Record, image, settings, hooks: Hooks | None = 
             seed=base_seed + index * TILE_SEED_STRIDE, hooks=hooks, phase=f"stage3 tile {index + 1}/{len(tiles)}",
             micro=micro,
         )
-        if not np.isfinite(pixels).all():
-            to_pil(pixels[None], f"stage 3 tile {index}")
+        tile_image = to_pil(pixels[None], f"stage 3 tile {index}")  # refuses NaN tiles
         refined.append((tile, pixels))
         if on_tile is not None:
-            on_tile(index, to_pil(pixels[None], f"stage 3 tile {index}"))
+            on_tile(index, tile_image)
     return to_pil(blend(refined, width, height, settings.tile_overlap, settings.blend_mode)[None], "stage 3"), len(tiles)
 
 
