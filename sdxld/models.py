@@ -195,7 +195,7 @@ def load_models(config: Config) -> ModelBank:
         refiner.scheduler = make_scheduler(config.generation.sampler, refiner.scheduler.config)
         refiner_id = config.model.refiner
 
-    img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(base)
+    img2img = img2img_from(base)
 
     _place(config, device, [base, refiner], notes)
     _configure_vae(config, base.vae)
@@ -229,6 +229,20 @@ def load_models(config: Config) -> ModelBank:
         sampler=config.generation.sampler,
         notes=notes,
     )
+
+
+def img2img_from(base):
+    """The img2img pipeline over the base's own modules (no copy).
+
+    from_pipe casts the shared modules to its dtype argument, which defaults to float32: without
+    passing the base's dtype an fp16/bf16 base silently becomes fp32 (twice the VRAM), and the
+    refiner, which shares the VAE and text encoder 2, then fails on mixed dtypes.
+    """
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return StableDiffusionXLImg2ImgPipeline.from_pipe(base, torch_dtype=base.unet.dtype)
 
 
 def _place(config: Config, device: str, pipes: list, notes: list[str]) -> None:
