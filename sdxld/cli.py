@@ -43,6 +43,22 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("files", nargs="*", type=Path, help="images to upscale (default: everything in inbox/approved)")
     up.add_argument("--stage1", action="store_true", help="every stage-1 image with metadata and no final yet")
 
+    run = commands.add_parser("run", help="the daemon: continuous stage 1, upscale what lands in inbox/approved, live reload")
+    _common(run, suppress=True)
+
+    status = commands.add_parser("status", help="what the daemon(s) on this root are doing")
+    _common(status, suppress=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    service = commands.add_parser("service", help="systemd unit management")
+    _common(service, suppress=True)
+    service_commands = service.add_subparsers(dest="service_command", required=True, metavar="ACTION")
+    install = service_commands.add_parser("install", help="write sdxld.service for this installation and root")
+    _common(install, suppress=True)
+    install.add_argument("--user", action="store_true", help="a user unit (~/.config/systemd/user) instead of a system unit")
+    install.add_argument("--service-user", default="sdxld", help="system unit: the account it runs as (default sdxld)")
+    install.add_argument("--target-dir", type=Path, help="write the unit here instead of the systemd folder")
+
     check = commands.add_parser("check", help="validate config, load the model, list LoRAs and why any were rejected")
     _common(check, suppress=True)
     return parser
@@ -69,12 +85,20 @@ def load_config(args) -> Config:
 
 
 def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    from .service import journal_handler, under_journald
+
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = journal_handler() if under_journald() else None
+    if handler is not None:
+        # Structured fields (SDXLD_TAG, SDXLD_STAGE) go to the journal with each line.
+        logging.basicConfig(level=level, handlers=[handler], format="%(name)s: %(message)s")
+    else:
+        logging.basicConfig(
+            level=level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            stream=sys.stderr,
+        )
     if not verbose:
         for noisy in ("httpx", "urllib3", "huggingface_hub", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -94,6 +118,38 @@ def main(argv: list[str] | None = None) -> int:
         from .check import run_check
 
         return run_check(config)
+
+    if args.command == "status":
+        import json
+
+        from .daemon import format_status, read_status
+
+        entries = read_status(config.root)
+        print(json.dumps(entries, indent=2) if args.json else format_status(entries))
+        return 0
+
+    if args.command == "service":
+        from .service import install_unit
+
+        path = install_unit(config.root, user_unit=args.user, target_dir=args.target_dir, service_user=args.service_user)
+        scope = "--user " if args.user else ""
+        print(f"wrote {path}\nnow: systemctl {scope}daemon-reload && systemctl {scope}enable --now sdxld")
+        return 0
+
+    if args.command == "run":
+        from . import foreground
+        from .daemon import Daemon
+        from .models import ModelLoadError
+        from .service import Notifier
+
+        stop = foreground.StopFlag()
+        notifier = Notifier()
+        with stop.installed():
+            try:
+                return Daemon(config_path(args), config, demo=args.demo, stop=stop, notifier=notifier).run()
+            except ModelLoadError as err:
+                log.error("%s", err)
+                return 1
 
     if args.command == "upscale" and args.files and args.stage1:
         log.error("give files or --stage1, not both")

@@ -221,6 +221,27 @@ class OutputConfig:
 
 
 @dataclass
+class DaemonConfig:
+    # Stage 1 pauses while outputs/stage1/ holds this many uncurated images (0: never pause).
+    max_pending: int = 500
+    # ... or while the outputs folder's disk has less free space than this.
+    min_free_gb: float = 5.0
+    # A file in approved/ or loras/ is taken once it has not changed for this long.
+    settle_s: float = 1.0
+    # Events are hints: the folders are rescanned this often anyway.
+    rescan_s: float = 30.0
+    # An approved image whose processing was cut short this many times goes to failed/.
+    max_attempts: int = 3
+
+    def validate(self) -> None:
+        _check(self.max_pending >= 0, "daemon.max_pending", f"{self.max_pending} is negative")
+        _check(self.min_free_gb >= 0, "daemon.min_free_gb", f"{self.min_free_gb} is negative")
+        _check(0 <= self.settle_s <= 60, "daemon.settle_s", f"{self.settle_s} is outside 0..60 seconds")
+        _check(1 <= self.rescan_s <= 3600, "daemon.rescan_s", f"{self.rescan_s} is outside 1..3600 seconds")
+        _check(1 <= self.max_attempts <= 100, "daemon.max_attempts", f"{self.max_attempts} is outside 1..100")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     performance: PerformanceConfig = field(default_factory=PerformanceConfig)
@@ -230,6 +251,7 @@ class Config:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     # The folder relative paths resolve against: the config file's folder.
     root: Path = field(default_factory=Path.cwd, metadata={"internal": True})
     source: Path | None = field(default=None, metadata={"internal": True})

@@ -68,6 +68,20 @@ class Engine:
         self._warned_dirs = False
         self._upscaler = None
 
+    def reconfigure(self, config: Config) -> None:
+        """Apply a new config that keeps the same models (the daemon checked that)."""
+        old = self.config
+        self.config = config
+        self.layout = Layout.from_config(config)
+        self.prompts = PromptSource.from_layout(self.layout, config.prompts.max_extras)
+        self.loras.dirs = dict(self.layout.lora_dirs)
+        self.loras.strengths = {"character": config.lora.character_strength, "style": config.lora.style_strength}
+        self.loras.settle_s = config.daemon.settle_s
+        if config.generation.seed != old.generation.seed:
+            self.seeds = SeedSequence(config.generation.seed)
+        if config.upscaler != old.upscaler:
+            self._upscaler = None
+
     @classmethod
     def load(cls, config: Config, **kwargs) -> "Engine":
         from .models import load_models
@@ -112,7 +126,7 @@ class Engine:
         self.layout.ensure_output_dirs()
         image = stage1(self.models, record, hooks)
         path = store.save_image(self.layout, record, image, "stage1")
-        log.info("stage1 %s seed %d -> %s", record.tag, record.seed, path.name)
+        log.info("stage1 %s seed %d -> %s", record.tag, record.seed, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})
         return Stage1Result(record, path, image)
 
     def stage1_once(self, seed: int | None = None, hooks: Hooks | None = None) -> Stage1Result:
@@ -215,7 +229,7 @@ class Engine:
             "notes": notes,
         }
         path = store.save_image(self.layout, record, final_image, "final")
-        log.info("final %s -> %s", record.tag, path.name)
+        log.info("final %s -> %s", record.tag, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "final"})
         return FinalResult(record, path, notes)
 
 

@@ -97,21 +97,19 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
 
 def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
     """The seed's mode 3: approved images (claimed and moved), given files, or the stage-1 backlog."""
-    from .inbox import Inbox
+    from .inbox import Claim, Inbox
     from .upscaling import stage1_backlog, upscale_claimed, upscale_in_place
 
     progress = StepProgress()
     hooks = Hooks(should_stop=stop, on_step=progress.on_step)
-    inbox = Inbox(engine.layout)
+    inbox = Inbox(engine.layout, engine.config.daemon.max_attempts)
     approved = engine.layout.approved.resolve()
     if backlog:
         jobs = [(path, False) for path in stage1_backlog(engine)]
     elif files:
         jobs = [(Path(f), Path(f).resolve().parent == approved) for f in files]
     else:
-        for path in inbox.recover():
-            log.info("requeued %s", path.name)
-        jobs = [(path, True) for path in inbox.pending()]
+        jobs = [(claim, True) for claim in inbox.recover()] + [(path, True) for path in inbox.pending()]
     if not jobs:
         log.info("nothing to upscale")
         return 0
@@ -122,7 +120,7 @@ def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
                 break
             try:
                 if from_inbox:
-                    claim = inbox.claim(path)
+                    claim = path if isinstance(path, Claim) else inbox.claim(path)
                     if claim is None:
                         counts["taken"] = counts.get("taken", 0) + 1
                         continue

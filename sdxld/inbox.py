@@ -40,6 +40,7 @@ class Claim:
     name: str  # the name the user gave the file
     path: Path  # where it is while being processed
     sidecar: Path | None = None  # a <stem>.json that came with it
+    attempt: int = 1  # 2+ when a process died while working on it before
 
 
 _claims = itertools.count(1)
@@ -49,9 +50,17 @@ def _host() -> str:
     return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:32]
 
 
-def _owner() -> str:
-    # host.pid.n: lets recovery tell a claim of a dead process from one still being worked on.
-    return f"{_host()}.{os.getpid()}.{next(_claims)}"
+def _owner(attempt: int = 1) -> str:
+    # host.pid.n.attempt: lets recovery tell a claim of a dead process from one still being
+    # worked on, and count how often processing an image was cut short.
+    return f"{_host()}.{os.getpid()}.{next(_claims)}.{attempt}"
+
+
+def _parse_owner(owner: str) -> tuple[str, int, int] | None:
+    parts = owner.split(".")
+    if len(parts) != 4 or not (parts[1].isdigit() and parts[3].isdigit()):
+        return None
+    return parts[0], int(parts[1]), int(parts[3])
 
 
 def _unique(folder: Path, name: str) -> Path:
@@ -78,8 +87,9 @@ def is_ignored(name: str) -> bool:
 
 
 class Inbox:
-    def __init__(self, layout):
+    def __init__(self, layout, max_attempts: int = 3):
         self.layout = layout
+        self.max_attempts = max_attempts
         self.approved = layout.approved
         self.processing = layout.inbox / "processing"
         self.done_dir = layout.done
@@ -113,7 +123,7 @@ class Inbox:
         except FileNotFoundError:
             return None
         moved_sidecar = None
-        for sidecar in _sidecars(path):
+        for sidecar in _sidecars(path.parent, path.name):
             moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{sidecar.name}")
             try:
                 os.rename(sidecar, moved)
@@ -152,28 +162,59 @@ class Inbox:
         """Give an unfinished claim back to approved/ (the run was stopped before it finished)."""
         return self._move(claim, self.approved)
 
-    def recover(self) -> list[Path]:
-        """Claims left by processes on this host that no longer run go back to approved/."""
+    def recover(self) -> list[Claim]:
+        """Re-claim work left in processing/ by processes of this host that no longer run.
+
+        Each such image is claimed again for this process (an atomic rename, so two daemons
+        recovering at once never both get it) with its attempt count raised; one that already
+        had `max_attempts` goes to failed/ instead, since it may be what kills the process.
+        """
         if not self.processing.is_dir():
             return []
         host = _host()
-        returned = []
-        for entry in sorted(self.processing.iterdir()):
+        recovered = []
+        entries = sorted(self.processing.iterdir())
+        names = {e.name for e in entries}
+        for entry in entries:
             owner, sep, name = entry.name.partition("__")
-            parts = owner.split(".")
-            if not sep or len(parts) != 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+            parsed = _parse_owner(owner)
+            if not sep or parsed is None or parsed[0] != host or _alive(parsed[1]):
                 continue
-            returned.append(self.release(Claim(name, entry)))
-            log.info("recovered %s, left unfinished by process %s", name, parts[1])
-        return returned
+            if name.endswith(SIDECAR_SUFFIX) and any(n.startswith(owner + "__") and not n.endswith(SIDECAR_SUFFIX) for n in names):
+                continue  # travels with its image below
+            attempt = parsed[2] + 1
+            target = self.processing / f"{_owner(attempt)}__{name}"
+            try:
+                os.rename(entry, target)
+            except FileNotFoundError:
+                continue  # another process recovered it first
+            sidecar = None
+            for candidate in _sidecars(self.processing, name, prefix=f"{owner}__"):
+                moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{candidate.name.split('__', 1)[1]}")
+                try:
+                    os.rename(candidate, moved)
+                    sidecar = moved
+                    break
+                except FileNotFoundError:
+                    continue
+            claim = Claim(name, target, sidecar, attempt)
+            if attempt > self.max_attempts:
+                self.fail(claim, InboxError(
+                    f"processing was cut short {attempt - 1} times (the process died or was killed while working on it)",
+                    "if sdxld crashes on this image, check the log for the cause; otherwise approve it again",
+                ))
+                continue
+            log.info("recovered %s (attempt %d), left unfinished by process %d", name, attempt, parsed[1])
+            recovered.append(claim)
+        return recovered
 
 
-def _sidecars(path: Path) -> list[Path]:
-    """Where a record may sit beside an approved image: <tag>.json, or <stem>.json."""
-    tag = store.tag_of(path.name)
+def _sidecars(folder: Path, name: str, prefix: str = "") -> list[Path]:
+    """Where a record may sit beside an image called `name`: <tag>.json, or <stem>.json."""
+    tag = store.tag_of(name)
     names = [f"{tag}{SIDECAR_SUFFIX}"] if tag else []
-    names.append(path.with_suffix(SIDECAR_SUFFIX).name)
-    return [path.with_name(n) for n in dict.fromkeys(names) if n != path.name]
+    names.append(Path(name).with_suffix(SIDECAR_SUFFIX).name)
+    return [folder / f"{prefix}{n}" for n in dict.fromkeys(names) if n != name]
 
 
 def _alive(pid: int) -> bool:
@@ -241,7 +282,7 @@ def find_record(path: Path, layout, sidecar: Path | None = None, name: str | Non
     if sidecar is not None:
         candidates.append(("the JSON beside it", sidecar))
     else:
-        candidates.extend(("the JSON beside it", c) for c in _sidecars(path.with_name(name)))
+        candidates.extend(("the JSON beside it", c) for c in _sidecars(path.parent, name))
     if tag:
         candidates.append(("outputs/metadata", layout.metadata / f"{tag}{SIDECAR_SUFFIX}"))
     for label, candidate in candidates:

@@ -139,22 +139,34 @@ def test_only_one_of_many_racing_claims_wins(root):
     assert [p.name for p in (root / "inbox" / "processing").iterdir()] == [winners[0].path.name]
 
 
-def test_claims_of_dead_processes_are_recovered(root):
+def test_claims_of_dead_processes_are_recovered_and_counted(root):
     from sdxld.config import load
 
     layout = Layout.from_config(load(root / "config.yaml"))
-    inbox = Inbox(layout)
+    inbox = Inbox(layout, max_attempts=2)
     path = approved(root) / "image.png"
     Image.new("RGB", (8, 8)).save(path)
+    (approved(root) / "image.json").write_text("{}")
+
+    def die(claim):
+        """Make the claim look like it belongs to a process that no longer exists."""
+        host, _, n, attempt = claim.path.name.split("__")[0].split(".")
+        for item in (claim.path, claim.sidecar):
+            item.rename(item.with_name(f"{host}.999999999.{n}.{attempt}__{item.name.split('__', 1)[1]}"))
+
     claim = inbox.claim(path)
-    # Pretend the claim belongs to a process that died: rewrite the owner's pid.
-    host, _, n = claim.path.name.split("__")[0].split(".")
-    dead = claim.path.with_name(f"{host}.999999999.{n}__image.png")
-    claim.path.rename(dead)
-    assert [p.name for p in inbox.recover()] == ["image.png"]
-    assert (approved(root) / "image.png").exists()
-    live = inbox.claim(approved(root) / "image.png")
-    assert inbox.recover() == [] and live.path.exists()
+    assert claim.sidecar is not None and claim.attempt == 1
+    die(claim)
+    [recovered] = inbox.recover()
+    assert (recovered.name, recovered.attempt) == ("image.png", 2)
+    assert recovered.sidecar is not None and recovered.sidecar.exists()
+    assert inbox.recover() == [], "a live process's claim is not taken"
+    die(recovered)
+    assert inbox.recover() == []
+    failed = root / "inbox" / "failed"
+    assert sorted(p.name for p in failed.iterdir()) == ["image.json", "image.png", "image.png.error.txt"]
+    assert "cut short 2 times" in (failed / "image.png.error.txt").read_text()
+    assert list((root / "inbox" / "processing").iterdir()) == []
 
 
 def test_temporary_and_hidden_files_are_never_work(root):

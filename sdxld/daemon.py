@@ -1,0 +1,349 @@
+"""The daemon loop: the only thread that touches torch.
+
+Forever, until asked to stop: apply what changed (config, LoRAs; prompt files are re-read per
+image anyway), then do one unit of work — an approved image if one is waiting and settled (the
+user is waiting for it), else one new stage-1 image, unless stage 1 is paused (too many uncurated
+images, or low disk). Status goes to a file (`sdxld status`) and to systemd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections import deque
+from pathlib import Path
+
+from . import store
+from .config import Config, ConfigError, load
+from .engine import Engine
+from .inbox import Claim, Inbox
+from .stages import Hooks, Interrupted, NaNImageError
+from .upscaling import upscale_claimed
+from .watch import Watcher
+
+log = logging.getLogger(__name__)
+
+# Changing these means reloading the models: reported as "restart needed", never half-applied.
+RESTART_SECTIONS = ("model", "performance", "memory")
+
+
+def status_dir(root: Path) -> Path:
+    return Path(root) / ".sdxld" / "status"
+
+
+class StatusBoard:
+    """What the daemon is doing, written atomically for `sdxld status` (and mirrored to systemd)."""
+
+    def __init__(self, root: Path, notifier):
+        self.path = status_dir(root) / f"{socket.gethostname()}.{os.getpid()}.json"
+        self.notifier = notifier
+        self.data = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "state": "starting",
+            "current": None,
+            "approved_queued": 0,
+            "stage1_made": 0,
+            "finals_made": 0,
+            "failed": 0,
+            "seconds_per_image": None,
+            "images_per_hour": None,
+            "loras": {"loaded": 0, "rejected": []},
+            "paused": None,
+            "last_error": None,
+            "restart_needed": [],
+            "watch": None,
+        }
+        self._written = 0.0
+        self._durations: deque[float] = deque(maxlen=20)
+
+    def update(self, force: bool = False, **changes) -> None:
+        self.data.update(changes)
+        self.data["updated"] = time.time()
+        self.notifier.status(self.line())
+        if force or time.monotonic() - self._written >= 1.0:
+            store.write_json(self.path, self.data)
+            self._written = time.monotonic()
+
+    def image_done(self, seconds: float, kind: str) -> None:
+        self._durations.append(seconds)
+        key = "stage1_made" if kind == "stage1" else "finals_made"
+        self.data[key] += 1
+        self.data["seconds_per_image"] = round(sum(self._durations) / len(self._durations), 2)
+        hours = (time.time() - self.data["started"]) / 3600
+        self.data["images_per_hour"] = round(self.data["stage1_made"] / hours, 1) if hours > 0 else None
+
+    def line(self) -> str:
+        d = self.data
+        parts = [d["state"]]
+        if d["paused"]:
+            parts[0] = f"paused: {d['paused']}"
+        parts.append(f"stage1 #{d['stage1_made']}")
+        if d["seconds_per_image"] is not None:
+            parts.append(f"{d['seconds_per_image']:.1f} s/img")
+        parts.append(f"{d['approved_queued']} approved queued")
+        rejected = len(d["loras"]["rejected"])
+        parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected)")
+        return " · ".join(parts)
+
+    def finish(self) -> None:
+        self.update(force=True, state="stopped", current=None)
+
+
+class Daemon:
+    def __init__(self, config_path: Path, config: Config, *, demo: bool, stop, notifier):
+        self.config_path = Path(config_path)
+        self.config = config
+        self.demo = demo
+        self.stop = stop
+        self.notifier = notifier
+        self.status = StatusBoard(config.root, notifier)
+        self.engine: Engine | None = None
+        self.inbox: Inbox | None = None
+        self.watcher: Watcher | None = None
+        self.recovered: deque[Claim] = deque()
+        self._closed: dict[Path, float] = {}
+        self._config_dirty = False
+        self._loras_dirty = False
+        self._last_rescan = 0.0
+        self._progress_at = 0.0
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.status.update(force=True, state="loading models")
+        # Loading SDXL from disk (or the Hub) can take minutes: tell systemd we are alive.
+        self.notifier.extend_timeout(900)
+        self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s)
+        self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts)
+        self.inbox.ensure_dirs()
+        self.engine.layout.ensure_output_dirs()
+        self._start_watcher()
+        self.recovered.extend(self.inbox.recover())
+        self._refresh_loras(self.engine.sync_loras())
+        self.notifier.ready()
+        self.status.update(force=True, state="running")
+        log.info("sdxld running on %s: watching %s", self.engine.models.device, self.engine.layout.approved)
+        try:
+            while not self.stop():
+                self.notifier.watchdog()
+                self._apply_changes()
+                if self._upscale_next():
+                    continue
+                reason = self._pause_reason()
+                if reason:
+                    self.status.update(state="running", paused=reason, current=None)
+                    self.stop.event.wait(0.5)
+                    continue
+                self.status.update(paused=None)
+                self._stage1()
+        finally:
+            self.notifier.stopping()
+            self.status.update(force=True, state="stopping", current=None)
+            if self.watcher is not None:
+                self.watcher.stop()
+            self.status.finish()
+            log.info("sdxld stopped")
+        return 0
+
+    def _start_watcher(self) -> None:
+        layout = self.engine.layout
+        folders = {"approved": layout.approved}
+        for path in {layout.manual_prompt.parent, layout.negative_prompt.parent, layout.prompt_options.parent}:
+            folders[f"prompts:{path}"] = path
+        for kind, folder in layout.lora_dirs.items():
+            folders[f"loras:{kind}"] = folder
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.watcher = Watcher(folders, self.config_path)
+        mode = self.watcher.start()
+        self.status.update(watch=mode)
+
+    # --- changes ----------------------------------------------------------------------------
+
+    def _apply_changes(self) -> None:
+        for change in self.watcher.drain():
+            area = change.area.split(":")[0]
+            if area == "config":
+                self._config_dirty = True
+            elif area == "loras":
+                self._loras_dirty = True
+            elif area == "approved" and change.kind in ("closed", "moved", "created"):
+                self._closed[change.path] = time.monotonic() if change.kind != "created" else 0.0
+            elif area == "prompts":
+                log.debug("prompt file changed: %s (read again for the next image)", change.path.name)
+        if self._config_dirty:
+            self._config_dirty = False
+            self._reload_config()
+        now = time.monotonic()
+        if self._loras_dirty or now - self._last_rescan >= self.config.daemon.rescan_s:
+            self._loras_dirty = False
+            self._last_rescan = now
+            report = self.engine.sync_loras()
+            if report.changed:
+                self._refresh_loras(report)
+            if any(e.status == "pending" for e in self.engine.loras.entries()):
+                self._loras_dirty = True  # a LoRA still being copied: look again soon
+
+    def _refresh_loras(self, report) -> None:
+        entries = self.engine.loras.entries()
+        rejected = [{"file": str(e.path), "reason": e.reason} for e in entries if e.status == "rejected"]
+        self.status.update(loras={"loaded": sum(e.status == "loaded" for e in entries), "rejected": rejected})
+
+    def _reload_config(self) -> None:
+        try:
+            new = load(self.config_path)
+        except ConfigError as err:
+            log.error("config change not applied, keeping the last good config: %s", err)
+            self.status.update(force=True, last_error=f"config: {err}")
+            return
+        if self.demo:
+            from .tiny import apply_demo
+
+            apply_demo(new)
+        restart = []
+        for section in RESTART_SECTIONS:
+            if getattr(new, section) != getattr(self.config, section):
+                old, current = dataclasses.asdict(getattr(self.config, section)), dataclasses.asdict(getattr(new, section))
+                restart += [f"{section}.{key}" for key in current if current[key] != old[key]]
+                setattr(new, section, getattr(self.config, section))
+        if restart:
+            log.warning("config: %s changed; restart sdxld to apply (the models stay as they are)", ", ".join(restart))
+        watched_before = (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options)
+        self.config = new
+        self.engine.reconfigure(new)
+        self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts)
+        if (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
+            self._start_watcher()
+        self._loras_dirty = True
+        self.status.update(force=True, restart_needed=restart, last_error=None)
+        log.info("config reloaded from %s", self.config_path)
+
+    # --- work -------------------------------------------------------------------------------
+
+    def _settled(self, path: Path) -> bool:
+        """A file counts once its writer is done: closed after writing, moved in, or unchanged
+        for settle_s (a slow copy keeps touching it, so it is not read half-way)."""
+        try:
+            stat = path.lstat()
+        except FileNotFoundError:
+            return False
+        age = time.time() - stat.st_mtime
+        closed_at = self._closed.get(path, 0.0)
+        if closed_at and time.monotonic() - closed_at < 60:
+            return True
+        return age >= self.config.daemon.settle_s
+
+    def _upscale_next(self) -> bool:
+        claim = self.recovered.popleft() if self.recovered else None
+        if claim is None:
+            pending = self.inbox.pending()
+            self.status.update(approved_queued=len(pending))
+            for path in pending:
+                if not self._settled(path):
+                    continue
+                claim = self.inbox.claim(path)
+                self._closed.pop(path, None)
+                if claim is not None:
+                    break
+        if claim is None:
+            return False
+        started = time.monotonic()
+        self.status.update(force=True, state="upscaling", current={"job": "upscale", "file": claim.name})
+        outcome = upscale_claimed(self.engine, self.inbox, claim, self._hooks(claim.name))
+        if outcome.status == "final":
+            self.status.image_done(time.monotonic() - started, "final")
+            log.info("approved %s -> %s", claim.name, outcome.final.name, extra={"sdxld_tag": outcome.final.name.split("_final_")[0], "sdxld_stage": "final"})
+        elif outcome.status == "failed":
+            self.status.data["failed"] += 1
+            self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}")
+        self.status.update(force=True, state="running", current=None)
+        return True
+
+    def _pause_reason(self) -> str | None:
+        daemon = self.config.daemon
+        stage1 = self.engine.layout.stage1
+        if daemon.max_pending:
+            pending = sum(1 for _ in stage1.glob("*_stage1_*.png")) if stage1.is_dir() else 0
+            if pending >= daemon.max_pending:
+                return f"{pending} stage-1 images waiting to be curated (daemon.max_pending {daemon.max_pending})"
+        if daemon.min_free_gb:
+            free = shutil.disk_usage(self.engine.layout.outputs).free / 1e9
+            if free < daemon.min_free_gb:
+                return f"{free:.1f} GB free on the outputs disk (daemon.min_free_gb {daemon.min_free_gb})"
+        return None
+
+    def _stage1(self) -> None:
+        started = time.monotonic()
+        self.status.update(state="generating", current={"job": "stage1"})
+        try:
+            result = self.engine.stage1_once(hooks=self._hooks("stage1"))
+        except Interrupted:
+            return
+        except NaNImageError as err:
+            log.error("%s", err)
+            self.status.update(force=True, last_error=str(err))
+            return
+        self.status.image_done(time.monotonic() - started, "stage1")
+        self.status.update(force=True, state="running", current=None)
+
+    def _hooks(self, job: str) -> Hooks:
+        def on_step(phase: str, step: int, total: int) -> None:
+            self.notifier.watchdog()
+            now = time.monotonic()
+            if now - self._progress_at >= 1.0:
+                self._progress_at = now
+                self.status.update(current={"job": job, "phase": phase, "step": step, "total": total})
+
+        return Hooks(should_stop=self.stop, on_step=on_step)
+
+
+def read_status(root: Path) -> list[dict]:
+    """Status of every daemon on this root (stale files of dead processes are marked)."""
+    from .inbox import _alive
+
+    folder = status_dir(root)
+    found = []
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("host") == socket.gethostname() and data.get("state") != "stopped" and not _alive(int(data.get("pid", 0))):
+            data["state"] = "dead (stale status)"
+        found.append(data)
+    return found
+
+
+def format_status(entries: list[dict]) -> str:
+    if not entries:
+        return "no sdxld daemon has run on this root (no status files)"
+    lines = []
+    for d in entries:
+        uptime = time.time() - d.get("started", time.time())
+        lines.append(f"sdxld pid {d['pid']} on {d['host']}: {d['state']}" + (f" (paused: {d['paused']})" if d.get("paused") else ""))
+        if d.get("current"):
+            current = d["current"]
+            detail = f" {current.get('phase', '')} step {current.get('step')}/{current.get('total')}" if current.get("step") else ""
+            lines.append(f"  now:        {current.get('job')}{' ' + current['file'] if current.get('file') else ''}{detail}")
+        lines.append(f"  uptime:     {uptime / 3600:.1f} h; stage-1 images {d['stage1_made']}, finals {d['finals_made']}, failed {d['failed']}")
+        if d.get("seconds_per_image") is not None:
+            lines.append(f"  rate:       {d['seconds_per_image']} s/img, {d.get('images_per_hour')} stage-1 images/hour")
+        lines.append(f"  queue:      {d['approved_queued']} approved waiting")
+        rejected = d["loras"]["rejected"]
+        lines.append(f"  LoRAs:      {d['loras']['loaded']} loaded, {len(rejected)} rejected")
+        for item in rejected:
+            lines.append(f"              {Path(item['file']).name}: {item['reason']}")
+        if d.get("restart_needed"):
+            lines.append(f"  restart needed for: {', '.join(d['restart_needed'])}")
+        if d.get("last_error"):
+            lines.append(f"  last error: {d['last_error']}")
+    return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""The watcher: a watchdog observer thread that only reports. It never touches a model.
+
+Handlers put small Change records on a queue; the daemon loop decides what they mean. Events are
+hints (a copy from another machine may produce none, inotify can overflow): the daemon also
+rescans on a timer, so a lost event only delays work, never loses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from watchdog.events import FileSystemEventHandler
+
+from .inbox import is_ignored
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Change:
+    area: str  # "approved" | "prompts" | "loras" | "config"
+    path: Path
+    kind: str  # watchdog event type: created, modified, closed, moved, deleted ...
+    at: float = field(default_factory=time.monotonic)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, area: str, events: queue.Queue, only: Path | None = None):
+        self.area, self.events, self.only = area, events, only
+
+    def on_any_event(self, event):
+        if event.is_directory and event.event_type != "moved":
+            return
+        if event.event_type in ("opened", "closed_no_write"):
+            return  # reading is not changing
+        path = Path(getattr(event, "dest_path", "") or event.src_path)
+        if self.only is not None and path.name != self.only.name and Path(event.src_path).name != self.only.name:
+            return
+        if self.only is None and is_ignored(path.name) and self.area != "loras":
+            return
+        self.events.put(Change(self.area, path, event.event_type))
+
+
+class Watcher:
+    """One observer over the folders the daemon cares about; falls back to polling if inotify can't."""
+
+    def __init__(self, folders: dict[str, Path], config_file: Path | None):
+        self.events: queue.Queue[Change] = queue.Queue()
+        self.folders = folders
+        self.config_file = config_file
+        self.observer = None
+        self.mode = "off"
+
+    def _schedule(self, observer) -> None:
+        watched = set()
+        for area, folder in self.folders.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            observer.schedule(_Handler(area, self.events), str(folder), recursive=False)
+            watched.add(folder.resolve())
+        if self.config_file is not None:
+            observer.schedule(_Handler("config", self.events, only=self.config_file), str(self.config_file.parent), recursive=False)
+
+    def start(self) -> str:
+        from watchdog.observers import Observer
+        from watchdog.observers.polling import PollingObserver
+
+        try:
+            observer = Observer()
+            self._schedule(observer)
+            observer.start()
+            self.mode = "inotify"
+        except OSError as err:
+            log.warning("file events unavailable (%s: often the inotify watch limit); polling the folders instead", err)
+            observer = PollingObserver(timeout=1.0)
+            self._schedule(observer)
+            observer.start()
+            self.mode = "polling"
+        self.observer = observer
+        return self.mode
+
+    def drain(self, timeout: float = 0.0) -> list[Change]:
+        """Everything queued so far; waits up to `timeout` for the first one."""
+        changes = []
+        try:
+            changes.append(self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait())
+            while True:
+                changes.append(self.events.get_nowait())
+        except queue.Empty:
+            pass
+        return changes
+
+    def stop(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join(timeout=5)
