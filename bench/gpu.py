@@ -1,0 +1,468 @@
+"""Full-size SDXL on one GPU: every stage, ESRGAN, memory strategies and compile, random weights.
+
+Builds SDXL base + refiner + VAE + both text encoders from the SDXL architecture configs with
+random weights directly on the GPU (no downloads; the tiny demo tokenizer stands in for CLIP's),
+then runs sdxld's own stage code and reports seconds, achieved TFLOP/s (FLOPs counted once per
+distinct call shape with torch.utils.flop_counter, times the calls the run made), peak VRAM and
+the card. Writes <out>/<card>.md.
+
+    python bench/gpu.py                 # CUDA, full size (about 5 minutes on an H100)
+    python bench/gpu.py --tiny          # CPU smoke test with the tiny model (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# SDXL 1.0's published architecture (unet/vae/text_encoder configs of the base and refiner).
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+    cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
+)
+REFINER_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(384, 768, 1536, 1536),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=4, attention_head_dim=(6, 12, 24, 24), use_linear_projection=True,
+    cross_attention_dim=1280, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2560, norm_num_groups=32,
+)
+SDXL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    sample_size=1024, scaling_factor=0.13025, force_upcast=True,
+)
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              projection_dim=768, hidden_act="quick_gelu")
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              projection_dim=1280, hidden_act="gelu")
+
+
+@dataclass
+class Geometry:
+    base: tuple[int, int]
+    mid: tuple[int, int]
+    final: tuple[int, int]
+    steps: int
+    stage2_steps: int
+    stage3_steps: int
+    tile: int
+    overlap: int
+    esrgan_input: tuple[int, int]
+
+
+FULL = Geometry((768, 1344), (1536, 2688), (3072, 5376), 30, 22, 18, 2048, 256, (1536, 2688))
+TINY = Geometry((128, 224), (256, 448), (512, 896), 8, 6, 6, 352, 48, (256, 448))
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: float
+    flops: float = 0.0
+    peak_gib: float = 0.0
+    note: str = ""
+
+
+@dataclass
+class FlopTally:
+    """Counts calls per (module, input shapes); FLOPs are counted once per shape afterwards."""
+
+    modules: dict
+    calls: Counter = field(default_factory=Counter)
+    samples: dict = field(default_factory=dict)
+    handles: list = field(default_factory=list)
+    cache: dict = field(default_factory=dict)
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            def hook(mod, args, kwargs, _name=name):
+                key = (_name, _signature(args, kwargs))
+                self.calls[key] += 1
+                if key not in self.samples:
+                    self.samples[key] = (mod, _detach(args), _detach(kwargs))
+            self.handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def total(self) -> float:
+        import torch
+        from torch.utils.flop_counter import FlopCounterMode
+
+        flops = 0.0
+        for key, count in self.calls.items():
+            if key not in self.cache:
+                module, args, kwargs = self.samples[key]
+                # The pipeline may have run this module upcast (the SDXL VAE's force_upcast):
+                # recount it in the dtype it has now.
+                dtype = next(module.parameters()).dtype
+                args, kwargs = _cast(args, dtype), _cast(kwargs, dtype)
+                with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+                    module(*args, **kwargs)
+                self.cache[key] = counter.get_total_flops()
+            flops += self.cache[key] * count
+        self.samples.clear()
+        return flops
+
+
+def _signature(args, kwargs):
+    import torch
+
+    def sig(value):
+        if isinstance(value, torch.Tensor):
+            return tuple(value.shape)
+        if isinstance(value, dict):
+            return tuple(sorted((k, sig(v)) for k, v in value.items()))
+        if isinstance(value, (list, tuple)):
+            return tuple(sig(v) for v in value)
+        return None
+
+    return sig(args), sig(kwargs)
+
+
+def _cast(value, dtype):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
+
+
+def _detach(value):
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    return value
+
+
+def build_full(device, dtype, with_refiner=True):
+    import torch
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdxld.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    with torch.device(device):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids)).to(dtype)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **ids)).to(dtype)
+        unet = UNet2DConditionModel(**SDXL_UNET).to(dtype)
+        refiner_unet = UNet2DConditionModel(**REFINER_UNET).to(dtype) if with_refiner else None
+        vae = AutoencoderKL(**SDXL_VAE).to(dtype)
+    with torch.no_grad():
+        # Default init makes activations explode across 70 transformer layers; keep them finite.
+        for module in filter(None, (unet, refiner_unet, vae, text_encoder, text_encoder_2)):
+            for param in module.parameters():
+                if param.dim() > 1:
+                    param.mul_(0.5)
+    base = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    if not with_refiner:
+        return base, None
+    refiner = StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None,
+                                               tokenizer_2=tokenizer, unet=refiner_unet, scheduler=scheduler,
+                                               requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)
+    return base, refiner
+
+
+def make_bank(base, refiner, device, dtype_name):
+    from sdxld.models import ModelBank, img2img_from, make_scheduler
+
+    base.scheduler = make_scheduler("UniPC", base.scheduler.config)
+    if refiner is not None:
+        refiner.scheduler = make_scheduler("UniPC", refiner.scheduler.config)
+    for pipe in (base, refiner):
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+            pipe.vae.enable_tiling()
+    img2img = img2img_from(base)
+    img2img.set_progress_bar_config(disable=True)
+    return ModelBank(base=base, img2img=img2img, refiner=refiner, device=device, dtype_name=dtype_name,
+                     base_id="random-sdxl", sampler="UniPC")
+
+
+def make_record(geometry: Geometry, refiner: bool):
+    from sdxld.records import Record
+
+    return Record(tag="bench", prompt="masterpiece, best quality, 1girl, solo, cherry blossoms, sunset",
+                  negative="worst quality, low quality", seed=1, width=geometry.base[0], height=geometry.base[1],
+                  sampler="UniPC", steps=geometry.steps, cfg=8.0, refiner_split=0.8 if refiner else None)
+
+
+def stage_settings(geometry: Geometry, mode: str, tile_batch: int, use_refiner: bool):
+    from sdxld.config import Stage2Config, Stage3Config
+
+    stage2 = Stage2Config(steps=geometry.stage2_steps, use_refiner=use_refiner)
+    stage3 = Stage3Config(steps=geometry.stage3_steps, use_refiner=use_refiner, tile_size=geometry.tile,
+                          tile_overlap=geometry.overlap, mode=mode, tile_batch=tile_batch)
+    return stage2, stage3
+
+
+class Bench:
+    def __init__(self, device: str, out: Path, card: str):
+        self.device, self.out, self.card = device, out, card
+        self.rows: list[Row] = []
+
+    def sync(self):
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def reset_peak(self):
+        import torch
+
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak(self) -> float:
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30 if self.device.startswith("cuda") else 0.0
+
+    def measure(self, name, fn, modules=None, note=""):
+        from sdxld.stages import NaNImageError
+
+        self.reset_peak()
+        tally = FlopTally(modules or {})
+        self.sync()
+        started = time.perf_counter()
+        with tally:
+            try:
+                fn()
+            except NaNImageError:
+                # Random weights may overflow; all the work was done before the check refused it.
+                note = (note + " NaN output (random weights)").strip()
+            except Exception as err:  # noqa: BLE001 - report the failure, measure the rest
+                import traceback
+
+                traceback.print_exc()
+                self.sync()
+                self.rows.append(Row(name, 0.0, note=f"FAILED: {type(err).__name__}: {str(err)[:120]}"))
+                print(f"{name:48} FAILED: {type(err).__name__}: {err}", flush=True)
+                self.write()
+                return None
+        self.sync()
+        seconds = time.perf_counter() - started
+        peak = self.peak()
+        try:
+            flops = tally.total() if modules else 0.0
+        except Exception as err:  # noqa: BLE001 - offload hooks can refuse a re-run; keep the timing
+            flops = 0.0
+            note = (note + f" FLOPs not counted ({type(err).__name__})").strip()
+        row = Row(name, seconds, flops, peak, note)
+        self.rows.append(row)
+        tflops = f"{flops / seconds / 1e12:8.1f} TFLOP/s" if flops else ""
+        print(f"{name:48} {seconds:8.2f} s {flops / 1e12:9.1f} TFLOP {tflops} peak {peak:6.1f} GiB {note}", flush=True)
+        self.write()
+        return row
+
+    def write(self):
+        lines = [
+            f"# bench/gpu.py on {self.card}",
+            "",
+            f"torch {self._torch()}, diffusers {self._diffusers()}, Python {platform.python_version()}; "
+            "random weights with SDXL 1.0's architecture, bf16, SDPA attention, UniPC. "
+            "TFLOP counted with torch.utils.flop_counter (once per call shape, times the calls).",
+            "",
+            "| measurement | seconds | TFLOP | TFLOP/s | peak VRAM (GiB) | note |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for r in self.rows:
+            rate = f"{r.flops / r.seconds / 1e12:.0f}" if r.flops else ""
+            flop = f"{r.flops / 1e12:.1f}" if r.flops else ""
+            lines.append(f"| {r.name} | {r.seconds:.2f} | {flop} | {rate} | {r.peak_gib:.1f} | {r.note} |")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', self.card)}.md").write_text("\n".join(lines) + "\n")
+
+    @staticmethod
+    def _torch():
+        import torch
+
+        return torch.__version__
+
+    @staticmethod
+    def _diffusers():
+        import diffusers
+
+        return diffusers.__version__
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: proves the script works")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: stages,compile,offload,sequential,pixel,esrgan")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+
+    import torch
+
+    from esrgan import Upscaler
+    from sdxld.models import quiet_libraries
+    from sdxld.stages import stage1, stage2, stage3_latent, stage3_pixel
+
+    quiet_libraries()
+    if args.tiny:
+        from sdxld.tiny import build_pipelines
+
+        device, dtype, dtype_name, geometry, card = "cpu", torch.float32, "fp32", TINY, "tiny-cpu"
+        torch.manual_seed(0)
+        base, refiner = build_pipelines()
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("no CUDA device: run with --tiny for the CPU smoke test")
+        device, dtype, dtype_name, geometry = "cuda", torch.bfloat16, "bf16", FULL
+        card = torch.cuda.get_device_name(0)
+        print(f"torch {torch.__version__} on {card}", flush=True)
+        started = time.perf_counter()
+        base, refiner = build_full(device, dtype)
+        print(f"built full-size SDXL base + refiner on {card} in {time.perf_counter() - started:.1f} s", flush=True)
+    base.to(device)
+    refiner.to(device)
+    bench = Bench(device, args.out, card)
+    models = make_bank(base, refiner, device, dtype_name)
+    from PIL import Image
+    import numpy as np
+
+    unets = {"unet": base.unet, "refiner": refiner.unet, "vae_dec": base.vae.decoder, "vae_enc": base.vae.encoder,
+             "te1": base.text_encoder, "te2": base.text_encoder_2}
+    plain, refined = make_record(geometry, False), make_record(geometry, True)
+    stage2_settings, latent_settings = stage_settings(geometry, "latent", 2, True)
+    _, pixel_settings = stage_settings(geometry, "pixel", 2, True)
+    rng = np.random.default_rng(0)
+    stage1_image = Image.fromarray(rng.integers(0, 256, (*geometry.base[::-1], 3), dtype=np.uint8))
+    mid_image = Image.fromarray(rng.integers(0, 256, (*geometry.mid[::-1], 3), dtype=np.uint8))
+    final_image = mid_image.resize(geometry.final)
+
+    bench.measure("warm-up: stage 1, 4 steps", lambda: stage1(models, _steps(plain, 4)))
+    if device == "cuda":
+        # The UNet alone at stage 1's shape (CFG batch 2): the ceiling the pipeline runs against.
+        latent = torch.randn(2, 4, geometry.base[1] // 8, geometry.base[0] // 8, device=device, dtype=dtype)
+        text = torch.randn(2, 77, 2048, device=device, dtype=dtype)
+        cond = {"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
+                "time_ids": torch.randn(2, 6, device=device, dtype=dtype)}
+        t = torch.tensor(500, device=device)
+
+        def unet_steps():
+            with torch.inference_mode():
+                for _ in range(10):
+                    base.unet(latent, t, encoder_hidden_states=text, added_cond_kwargs=cond)
+
+        bench.measure("UNet alone, stage-1 shape, 10 CFG steps", unet_steps, {"unet": base.unet},
+                      note=f"flash SDPA {torch.backends.cuda.flash_sdp_enabled()}")
+    bench.measure(f"stage 1 {geometry.base[0]}x{geometry.base[1]}, {geometry.steps} steps", lambda: stage1(models, plain), unets)
+    if "stages" not in skip:
+        bench.measure("stage 1 + refiner (split 0.8)", lambda: stage1(models, refined), unets)
+        bench.measure(f"stage 2 {geometry.mid[0]}x{geometry.mid[1]} (strength 0.25, refiner)",
+                      lambda: stage2(models, refined, stage1_image, stage2_settings, geometry.mid), unets)
+        for batch in (2, 4):
+            latent_settings.tile_batch = batch
+            bench.measure(f"stage 3 latent {geometry.final[0]}x{geometry.final[1]}, tile_batch {batch}",
+                          lambda: stage3_latent(models, refined, final_image, latent_settings), unets)
+    if "pixel" not in skip and "stages" not in skip:
+        bench.measure(f"stage 3 pixel {geometry.final[0]}x{geometry.final[1]}",
+                      lambda: stage3_pixel(models, refined, final_image, pixel_settings), unets)
+
+    if "esrgan" not in skip:
+        from spandrel.architectures.ESRGAN import ESRGAN
+
+        for name, blocks, filters in (("anime_6B", 6, 64), ("x4plus", 23, 64)) if not args.tiny else (("tiny", 1, 8),):
+            net = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4)
+            path = args.out / f".esrgan-{name}.safetensors"
+            args.out.mkdir(parents=True, exist_ok=True)
+            from safetensors.torch import save_file
+
+            save_file(net.state_dict(), str(path))
+            upscaler = Upscaler.load(path, device=device, dtype="fp16" if device == "cuda" else "fp32")
+            path.unlink()
+            pixels = np.asarray(mid_image.resize(geometry.esrgan_input))
+            upscaler.run(pixels[:64, :64])
+            bench.measure(f"ESRGAN {name}-shaped x4 on {geometry.esrgan_input[0]}x{geometry.esrgan_input[1]} ({upscaler.dtype_name}, tile 512)",
+                          lambda: upscaler.run(pixels), {"esrgan": upscaler.model.model})
+            del upscaler
+
+    if device == "cuda" and "compile" not in skip:
+        try:
+            base.unet.compile_repeated_blocks(fullgraph=True)
+            bench.measure("stage 1, regional compile: first image (compiles)", lambda: stage1(models, plain))
+            bench.measure("stage 1, regional compile: next image", lambda: stage1(models, plain), unets)
+        except Exception as err:  # noqa: BLE001 - a bench reports what failed and goes on
+            print(f"compile failed: {type(err).__name__}: {err}", flush=True)
+            bench.rows.append(Row("stage 1, regional compile", 0.0, note=f"failed: {type(err).__name__}"))
+        finally:
+            for module in base.unet.modules():
+                if getattr(module, "_compiled_call_impl", None) is not None:
+                    module._compiled_call_impl = None
+            torch._dynamo.reset()
+
+    if device == "cuda" and "offload" not in skip:
+        for pipe in (base, refiner):
+            pipe.to("cpu")
+        models.refiner = None
+        base.enable_model_cpu_offload()
+        bench.measure("stage 1, memory.strategy model_offload", lambda: stage1(models, plain), unets)
+        base.remove_all_hooks()
+        base.to("cpu")
+        # The pipeline-level call also covers the transformers text encoders (no method of their own).
+        base.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+        bench.measure("stage 1, group_offload (block level, streams)", lambda: stage1(models, plain), unets)
+
+    if device == "cuda" and "sequential" not in skip:
+        del base, refiner, models, unets
+        gc.collect()
+        torch.cuda.empty_cache()
+        base, _ = build_full("cuda", dtype, with_refiner=False)
+        base.to("cpu")
+        models = make_bank(base, None, "cuda", dtype_name)
+        base.enable_sequential_cpu_offload()
+        bench.measure("stage 1, sequential_offload, 2 steps only", lambda: stage1(models, _steps(plain, 2)), note="2 steps")
+    bench.write()
+    print(f"wrote {args.out}", flush=True)
+
+
+def _steps(record, steps):
+    import dataclasses
+
+    return dataclasses.replace(record, steps=steps)
+
+
+if __name__ == "__main__":
+    main()
