@@ -1,0 +1,19 @@
+"""The benchmarks run (smoke tests; their numbers are never asserted)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out", str(tmp_path), "--skip", "pixel"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "tiny-cpu.md").read_text()
+    for row in ("stage 1 128x224", "stage 1 + refiner", "stage 2 256x448", "stage 3 latent 512x896", "ESRGAN tiny-shaped"):
+        assert row in report
+    assert "FAILED" not in report
