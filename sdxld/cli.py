@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         stop = foreground.StopFlag()
         with stop.installed():
             try:
-                engine = Engine.load(config)
+                engine = Engine.load(config, background_writes=args.command == "generate")
             except ModelLoadError as err:
                 log.error("%s", err)
                 return 1

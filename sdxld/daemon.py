@@ -120,7 +120,7 @@ class Daemon:
         self.status.update(force=True, state="loading models")
         # Loading SDXL from disk (or the Hub) can take minutes: tell systemd we are alive.
         self.notifier.extend_timeout(900)
-        self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s)
+        self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True)
         self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts)
         self.inbox.ensure_dirs()
         self.engine.layout.ensure_output_dirs()
@@ -146,6 +146,10 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.status.update(force=True, state="stopping", current=None)
+            try:
+                self.engine.flush()
+            except OSError as err:
+                log.error("the last stage-1 image could not be saved: %s", err)
             if self.watcher is not None:
                 self.watcher.stop()
             self.status.finish()
@@ -271,6 +275,8 @@ class Daemon:
         stage1 = self.engine.layout.stage1
         if daemon.max_pending:
             pending = sum(1 for _ in stage1.glob("*_stage1_*.png")) if stage1.is_dir() else 0
+            writer = self.engine.writer
+            pending += writer.in_flight if writer is not None else 0  # saved soon, already made
             if pending >= daemon.max_pending:
                 return f"{pending} stage-1 images waiting to be curated (daemon.max_pending {daemon.max_pending})"
         if daemon.min_free_gb:
@@ -289,6 +295,12 @@ class Daemon:
         except NaNImageError as err:
             log.error("%s", err)
             self.status.update(force=True, last_error=str(err))
+            return
+        except OSError as err:
+            # A save failed (on the writer thread, reported here): nothing half-written is
+            # visible; say so and go on with the next image.
+            log.error("saving a stage-1 image failed: %s", err)
+            self.status.update(force=True, last_error=f"save failed: {err}")
             return
         self.status.image_done(time.monotonic() - started, "stage1")
         self.status.update(force=True, state="running", current=None)

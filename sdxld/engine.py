@@ -53,7 +53,7 @@ class FinalResult:
 
 
 class Engine:
-    def __init__(self, config: Config, models, lora_settle_s: float = 0.0):
+    def __init__(self, config: Config, models, lora_settle_s: float = 0.0, background_writes: bool = False):
         self.config = config
         self.layout = Layout.from_config(config)
         self.models = models
@@ -67,6 +67,13 @@ class Engine:
         self.seeds = SeedSequence(config.generation.seed)
         self._warned_dirs = False
         self._upscaler = None
+        # Long runs save stage-1 images on a writer thread; one-shot callers get the file at once.
+        self.writer = store.BackgroundWriter() if background_writes else None
+
+    def flush(self) -> None:
+        """Make sure every stage-1 image handed to the writer is on disk (raises a failed write)."""
+        if self.writer is not None:
+            self.writer.flush()
 
     def reconfigure(self, config: Config) -> None:
         """Apply a new config that keeps the same models (the daemon checked that)."""
@@ -125,7 +132,13 @@ class Engine:
     def run_stage1(self, record: Record, hooks: Hooks | None = None) -> Stage1Result:
         self.layout.ensure_output_dirs()
         image = stage1(self.models, record, hooks)
-        path = store.save_image(self.layout, record, image, "stage1")
+        name = store.image_name(record.tag, "stage1", image.width, image.height)
+        path = self.layout.stage1 / name
+        if self.writer is not None:
+            record.files["stage1"] = name
+            self.writer.submit(store.save_image, self.layout, record, image, "stage1", name)
+        else:
+            store.save_image(self.layout, record, image, "stage1", name)
         log.info("stage1 %s seed %d -> %s", record.tag, record.seed, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})
         return Stage1Result(record, path, image)
 
@@ -179,6 +192,7 @@ class Engine:
         the stage-2/3 settings come from the current config."""
         hooks = hooks or Hooks()
         gen = self.config.generation
+        self.flush()  # the record may still be on its way to disk as a stage-1 image
         self.layout.ensure_output_dirs()
         notes = self.activate_recorded_loras(record)
         mid_size = scaled(record.width, record.height, gen.mid_scale)

@@ -91,6 +91,8 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
             made += 1
     except KeyboardInterrupt:
         log.info("stopped at once on the second signal")
+    finally:
+        engine.flush()  # images handed to the writer thread reach the disk before we exit
     log.info("made %d %s", made, "stage-1 image(s)" if stage1_only else "final image(s)")
     return 0
 

@@ -146,3 +146,51 @@ def _folder_for(layout, kind: str) -> Path:
     if kind == "final":
         return layout.final
     return layout.intermediate(kind)
+
+
+class BackgroundWriter:
+    """Encodes and writes images on one thread, so the next image's denoising starts at once.
+
+    Writes stay atomic (they go through save_image). The queue is short, so a slow disk slows
+    generation down instead of piling images up in memory; a failed write is raised in the
+    caller's thread on its next submit or flush. The thread never touches torch.
+    """
+
+    def __init__(self, max_pending: int = 2):
+        import queue
+
+        self._queue: "queue.Queue" = queue.Queue(max_pending)
+        self._errors: list[BaseException] = []
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn, *args) -> None:
+        self._raise_failed()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="sdxld-writer", daemon=True)
+            self._thread.start()
+        self._queue.put((fn, args))
+
+    @property
+    def in_flight(self) -> int:
+        """Writes submitted and not finished yet."""
+        return self._queue.unfinished_tasks
+
+    def flush(self) -> None:
+        """Wait until everything submitted is on disk; raise the first failure, if any."""
+        if self._thread is not None:
+            self._queue.join()
+        self._raise_failed()
+
+    def _raise_failed(self) -> None:
+        if self._errors:
+            raise self._errors.pop(0)
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            try:
+                fn(*args)
+            except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                self._errors.append(err)
+            finally:
+                self._queue.task_done()

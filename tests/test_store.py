@@ -81,3 +81,22 @@ def test_written_files_respect_the_umask(tmp_path):
 def test_temporary_names_are_recognisable():
     assert store.is_temporary(".image.png.123.abc.tmp")
     assert not store.is_temporary("image.png")
+
+
+def test_the_background_writer_writes_in_order_and_reports_failures_to_the_caller(tmp_path):
+    writer = store.BackgroundWriter(max_pending=2)
+    for i in range(5):
+        writer.submit(store.atomic_write, tmp_path / f"{i}.bin", bytes([i]) * 1000)
+    writer.flush()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.bin" for i in range(5)]
+
+    def fail():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer.submit(fail)
+    with pytest.raises(OSError, match="No space left"):
+        writer.flush()
+    writer.flush()  # reported once, then the writer goes on
+    writer.submit(store.atomic_write, tmp_path / "after.bin", b"x")
+    writer.flush()
+    assert (tmp_path / "after.bin").exists()
