@@ -81,7 +81,7 @@ class PerformanceConfig:
 
 @dataclass
 class MemoryConfig:
-    strategy: Literal["gpu", "model_offload", "sequential_offload"] = "model_offload"
+    strategy: Literal["gpu", "model_offload", "group_offload", "sequential_offload"] = "model_offload"
     vae_slicing: bool = True
     vae_tiling: bool = True
 

@@ -261,8 +261,27 @@ def _place(config: Config, device: str, pipes: list, notes: list[str]) -> None:
             pipe.to(device)
         elif strategy == "model_offload":
             pipe.enable_model_cpu_offload(device=device)
+        elif strategy == "group_offload":
+            _group_offload(pipe, device, shared_with_base=pipe is not pipes[0])
         else:
             pipe.enable_sequential_cpu_offload(device=device)
+
+
+def _group_offload(pipe, device: str, shared_with_base: bool) -> None:
+    """Block-level offload with CUDA streams: blocks move to the GPU just ahead of use.
+
+    The pipeline-level call also covers the transformers text encoders (they have no method of
+    their own). The refiner shares the base's VAE and text encoder 2, which already carry hooks:
+    only its own UNet is offloaded there.
+    """
+    import torch
+
+    options = dict(onload_device=torch.device(device), offload_device=torch.device("cpu"),
+                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    if shared_with_base:
+        pipe.unet.enable_group_offload(**options)
+    else:
+        pipe.enable_group_offload(**options)
 
 
 def _configure_vae(config: Config, vae) -> None:
