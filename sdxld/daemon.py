@@ -189,6 +189,8 @@ class Daemon:
         if self._loras_dirty or now - self._last_rescan >= self.config.daemon.rescan_s:
             self._loras_dirty = False
             self._last_rescan = now
+            # Forget write-completion notes of files that left approved/ without being claimed.
+            self._closed = {path: at for path, at in self._closed.items() if path.exists()}
             report = self.engine.sync_loras()
             if report.changed:
                 self._refresh_loras(report)
