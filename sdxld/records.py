@@ -92,7 +92,34 @@ class Record:
             values["loras"] = [item if isinstance(item, LoraUse) else LoraUse(**item) for item in loras]
         except TypeError as err:
             raise RecordError(f"field 'loras' has a malformed entry: {err}") from None
-        return cls(**values)
+        record = cls(**values)
+        record.check_values()
+        return record
+
+    def check_values(self) -> None:
+        """Values an untrusted record (a PNG chunk, a JSON someone dropped) must not get past:
+        the tag becomes file names, so it must be a tag and nothing else."""
+        from .store import TAG_PATTERN
+
+        if not re.fullmatch(TAG_PATTERN, self.tag):
+            raise RecordError(f"field 'tag' {self.tag[:80]!r} is not an sdxld tag (YYYYmmdd_HHMMSS...)")
+        for key, low, high in (("width", 64, 8192), ("height", 64, 8192), ("steps", 1, 1000)):
+            value = getattr(self, key)
+            if not low <= value <= high:
+                raise RecordError(f"field '{key}' {value} is outside {low}..{high}")
+        if self.width % 8 or self.height % 8:
+            raise RecordError(f"size {self.width}x{self.height} is not a multiple of 8")
+        if not 0 <= self.seed < 2**64:
+            raise RecordError(f"field 'seed' {self.seed} is outside 0..2^64-1")
+        if not 0 <= self.cfg <= 100:
+            raise RecordError(f"field 'cfg' {self.cfg} is outside 0..100")
+        for use in self.loras:
+            if use.kind not in ("character", "style"):
+                raise RecordError(f"a LoRA has kind {use.kind!r}, not character or style")
+            if not isinstance(use.name, str) or not re.fullmatch(r"[^/\\\x00]+", use.name) or use.name in (".", ".."):
+                raise RecordError(f"a LoRA name {str(use.name)[:80]!r} is not a plain file name")
+            if not isinstance(use.strength, (int, float)) or not -10 <= use.strength <= 10:
+                raise RecordError(f"LoRA {use.name} has strength {use.strength!r}, outside -10..10")
 
     @classmethod
     def from_json(cls, text: str) -> "Record":

@@ -100,3 +100,25 @@ def test_missing_fields_are_named():
 def test_invalid_json_is_a_record_error():
     with pytest.raises(RecordError, match="invalid JSON"):
         Record.from_json("{not json")
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"tag": "../../../etc/evil"}, "not an sdxld tag"),
+        ({"tag": "20261126_080000/../../x"}, "not an sdxld tag"),
+        ({"width": 10**6}, "'width'"),
+        ({"height": 100}, "multiple of 8"),
+        ({"steps": 10**9}, "'steps'"),
+        ({"cfg": 7e9}, "'cfg'"),
+        ({"seed": -5}, "'seed'"),
+        ({"loras": [{"kind": "style", "name": "../../weights/evil", "file": "x", "strength": 1.0, "hash": ""}]}, "plain file name"),
+        ({"loras": [{"kind": "../x", "name": "a", "file": "x", "strength": 1.0, "hash": ""}]}, "kind"),
+        ({"loras": [{"kind": "style", "name": "a", "file": "x", "strength": 7e9, "hash": ""}]}, "strength"),
+    ],
+)
+def test_records_from_untrusted_sources_cannot_carry_paths_or_absurd_values(change, words):
+    data = make_record().to_dict()
+    data.update(change)
+    with pytest.raises(RecordError, match=words):
+        Record.from_dict(data)

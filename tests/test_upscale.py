@@ -214,3 +214,23 @@ def test_an_invalid_embedded_record_is_named(root, tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "odd.png", pnginfo=info)
     with pytest.raises(InboxError, match="embedded sdxld record is invalid"):
         find_record(tmp_path / "odd.png", Layout.from_config(load(root / "config.yaml")))
+
+
+def test_an_embedded_record_with_a_path_in_its_tag_fails_and_writes_nothing_outside(root):
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    [stage1] = make_stage1(root)
+    with Image.open(stage1) as image:
+        record = json.loads(image.text["sdxld"])
+        pixels = image.convert("RGB")
+    record["tag"] = "../../../escaped"
+    info = PngInfo()
+    info.add_text("sdxld", json.dumps(record))
+    pixels.save(approved(root) / "crafted.png", pnginfo=info)
+    result = run_sdxld("upscale", "--demo", cwd=root)
+    assert result.returncode == 1
+    text = (root / "inbox" / "failed" / "crafted.png.error.txt").read_text()
+    assert "embedded sdxld record is invalid" in text and "not an sdxld tag" in text
+    assert not list(root.parent.glob("escaped*")) and not list(root.rglob("escaped*"))
