@@ -28,6 +28,11 @@ from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
+# After an approved image could not be saved (disk full, read-only outputs), wait this long
+# before trying approved work again; stage 1 goes on meanwhile (its own failures back off).
+RETRY_SAVE_AFTER_S = 30.0
+MAX_FAILURES_IN_A_ROW = 5
+
 # Changing these means reloading the models: reported as "restart needed", never half-applied.
 RESTART_SECTIONS = ("model", "performance", "memory")
 
@@ -113,6 +118,8 @@ class Daemon:
         self._loras_dirty = False
         self._last_rescan = 0.0
         self._progress_at = 0.0
+        self._approved_paused_until = 0.0
+        self._failures_in_a_row = 0
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -247,6 +254,8 @@ class Daemon:
         return age >= self.config.daemon.settle_s
 
     def _upscale_next(self) -> bool:
+        if time.monotonic() < self._approved_paused_until:
+            return False
         claim = self.recovered.popleft() if self.recovered else None
         if claim is None:
             pending = self.inbox.pending()
@@ -269,6 +278,9 @@ class Daemon:
         elif outcome.status == "failed":
             self.status.data["failed"] += 1
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}")
+        elif outcome.status == "deferred":
+            self._approved_paused_until = time.monotonic() + RETRY_SAVE_AFTER_S
+            self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}; retrying in {RETRY_SAVE_AFTER_S:.0f} s")
         self.status.update(force=True, state="running", current=None)
         return True
 
@@ -303,9 +315,24 @@ class Daemon:
             # visible; say so and go on with the next image.
             log.error("saving a stage-1 image failed: %s", err)
             self.status.update(force=True, last_error=f"save failed: {err}")
+            self._count_failure()
             return
+        except Exception as err:  # noqa: BLE001 - one bad image must not end a week-long run
+            log.exception("stage 1 failed")
+            self.status.update(force=True, last_error=f"stage 1 failed: {type(err).__name__}: {err}")
+            self._count_failure()
+            return
+        self._failures_in_a_row = 0
         self.status.image_done(time.monotonic() - started, "stage1")
         self.status.update(force=True, state="running", current=None)
+
+    def _count_failure(self) -> None:
+        """Many failures in a row mean the process itself is broken (e.g. a wedged GPU): exit
+        non-zero so the service manager restarts it, instead of spinning."""
+        self._failures_in_a_row += 1
+        if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+            raise RuntimeError(f"{self._failures_in_a_row} stage-1 images failed in a row; exiting so that sdxld is restarted")
+        self.stop.event.wait(min(30.0, 2.0 ** self._failures_in_a_row))
 
     def _hooks(self, job: str) -> Hooks:
         def on_step(phase: str, step: int, total: int) -> None:

@@ -145,4 +145,4 @@ def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
     except KeyboardInterrupt:
         log.info("stopped at once on the second signal")
     log.info("upscale: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing done")
-    return 1 if counts.get("failed") else 0
+    return 1 if counts.get("failed") or counts.get("deferred") else 0

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class Outcome:
     name: str
-    status: str  # "final", "skipped" (a final already existed), "failed", "interrupted", "taken"
+    # "final", "skipped" (a final already existed), "failed", "interrupted", "deferred" (could not
+    # save: back in approved/ for a later try), "taken"
+    status: str
     final: Path | None = None
     detail: str = ""
 
@@ -50,9 +52,17 @@ def upscale_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = No
     except InboxError as err:
         inbox.fail(claim, err)
         return Outcome(claim.name, "failed", detail=err.problem)
-    except NaNImageError as err:
-        inbox.fail(claim, InboxError(str(err)))
-        return Outcome(claim.name, "failed", detail=str(err))
+    except OSError as err:
+        # The image is fine, the machine is not (disk full, outputs read-only ...): nothing
+        # half-written is visible, and the image waits in approved/ for the next try.
+        inbox.release(claim)
+        log.error("could not save the final of %s (%s); it stays in approved/ and will be retried", claim.name, err)
+        return Outcome(claim.name, "deferred", detail=f"saving failed: {err}")
+    except Exception as err:  # noqa: BLE001 - any other failure: the image goes aside with the reason
+        log.exception("upscaling %s failed", claim.name)
+        problem = f"upscaling failed: {type(err).__name__}: {err}"
+        inbox.fail(claim, InboxError(problem, "see the daemon's log for details; move the file back into approved/ to retry"))
+        return Outcome(claim.name, "failed", detail=problem)
     inbox.done(claim)
     return Outcome(claim.name, "final", result.path)
 

@@ -167,3 +167,15 @@ def test_files_still_being_written_wait_for_the_settle_time(root):
     entry = engine.loras.entries()[0]
     assert entry.status == "pending" and entry.reason == "still being written"
     assert engine.loras.available("style") == []
+
+
+def test_unusable_trigger_files_are_ignored_and_the_lora_still_rotates(root, make_engine):
+    write_tiny_lora(root / "loras/style/a.safetensors", seed=1)
+    (root / "loras/style/a.txt").write_bytes(b"\x00\x01binary\xff")
+    write_tiny_lora(root / "loras/style/b.safetensors", seed=2)
+    (root / "loras/style/b.txt").write_text("word, " * 20_000)
+    engine = make_engine()
+    engine.sync_loras()
+    entries = {e.name: e for e in engine.loras.entries()}
+    assert entries["a"].status == entries["b"].status == "loaded"
+    assert entries["a"].triggers == "" and entries["b"].triggers == ""

@@ -93,3 +93,11 @@ def test_binary_prompt_file_is_refused_not_used(tmp_path, caplog):
 def test_multiline_manual_prompt_joins_into_one_line(tmp_path):
     prompts = source(tmp_path, manual="masterpiece,\nbest quality\n# not this\nsolo", options="", max_extras=0)
     assert prompts.compose(random.Random(0), []).prompt == "masterpiece, best quality, solo"
+
+
+def test_an_enormous_prompt_file_is_refused(tmp_path, caplog):
+    prompts = source(tmp_path)
+    (tmp_path / "options.txt").write_text("phrase, " * 200_000)
+    with caplog.at_level(logging.WARNING):
+        assert prompts.options() == []
+    assert "over the 1000000 limit" in caplog.text
