@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # before trying approved work again; stage 1 goes on meanwhile (its own failures back off).
 RETRY_SAVE_AFTER_S = 30.0
 MAX_FAILURES_IN_A_ROW = 5
+FAILURE_BACKOFF_S = 2.0  # after n failures in a row, wait FAILURE_BACKOFF_S ** n (at most 30 s)
 
 # Changing these means reloading the models: reported as "restart needed", never half-applied.
 RESTART_SECTIONS = ("model", "performance", "memory")
@@ -332,7 +333,7 @@ class Daemon:
         self._failures_in_a_row += 1
         if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
             raise RuntimeError(f"{self._failures_in_a_row} stage-1 images failed in a row; exiting so that sdxld is restarted")
-        self.stop.event.wait(min(30.0, 2.0 ** self._failures_in_a_row))
+        self.stop.event.wait(min(30.0, FAILURE_BACKOFF_S ** self._failures_in_a_row))
 
     def _hooks(self, job: str) -> Hooks:
         def on_step(phase: str, step: int, total: int) -> None:

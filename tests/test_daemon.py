@@ -69,6 +69,12 @@ def test_the_daemon_generates_upscales_and_follows_live_edits(root, tmp_path):
         count = len(stage1_images(root))
         wait_for(lambda: len(stage1_images(root)) >= count + 2, 60, what="generation going on")
 
+        # Deleting config.yaml is just another bad edit: the last good config stays.
+        (root / "config.yaml").unlink()
+        wait_for(lambda: "file not found" in daemon.log, 30, what="the missing config in the log")
+        count = len(stage1_images(root))
+        wait_for(lambda: len(stage1_images(root)) >= count + 2, 60, what="generation going on without config.yaml")
+
         assert daemon.terminate(10) == 0
     finally:
         daemon.close()
@@ -237,3 +243,25 @@ def test_a_bad_config_exits_78_without_starting(root):
     result = run_sdxld("run", "--demo", cwd=root, timeout=60)
     assert result.returncode == 78
     assert "generation.base_width" in result.stderr
+
+
+def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monkeypatch):
+    """In-process: a stage 1 that always fails makes run() raise, so systemd restarts sdxld."""
+    from helpers import demo_config
+
+    from sdxld import daemon as daemon_module
+    from sdxld.engine import Engine
+    from sdxld.foreground import StopFlag
+    from sdxld.service import Notifier
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(Engine, "stage1_once", broken)
+    monkeypatch.setattr(daemon_module, "FAILURE_BACKOFF_S", 0.01)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    runner = daemon_module.Daemon(root / "config.yaml", demo_config(root), demo=True, stop=StopFlag(), notifier=Notifier())
+    with pytest.raises(RuntimeError, match="5 stage-1 images failed in a row"):
+        runner.run()
+    status = daemon_module.read_status(root)[0]
+    assert "device-side assert" in status["last_error"] and status["state"] == "stopped"
