@@ -31,36 +31,35 @@ def build_parser() -> argparse.ArgumentParser:
     _common(parser, suppress=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = commands.add_parser("generate", help="generate images in the foreground (the seed's modes 1 and 2)")
-    _common(gen, suppress=True)
+    def command(name: str, help: str, under=commands) -> argparse.ArgumentParser:
+        # Every command takes --root/--config/--demo/-v after its name too.
+        sub = under.add_parser(name, help=help)
+        _common(sub, suppress=True)
+        return sub
+
+    gen = command("generate", "generate images in the foreground (the seed's modes 1 and 2)")
     gen.add_argument("--stage1", action="store_true", help="stage 1 only: base images to curate")
     gen.add_argument("--once", action="store_true", help="make one image and exit")
     gen.add_argument("--count", type=int, help="make this many images and exit")
     gen.add_argument("--seed", type=int, help="seed of the first image (next ones: +1 each)")
 
-    up = commands.add_parser("upscale", help="upscale approved images through stages 2 and 3 (the seed's mode 3)")
-    _common(up, suppress=True)
+    up = command("upscale", "upscale approved images through stages 2 and 3 (the seed's mode 3)")
     up.add_argument("files", nargs="*", type=Path, help="images to upscale (default: everything in inbox/approved)")
     up.add_argument("--stage1", action="store_true", help="every stage-1 image with metadata and no final yet")
 
-    run = commands.add_parser("run", help="the daemon: continuous stage 1, upscale what lands in inbox/approved, live reload")
-    _common(run, suppress=True)
+    command("run", "the daemon: continuous stage 1, upscale what lands in inbox/approved, live reload")
 
-    status = commands.add_parser("status", help="what the daemon(s) on this root are doing")
-    _common(status, suppress=True)
+    status = command("status", "what the daemon(s) on this root are doing")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
-    service = commands.add_parser("service", help="systemd unit management")
-    _common(service, suppress=True)
+    service = command("service", "systemd unit management")
     service_commands = service.add_subparsers(dest="service_command", required=True, metavar="ACTION")
-    install = service_commands.add_parser("install", help="write sdxld.service for this installation and root")
-    _common(install, suppress=True)
+    install = command("install", "write sdxld.service for this installation and root", under=service_commands)
     install.add_argument("--user", action="store_true", help="a user unit (~/.config/systemd/user) instead of a system unit")
     install.add_argument("--service-user", default="sdxld", help="system unit: the account it runs as (default sdxld)")
     install.add_argument("--target-dir", type=Path, help="write the unit here instead of the systemd folder")
 
-    check = commands.add_parser("check", help="validate config, load the model, list LoRAs and why any were rejected")
-    _common(check, suppress=True)
+    command("check", "validate config, load the model, list LoRAs and why any were rejected")
     return parser
 
 

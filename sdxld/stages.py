@@ -116,11 +116,13 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
     generator = _generator(models.device, seed)
     common = dict(prompt=record.prompt, negative_prompt=record.negative, num_inference_steps=steps, guidance_scale=cfg)
     micro = micro or {}
+    # The refiner's time ids carry an aesthetic score instead of a target size.
+    refiner_micro = {k: v for k, v in micro.items() if k != "target_size"}
     if use_refiner and 1 - strength >= split:
         result = models.refiner(
             **common, image=image, strength=strength, generator=generator, output_type="np",
             callback_on_step_end=_step_callback(hooks, f"{phase} refiner"),
-            **{k: v for k, v in micro.items() if k != "target_size"},
+            **refiner_micro,
         )
         if hooks.should_stop():
             raise Interrupted(f"{phase} interrupted")
@@ -145,7 +147,7 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
             denoising_start=split,
             output_type="np",
             callback_on_step_end=_step_callback(hooks, f"{phase} refiner"),
-            **{k: v for k, v in micro.items() if k != "target_size"},
+            **refiner_micro,
         )
         if hooks.should_stop():
             raise Interrupted(f"{phase} interrupted")
