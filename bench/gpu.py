@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 import platform
+import random
+import shutil
 import re
 import sys
 import time
@@ -328,7 +330,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: proves the script works")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: stages,compile,offload,sequential,pixel,esrgan")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated sections to skip: stages,loras,switches,compile,offload,sequential,pixel,esrgan")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -418,19 +421,66 @@ def main() -> None:
                           lambda: upscaler.run(pixels), {"esrgan": upscaler.model.model})
             del upscaler
 
-    if device == "cuda" and "compile" not in skip:
+    library = None
+    if "loras" not in skip:
+        library = bench_loras(bench, base, models, plain, unets, args, quick=args.tiny)
+
+    if "switches" not in skip:
+        bench.measure("stage 1, performance.fuse_qkv (UNet + VAE)",
+                      lambda: (base.fuse_qkv_projections(), stage1(models, plain)), unets)
+        base.unfuse_qkv_projections()
+        base.unet.to(memory_format=torch.channels_last)
+        base.vae.to(memory_format=torch.channels_last)
+        bench.measure("stage 1, performance.channels_last", lambda: stage1(models, plain), unets)
+        base.unet.to(memory_format=torch.contiguous_format)
+        base.vae.to(memory_format=torch.contiguous_format)
+        from sdxld.stages import auto_tile_batch
+
+        _, auto_settings = stage_settings(geometry, "latent", 2, True)
+        auto_settings.tile_batch = "auto"
+        bench.rows.append(Row(f"generation.stage3.tile_batch auto on this card: {auto_tile_batch(auto_settings, torch.device(device))}", 0.0))
+
+    if "compile" not in skip and (device == "cuda" or args.tiny):
+        backend = "inductor" if device == "cuda" else "eager"
         try:
-            base.unet.compile_repeated_blocks(fullgraph=True)
+            torch._dynamo.reset()
+            base.unet.compile_repeated_blocks(backend=backend)
             bench.measure("stage 1, regional compile: first image (compiles)", lambda: stage1(models, plain))
             bench.measure("stage 1, regional compile: next image", lambda: stage1(models, plain), unets)
+            if library is not None:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                rng = random.Random(5)
+                bench.measure("stage 1, regional compile, 2 LoRAs: first image", lambda: (library.activate(library.pick(rng)), stage1(models, plain)))
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+                for i in range(3):
+                    bench.measure(f"stage 1, regional compile, LoRAs rotated ({i + 1})",
+                                  lambda: (library.activate(library.pick(rng)), stage1(models, plain)), unets)
+                added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+                bench.rows.append(Row(f"graphs compiled while rotating LoRAs over 3 images: {added}", 0.0))
         except Exception as err:  # noqa: BLE001 - a bench reports what failed and goes on
             print(f"compile failed: {type(err).__name__}: {err}", flush=True)
-            bench.rows.append(Row("stage 1, regional compile", 0.0, note=f"failed: {type(err).__name__}"))
+            bench.rows.append(Row("stage 1, regional compile", 0.0, note=f"failed: {type(err).__name__}: {str(err)[:120]}"))
         finally:
             for module in base.unet.modules():
                 if getattr(module, "_compiled_call_impl", None) is not None:
                     module._compiled_call_impl = None
             torch._dynamo.reset()
+
+    def fresh_base():
+        gc.collect()
+        torch.cuda.empty_cache()
+        fresh, _ = build_full("cuda", dtype, with_refiner=False)
+        fresh.to("cpu")
+        return fresh, make_bank(fresh, None, "cuda", dtype_name)
+
+    def lora_swap(pipe, seed):
+        """A library over the same LoRA files for this pipeline; returns a swap-and-generate step."""
+        from sdxld.loras import LoraLibrary
+
+        other = LoraLibrary(pipe, library.dirs, library.strengths)
+        other.sync()
+        rng = random.Random(seed)
+        return other, lambda: other.activate(other.pick(rng))
 
     if device == "cuda" and "offload" not in skip:
         for pipe in (base, refiner):
@@ -438,24 +488,66 @@ def main() -> None:
         models.refiner = None
         base.enable_model_cpu_offload()
         bench.measure("stage 1, memory.strategy model_offload", lambda: stage1(models, plain), unets)
-        base.remove_all_hooks()
-        base.to("cpu")
+        if library is not None:
+            _, swap = lora_swap(base, 3)
+            bench.measure("LoRA swap under model_offload", swap)
+            bench.measure("stage 1, model_offload, 2 LoRAs merged", lambda: stage1(models, plain), unets)
+        del base, refiner, models, unets
+        base, models = fresh_base()
         # The pipeline-level call also covers the transformers text encoders (no method of their own).
         base.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
                                   offload_type="block_level", num_blocks_per_group=1, use_stream=True)
-        bench.measure("stage 1, group_offload (block level, streams)", lambda: stage1(models, plain), unets)
+        bench.measure("stage 1, group_offload (block level, streams)", lambda: stage1(models, plain))
+        if library is not None:
+            _, swap = lora_swap(base, 4)
+            bench.measure("LoRA swap under group_offload", swap)
+            bench.measure("stage 1, group_offload, 2 LoRAs merged", lambda: stage1(models, plain))
 
     if device == "cuda" and "sequential" not in skip:
-        del base, refiner, models, unets
-        gc.collect()
-        torch.cuda.empty_cache()
-        base, _ = build_full("cuda", dtype, with_refiner=False)
-        base.to("cpu")
-        models = make_bank(base, None, "cuda", dtype_name)
+        base, models = None, None
+        base, models = fresh_base()
         base.enable_sequential_cpu_offload()
+        if library is not None:
+            _, swap = lora_swap(base, 5)
+            bench.measure("LoRA swap under sequential_offload (hooks removed and re-added)", swap)
         bench.measure("stage 1, sequential_offload, 2 steps only", lambda: stage1(models, _steps(plain, 2)), note="2 steps")
+    shutil.rmtree(args.out / ".loras", ignore_errors=True)
     bench.write()
     print(f"wrote {args.out}", flush=True)
+
+
+def bench_loras(bench, base, models, plain, unets, args, quick: bool):
+    """Three random full-size LoRAs (rank 32 or 4 with --tiny) merged and swapped."""
+    import random
+
+    from sdxld.loras import LoraLibrary
+    from sdxld.stages import stage1
+    from sdxld.tiny import write_tiny_lora
+
+    folder = args.out / ".loras"
+    dirs = {"character": folder / "character", "style": folder / "style"}
+    rank = 4 if quick else 32
+    started = time.perf_counter()
+    files = [write_tiny_lora(dirs["character"] / "c1.safetensors", "diffusers", seed=1, rank=rank, scale=0.01, pipe=base),
+             write_tiny_lora(dirs["character"] / "c2.safetensors", "kohya", seed=2, rank=rank, scale=0.01, pipe=base),
+             write_tiny_lora(dirs["style"] / "s1.safetensors", "diffusers", seed=3, rank=rank // 2, scale=0.01, pipe=base)]
+    size_mb = sum(f.stat().st_size for f in files) / 3 / 1e6
+    print(f"wrote 3 LoRAs ({size_mb:.0f} MB each on average) in {time.perf_counter() - started:.1f} s", flush=True)
+    library = LoraLibrary(base, dirs, {"character": 1.0, "style": 0.85})
+    started = time.perf_counter()
+    report = library.sync()
+    bench.rows.append(Row(f"LoRA check of 3 files ({size_mb:.0f} MB avg): {len(report.added)} loaded, rejected {report.rejected}",
+                          time.perf_counter() - started))
+    if not library.available("character"):
+        return None
+    entries = library.available("character") + library.available("style")
+    style = library.available("style")[0]
+    bench.measure("LoRA merge of the first pair (saves the original layers)", lambda: library.activate([entries[0], style]))
+    bench.measure("LoRA swap: character re-read from disk and re-merged", lambda: library.activate([entries[1], style]))
+    bench.measure("stage 1 with 2 LoRAs merged", lambda: stage1(models, plain), unets,
+                  note=f"{library.merger.saved_layers()} layers adapted")
+    bench.measure("LoRAs unmerged (originals restored)", lambda: library.activate([]))
+    return library
 
 
 def _steps(record, steps):

@@ -68,7 +68,16 @@ class ModelConfig:
 @dataclass
 class PerformanceConfig:
     dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
-    compile_unet: bool = False
+    # off; regional: torch.compile each repeated transformer block (fast to compile, most of the
+    # gain); full: the whole UNet. LoRAs are merged into the weights in place, so neither recompiles per LoRA.
+    compile: Literal["off", "regional", "full"] = "off"
+    # torch.compile backend: inductor generates kernels; eager only traces (tests, debugging).
+    compile_backend: str = "inductor"
+    # Fuse the q/k/v projections of the UNet's and VAE's attention into one matmul. The UNet's
+    # are only fused while no LoRA is in the folders (a fused layer has no q/k/v for a LoRA).
+    fuse_qkv: bool = False
+    # NHWC tensors for the UNet and VAE convolutions.
+    channels_last: bool = False
     # auto: CUDA when present, else CPU.
     device: str = "auto"
     # auto: xformers when installed on CUDA, else PyTorch SDPA.
@@ -151,12 +160,14 @@ class Stage3Config:
     # latent: per-step fusion of tile predictions (no seams, no tile divergence); pixel: the seed's
     # independent tiles blended afterwards.
     mode: Literal["latent", "pixel"] = "latent"
-    # Latent mode: tiles per UNet call. More is faster until the GPU runs out of memory.
-    tile_batch: int = 2
+    # Latent mode: tiles per UNet call. auto: 2 (faster than 1, no slower than 4 on an H200),
+    # 1 when free VRAM is short; an out-of-memory tile batch is retried smaller either way.
+    tile_batch: int | Literal["auto"] = "auto"
 
     def validate(self) -> None:
         TextToImageConfig(self.steps, self.cfg, self.denoise_split).validate("generation.stage3")
-        _check(1 <= self.tile_batch <= 64, "generation.stage3.tile_batch", f"{self.tile_batch} is outside 1..64")
+        if self.tile_batch != "auto":
+            _check(1 <= self.tile_batch <= 64, "generation.stage3.tile_batch", f"{self.tile_batch} is outside 1..64")
         _unit_strength(self.strength, "generation.stage3.strength")
         _multiple_of_8(self.tile_size, "generation.stage3.tile_size")
         _multiple_of_8(self.tile_overlap, "generation.stage3.tile_overlap")
@@ -232,6 +243,8 @@ class DaemonConfig:
     rescan_s: float = 30.0
     # An approved image whose processing was cut short this many times goes to failed/.
     max_attempts: int = 3
+    # After a save failed (disk full, read-only outputs), wait this long before the next try.
+    save_retry_s: float = 30.0
 
     def validate(self) -> None:
         _check(self.max_pending >= 0, "daemon.max_pending", f"{self.max_pending} is negative")
@@ -239,6 +252,7 @@ class DaemonConfig:
         _check(0 <= self.settle_s <= 60, "daemon.settle_s", f"{self.settle_s} is outside 0..60 seconds")
         _check(1 <= self.rescan_s <= 3600, "daemon.rescan_s", f"{self.rescan_s} is outside 1..3600 seconds")
         _check(1 <= self.max_attempts <= 100, "daemon.max_attempts", f"{self.max_attempts} is outside 1..100")
+        _check(0.1 <= self.save_retry_s <= 3600, "daemon.save_retry_s", f"{self.save_retry_s} is outside 0.1..3600 seconds")
 
 
 @dataclass
@@ -326,6 +340,8 @@ def _type_name(tp: Any) -> str:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args and len(args) < len(typing.get_args(tp)):
         return f"{_type_name(args[0])} or null"
+    if len(args) > 1:
+        return " or ".join(_type_name(a) for a in args)
     return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(tp, str(tp))
 
 
@@ -336,9 +352,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
+        for candidate in inner[:-1]:
+            try:
+                return _coerce(value, candidate, key)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(value, inner[-1], key)
+        except ConfigError:
+            raise ConfigError(f"{value!r} is not {_type_name(tp)}", key) from None
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "off" in choices:
+            value = "off"  # YAML 1.1 reads an unquoted off as false
         if value not in choices:
             raise ConfigError(f"{value!r} is not {_type_name(tp)}", key)
         return value

@@ -19,7 +19,7 @@ from .layout import Layout
 from .loras import LoraLibrary
 from .prompts import PromptSource
 from .records import Record
-from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3_latent, stage3_pixel
+from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +211,15 @@ class Engine:
         tiles = 0
         if not settings3.enabled:
             final_image = stage3_up
-        elif settings3.mode == "pixel":
+        else:
             save_tile = None
-            if intermediates:
+            if intermediates and settings3.mode == "pixel":
                 def save_tile(index, tile_image):
                     store.save_image(self.layout, record, tile_image, "tiles", name=f"{record.tag}_tile_{index:03d}.png")
-            final_image, tiles = stage3_pixel(self.models, record, stage3_up, settings3, hooks, on_tile=save_tile)
-        else:
-            final_image, tiles = stage3_latent(self.models, record, stage3_up, settings3, hooks)
+            final_image, tiles, settings3, retries = stage3(self.models, record, stage3_up, settings3, hooks, on_tile=save_tile)
+            for note in retries:
+                log.warning("%s: %s", record.tag, note)
+            notes = notes + retries
 
         use_refiner = self.models.refiner is not None
         record.stages = {

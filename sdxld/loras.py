@@ -1,10 +1,12 @@
-"""LoraLibrary: the LoRA folders on disk <-> the adapters loaded in the base pipeline.
+"""LoraLibrary: the LoRA folders on disk <-> the LoRAs merged into the pipeline's weights.
 
-Each file is loaded once as a named adapter (peft, through diffusers' load_lora_weights) and then
-only switched on and off per image with set_adapters, which is cheap. `sync()` makes the loaded set
-follow the folders: new files are loaded, changed files reloaded, adapters of files that left are
-deleted (inactive adapters still cost memory and slow set_adapters down). A file that cannot be
-loaded is kept out of rotation with its reason until it changes on disk; it never stops the run.
+`sync()` makes the set of usable files follow the folders: new files are checked (header, layer
+names and widths against this model) and join the rotation, changed files are checked again,
+files that left drop out. Only a small layout (layers, ranks) is kept per file; the weights are
+read when a file is chosen and merged into the model (lora_merge.py), so memory does not grow
+with the number of LoRAs and rotating them never changes the model's structure.
+A file that cannot be used is kept out of rotation with its reason until it changes on disk;
+it never stops the run.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import random
 import re
 import struct
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .lora_merge import LoraFileError, LoraMerger, LoraWeights, Merged, read_lora_weights
 from .records import LoraUse
 
 log = logging.getLogger(__name__)
@@ -31,10 +33,6 @@ MAX_TRIGGER_BYTES = 64_000
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
-class LoraFileError(ValueError):
-    """Why a file is not a usable LoRA, in words the user can act on."""
-
-
 @dataclass
 class LoraEntry:
     kind: str
@@ -42,7 +40,8 @@ class LoraEntry:
     signature: tuple
     status: str = "pending"  # loaded | rejected | pending
     reason: str = ""
-    adapter: str | None = None
+    # component -> layer -> rank: what this file adapts (checked against the model at load).
+    layout: dict = field(default_factory=dict, repr=False)
     hash: str = ""
     triggers: str = ""
     trigger_signature: tuple | None = field(default=None, repr=False)
@@ -152,8 +151,7 @@ class LoraLibrary:
         # Files modified less than this long ago may still be copying: wait before loading them.
         self.settle_s = settle_s
         self._entries: dict[Path, LoraEntry] = {}
-        self._counter = 0
-        self._active: tuple = ()
+        self.merger = LoraMerger(pipe, KINDS)
 
     # --- folder state -----------------------------------------------------------------------
 
@@ -219,44 +217,21 @@ class LoraLibrary:
             entry.trigger_signature = signature
 
     def _load(self, entry: LoraEntry) -> None:
-        # Loading makes the new adapter active: whatever was switched on before is unknown now.
-        self._active = ()
-        self._counter += 1
-        # peft adapter names become module attribute names: no dots, nothing exotic.
-        adapter = f"{entry.kind}_{re.sub(r'[^0-9A-Za-z_]', '_', entry.name)}_{self._counter}"
         try:
             check_lora_header(read_safetensors_header(entry.path))
             entry.hash = addnet_hash(entry.path)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # use_safetensors=True also forbids diffusers' pickle fallback for odd extensions.
-                self.pipe.load_lora_weights(str(entry.path), adapter_name=adapter, use_safetensors=True)
-            if not any(adapter in names for names in self.pipe.get_list_adapters().values()):
-                raise LoraFileError("no layer of this model matched the LoRA's keys (a LoRA for another architecture?)")
+            entry.layout = read_lora_weights(self.pipe, entry.path).layout()
         except Exception as err:  # noqa: BLE001 - any failure of a user file keeps it out of rotation
-            self._forget_adapter(adapter)
-            entry.status, entry.adapter = "rejected", None
+            entry.status, entry.layout = "rejected", {}
             entry.reason = _explain(err)
             log.warning("LoRA %s rejected: %s", entry.path, entry.reason)
             return
-        entry.status, entry.adapter, entry.reason = "loaded", adapter, ""
+        entry.status, entry.reason = "loaded", ""
         log.info("LoRA %s/%s loaded (hash %s)", entry.kind, entry.name, entry.hash)
 
     def _unload(self, entry: LoraEntry) -> None:
-        if entry.adapter:
-            self._forget_adapter(entry.adapter)
-            entry.adapter = None
-        self._active = ()
-
-    def _forget_adapter(self, adapter: str) -> None:
-        try:
-            loaded = any(adapter in names for names in self.pipe.get_list_adapters().values())
-        except Exception:  # noqa: BLE001 - no LoRA ever loaded: nothing to forget
-            loaded = False
-        if loaded:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.pipe.delete_adapters(adapter)
+        entry.layout = {}
+        entry.status = "pending"
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -279,20 +254,42 @@ class LoraLibrary:
         return chosen
 
     def activate(self, chosen: list[LoraEntry], strengths: list[float] | None = None) -> list[LoraUse]:
-        """Switch the pipeline to exactly these adapters (at the kind's configured strength unless
-        `strengths` are given); returns what goes into the Record."""
+        """Merge exactly these LoRAs into the model (at the kind's configured strength unless
+        `strengths` are given); returns what goes into the Record.
+
+        A newly chosen file is read from disk now. If it became unreadable since it was checked
+        it leaves the rotation and the image goes on without it (the record says what was used)."""
         if strengths is None:
             strengths = [self.strengths[e.kind] for e in chosen]
-        uses = [LoraUse(e.kind, e.name, e.path.name, float(s), e.hash, e.triggers) for e, s in zip(chosen, strengths)]
-        wanted = tuple((e.adapter, u.strength) for e, u in zip(chosen, uses))
-        if wanted != self._active:
-            if wanted:
-                self.pipe.enable_lora()
-                self.pipe.set_adapters([a for a, _ in wanted], adapter_weights=[s for _, s in wanted])
-            elif any(self.pipe.get_list_adapters().values()):
-                self.pipe.disable_lora()
-            self._active = wanted
+        by_kind = {e.kind: (e, float(s)) for e, s in zip(chosen, strengths)}
+        wanted: dict[str, Merged | None] = {}
+        uses = []
+        for kind in KINDS:
+            wanted[kind] = None
+            if kind not in by_kind:
+                continue
+            entry, strength = by_kind[kind]
+            key = (entry.path, entry.signature, strength)
+            if self.merger.holds(kind, key):
+                wanted[kind] = self.merger.current(kind)
+            else:
+                weights = self._read(entry)
+                if weights is None:
+                    continue
+                wanted[kind] = Merged(key, weights, strength)
+            uses.append(LoraUse(kind, entry.name, entry.path.name, strength, entry.hash, entry.triggers))
+        self.merger.apply(wanted)
         return uses
+
+    def _read(self, entry: LoraEntry) -> LoraWeights | None:
+        try:
+            if _signature(entry.path) != entry.signature:
+                raise LoraFileError("the file changed on disk since it was checked; it is checked again at the next sync")
+            return read_lora_weights(self.pipe, entry.path)
+        except Exception as err:  # noqa: BLE001 - a user file may change or vanish at any moment
+            entry.status, entry.reason = "pending", _explain(err)
+            log.warning("LoRA %s skipped for this image: %s", entry.path, entry.reason)
+            return None
 
 
 def _explain(err: Exception) -> str:

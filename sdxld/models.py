@@ -197,17 +197,11 @@ def load_models(config: Config) -> ModelBank:
 
     img2img = img2img_from(base)
 
+    _layout_tensors(config, [base, refiner])
     _place(config, device, [base, refiner], notes)
     _configure_vae(config, base.vae)
     _configure_attention(config, device, [base, refiner], notes)
-    if config.performance.compile_unet:
-        if device.startswith("cuda"):
-            for pipe in (base, refiner):
-                if pipe is not None:
-                    pipe.unet = torch.compile(pipe.unet)
-            img2img.unet = base.unet
-        else:
-            notes.append("performance.compile_unet only applies on CUDA; not compiling")
+    _compile(config, [base, refiner], notes)
 
     for pipe in (base, img2img, refiner):
         if pipe is not None:
@@ -282,6 +276,42 @@ def _group_offload(pipe, device: str, shared_with_base: bool) -> None:
         pipe.unet.enable_group_offload(**options)
     else:
         pipe.enable_group_offload(**options)
+
+
+def _layout_tensors(config: Config, pipes: list) -> None:
+    import torch
+
+    for pipe in pipes:
+        if pipe is None:
+            continue
+        if config.performance.fuse_qkv:
+            # LoraSlots unfuses the UNet again when the first LoRA needs its q/k/v layers.
+            # The refiner shares the base's VAE: fuse it once.
+            pipe.fuse_qkv_projections(unet=True, vae=pipe is pipes[0])
+        if config.performance.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+
+
+def _compile(config: Config, pipes: list, notes: list[str]) -> None:
+    """torch.compile the UNets in place (pipelines keep their modules, and img2img shares them).
+
+    Compilation happens at the first call. LoRAs are merged into the weights in place, which no
+    guard looks at, so rotating them never recompiles. The first image of a new
+    size compiles again once; after that torch marks the sizes dynamic."""
+    mode = config.performance.compile
+    if mode == "off":
+        return
+    backend = config.performance.compile_backend
+    for pipe in pipes:
+        if pipe is None:
+            continue
+        if mode == "regional":
+            # Each BasicTransformerBlock is compiled once and reused for all its copies.
+            pipe.unet.compile_repeated_blocks(backend=backend)
+        else:
+            pipe.unet.compile(backend=backend)
+    notes.append(f"performance.compile {mode} ({backend}): the first image of each size compiles, expect it to be slow")
 
 
 def _configure_vae(config: Config, vae) -> None:

@@ -315,7 +315,8 @@ def _lora_targets(pipe):
                 yield component, name, module.in_features, module.out_features
 
 
-def write_tiny_lora(path: Path, fmt: str = "kohya", seed: int = 0, rank: int = 4, scale: float = 0.5, pipe=None) -> Path:
+def write_tiny_lora(path: Path, fmt: str = "kohya", seed: int = 0, rank: int = 4, scale: float = 0.5, pipe=None,
+                    alpha: float | None = None) -> Path:
     """A random LoRA for the tiny model, in kohya/A1111 naming or diffusers (peft) naming.
 
     Its layers are those real SDXL LoRAs adapt (attention and feed-forward of the UNet's
@@ -343,7 +344,7 @@ def write_tiny_lora(path: Path, fmt: str = "kohya", seed: int = 0, rank: int = 4
             key = kohya_prefix[component] + module.replace(".", "_")
             tensors[f"{key}.lora_down.weight"] = down
             tensors[f"{key}.lora_up.weight"] = up
-            tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+            tensors[f"{key}.alpha"] = torch.tensor(float(rank if alpha is None else alpha))
         elif fmt == "diffusers":
             tensors[f"{component}.{name}.lora_A.weight"] = down
             tensors[f"{component}.{name}.lora_B.weight"] = up

@@ -69,6 +69,9 @@ def test_sizes_round_down_to_multiples_of_8():
         ({"model": {"config": "no/such/folder"}}, "model.config", "not found"),
         ({"model": {"base": "not a hub id!"}}, "model", "neither an existing path nor a hub id"),
         ({"performance": {"device": "gpu0"}}, "performance.device", "not one of"),
+        ({"performance": {"compile": "max"}}, "performance.compile", "not one of 'off', 'regional', 'full'"),
+        ({"generation": {"stage3": {"tile_batch": "lots"}}}, "generation.stage3.tile_batch", "not a whole number or one of 'auto'"),
+        ({"generation": {"stage3": {"tile_batch": 0}}}, "generation.stage3.tile_batch", "outside 1..64"),
         ({"generation": "big"}, "generation", "expected a section"),
         ({"outputs": {"dir": "x"}}, "outputs", "unknown key"),
     ],
@@ -121,3 +124,12 @@ def test_cli_exits_78_when_config_is_missing(tmp_path):
 
 def test_defaults_are_a_config():
     assert isinstance(from_dict(None, Path(".")), Config)
+
+
+def test_yaml_off_and_auto_spellings_are_understood(tmp_path):
+    (tmp_path / "config.yaml").write_text("performance:\n  compile: off\ngeneration:\n  stage3:\n    tile_batch: auto\n")
+    config = load(tmp_path / "config.yaml")
+    assert config.performance.compile == "off"  # YAML 1.1 reads a bare off as false
+    assert config.generation.stage3.tile_batch == "auto"
+    (tmp_path / "config.yaml").write_text("generation:\n  stage3:\n    tile_batch: 3\n")
+    assert load(tmp_path / "config.yaml").generation.stage3.tile_batch == 3

@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 
 from sdxld.tiny import write_sd15_shaped_lora, write_tiny_lora
 
@@ -51,8 +52,10 @@ def test_kohya_lora_adapts_unet_and_both_text_encoders(root, make_engine):
     write_tiny_lora(root / "loras/character/c.safetensors", "kohya", seed=4)
     engine = make_engine()
     engine.sync_loras()
-    adapters = engine.models.base.get_list_adapters()
-    assert set(adapters) == {"unet", "text_encoder", "text_encoder_2"}
+    layout = engine.loras.entries()[0].layout
+    assert set(layout) == {"unet", "text_encoder", "text_encoder_2"}
+    render(engine)
+    assert engine.loras.merger.saved_layers() == sum(len(layers) for layers in layout.values())
 
 
 def test_trigger_words_lead_the_prompt(root, make_engine):
@@ -118,7 +121,7 @@ def test_a_rejected_file_returns_when_fixed(root, make_engine):
 
 def test_sync_follows_files_added_changed_and_removed_between_images(root, make_engine):
     engine = make_engine()
-    _, first = render(engine)
+    first_image, first = render(engine)
     assert first.loras == []
 
     added = write_tiny_lora(root / "loras/style/new.safetensors", seed=7)
@@ -133,9 +136,9 @@ def test_sync_follows_files_added_changed_and_removed_between_images(root, make_
 
     added.unlink()
     assert engine.sync_loras().removed == ["style/new"]
-    assert not any(engine.models.base.get_list_adapters().values())
-    _, fourth = render(engine)
+    fourth_image, fourth = render(engine)
     assert fourth.loras == []
+    assert np.array_equal(fourth_image, first_image), "an unmerged LoRA must leave no trace"
 
 
 def test_an_empty_or_missing_folder_means_no_lora_of_that_kind(root, make_engine):
@@ -179,3 +182,76 @@ def test_unusable_trigger_files_are_ignored_and_the_lora_still_rotates(root, mak
     entries = {e.name: e for e in engine.loras.entries()}
     assert entries["a"].status == entries["b"].status == "loaded"
     assert entries["a"].triggers == "" and entries["b"].triggers == ""
+
+
+def _outputs(pipe):
+    """Text-encoder embeddings and one UNet prediction for fixed inputs: what a LoRA changes."""
+    import torch
+
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt("a lighthouse at dusk", do_classifier_free_guidance=False)
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 4, 16, 16, generator=generator)
+        time_ids = torch.tensor([[128.0, 128.0, 0.0, 0.0, 128.0, 128.0]])
+        noise = pipe.unet(latents, 500, encoder_hidden_states=embeds,
+                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+    return embeds, pooled, noise
+
+
+def test_merged_loras_compute_what_diffusers_own_lora_loading_computes(root, make_engine):
+    """Two LoRAs of different ranks, formats and alphas at once, strengths as configured: the
+    merged weights compute what diffusers' load_lora_weights + set_adapters compute.
+    (Small LoRA weights: with large random ones the tiny UNet is chaotic and float rounding
+    order alone changes its output.)"""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxld.tiny import ensure_tiny_model
+
+    character = write_tiny_lora(root / "loras/character/c.safetensors", "kohya", seed=21, rank=4, alpha=1.5, scale=0.15)
+    style = write_tiny_lora(root / "loras/style/s.safetensors", "diffusers", seed=22, rank=8, scale=0.15)
+    engine = make_engine(lora__character_strength=0.7, lora__style_strength=-0.4)
+    engine.sync_loras()
+    engine.loras.activate(engine.loras.pick(random.Random(0)))
+    ours = _outputs(engine.models.base)
+
+    reference = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0])
+    reference.load_lora_weights(str(character), adapter_name="c")
+    reference.load_lora_weights(str(style), adapter_name="s")
+    reference.set_adapters(["c", "s"], adapter_weights=[0.7, -0.4])
+    theirs = _outputs(reference)
+    plain = _outputs(StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0]))
+
+    for a, b, p in zip(ours, theirs, plain):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (a - b).abs().max()
+        assert (a - p).abs().max() > 1e-2, "the LoRAs must change this output"
+
+
+def weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_many_loras_rotate_without_adding_a_parameter_or_drifting(root, make_engine):
+    """Fifty LoRAs in the folders: rotating them adds nothing to the model, and a LoRA chosen
+    again (or none) gives bit-identical weights, however many merges happened in between."""
+    for i in range(25):
+        write_tiny_lora(root / f"loras/character/c{i}.safetensors", seed=100 + i, rank=2 + i % 3)
+        write_tiny_lora(root / f"loras/style/s{i}.safetensors", "diffusers", seed=200 + i, rank=2 + i % 4)
+    engine = make_engine()
+    engine.sync_loras()
+    library, unet = engine.loras, engine.models.base.unet
+    assert len(library.available("character")) == len(library.available("style")) == 25
+    pristine = weights(unet)
+    first = [library.available("character")[0], library.available("style")[0]]
+    library.activate(first)
+    with_first = weights(unet)
+    rng = random.Random(1)
+    for _ in range(12):
+        library.activate(library.pick(rng))
+    assert set(weights(unet)) == set(pristine), "no parameter added or removed"
+    layers = {(c, layer) for e in library.entries() for c, ls in e.layout.items() for layer in ls}
+    assert library.merger.saved_layers() <= len(layers)
+    library.activate(first)
+    assert all(torch.equal(with_first[n], p) for n, p in weights(unet).items())
+    library.activate([])
+    assert all(torch.equal(pristine[n], p) for n, p in weights(unet).items())

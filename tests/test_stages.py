@@ -139,3 +139,67 @@ def test_stopping_during_stage3_saves_no_final(make_engine):
     with pytest.raises(Interrupted):
         engine.upscale(first.record, first.image, hooks)
     assert list(engine.layout.final.iterdir()) == []
+
+
+class OutOfMemoryWhen:
+    """Wraps a UNet so that calls matching a condition raise torch's real out-of-memory error,
+    as CUDA does when a tile batch does not fit."""
+
+    def __init__(self, unet, condition):
+        import torch
+
+        self.calls, self.failures = [], 0
+        original = unet.forward
+
+        def forward(sample, *args, **kwargs):
+            self.calls.append(tuple(sample.shape))
+            if condition(sample):
+                self.failures += 1
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return original(sample, *args, **kwargs)
+
+        unet.forward = forward
+
+
+def test_stage3_out_of_memory_retries_with_one_tile_per_call_then_smaller_tiles(make_engine):
+    from sdxld.stages import stage3
+
+    engine = make_engine(generation__stage3__tile_batch=2, generation__stage3__tile_size=512,
+                         generation__stage3__tile_overlap=64, generation__stage3__use_refiner=False)
+    first = engine.stage1_once(seed=3)
+    image = first.image.resize((512, 896))
+    # Too much at once: more than one tile per call, or tiles over 256 px (32 latent pixels).
+    oom = OutOfMemoryWhen(engine.models.base.unet, lambda sample: sample.shape[0] > 2 or sample.shape[-1] > 32)
+    final, tiles, used, notes = stage3(engine.models, first.record, image, engine.config.generation.stage3)
+    assert final.size == (512, 896)
+    assert (used.tile_batch, used.tile_size, used.tile_overlap) == (1, 256, 64)
+    assert tiles == len(tile_grid(512, 896, 256, 64))
+    assert oom.failures == 2
+    assert notes == [
+        "stage 3 ran out of GPU memory at tile_batch 2, tile_size 512; retried with tile_batch 1, tile_size 512",
+        "stage 3 ran out of GPU memory at tile_batch 1, tile_size 512; retried with tile_batch 1, tile_size 256",
+    ]
+
+
+def test_stage3_gives_up_with_the_error_when_even_the_smallest_tiles_do_not_fit(make_engine):
+    import torch
+
+    from sdxld.stages import stage3
+
+    engine = make_engine(generation__stage3__tile_batch=2, generation__stage3__tile_size=512,
+                         generation__stage3__tile_overlap=64, generation__stage3__use_refiner=False)
+    first = engine.stage1_once(seed=3)
+    oom = OutOfMemoryWhen(engine.models.base.unet, lambda sample: True)
+    with pytest.raises(torch.OutOfMemoryError):
+        stage3(engine.models, first.record, first.image.resize((512, 896)), engine.config.generation.stage3)
+    assert oom.failures == 3  # tile_batch 2, tile_batch 1, 256 px tiles; 128 px is below the floor
+
+
+def test_an_out_of_memory_retry_is_written_into_the_final_record(make_engine, root):
+    engine = make_engine(generation__stage3__tile_batch=2, generation__stage3__use_refiner=False)
+    first = engine.stage1_once(seed=5)
+    OutOfMemoryWhen(engine.models.base.unet, lambda sample: sample.shape[0] > 2)
+    result = engine.upscale(first.record, first.image)
+    record = read_png_record(result.path)
+    assert record.stages["stage3"]["tile_batch"] == 1
+    assert any("ran out of GPU memory at tile_batch 2" in note for note in record.stages["notes"])

@@ -1,0 +1,111 @@
+"""LoRA swapping cost and the price of merged LoRAs per image, measured in one run.
+
+Builds SDXL (full size with random weights on CUDA, or the tiny model with --tiny), writes three
+random rank-32 LoRAs covering every layer real SDXL LoRAs adapt, then reports:
+- the time of one swap (read the file, rebuild the touched layers from their saved originals),
+  with the top functions of a cProfile of it,
+- stage 1 with two LoRAs merged vs without, interleaved, as a ratio (goal: 1.00, merged weights
+  cost nothing per step),
+for memory.strategy gpu and model_offload.
+
+    python bench/lora_swap.py            # CUDA
+    python bench/lora_swap.py --tiny     # CPU, tiny model
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    import torch
+    from gpu import FULL, TINY, build_full, make_bank, make_record
+
+    from sdxld.loras import LoraLibrary
+    from sdxld.models import quiet_libraries
+    from sdxld.stages import NaNImageError, stage1
+    from sdxld.tiny import build_pipelines, write_tiny_lora
+
+    quiet_libraries()
+    if args.tiny:
+        device, geometry, rank = "cpu", TINY, 4
+        base, _ = build_pipelines()
+    else:
+        device, geometry, rank = "cuda", FULL, 32
+        base, _ = build_full("cuda", torch.bfloat16, with_refiner=False)
+    base.to(device)
+    models = make_bank(base, None, device, "bf16" if device == "cuda" else "fp32")
+    record = make_record(geometry, False)
+    folder = Path(tempfile.mkdtemp(prefix="sdxld-lora-swap-"))
+    dirs = {"character": folder / "character", "style": folder / "style"}
+    for name, fmt, seed in (("character/c1", "kohya", 1), ("character/c2", "diffusers", 2), ("style/s1", "kohya", 3)):
+        write_tiny_lora(folder / f"{name}.safetensors", fmt, seed=seed, rank=rank, scale=0.01, pipe=base)
+    library = LoraLibrary(base, dirs, {"character": 1.0, "style": 0.85})
+    library.sync()
+    c1, c2 = library.available("character")
+    (s1,) = library.available("style")
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn):
+        sync()
+        started = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - started
+
+    def image():
+        try:
+            stage1(models, record)
+        except NaNImageError:
+            pass  # random weights; all the work was done
+
+    for strategy in ("gpu", "model_offload") if device == "cuda" else ("gpu",):
+        if strategy == "model_offload":
+            base.to("cpu")
+            base.enable_model_cpu_offload()
+        first = timed(lambda: library.activate([c1, s1]))
+        profile = cProfile.Profile()
+        sync()
+        profile.enable()
+        swap = timed(lambda: library.activate([c2, s1]))
+        profile.disable()
+        swaps = [timed(lambda pair=pair: library.activate(pair)) for pair in ([c1, s1], [c2, s1], [c1, s1])]
+        image()  # warm-up
+        plain, merged = [], []
+        for _ in range(args.rounds):
+            library.activate([])
+            plain.append(timed(image))
+            library.activate([c1, s1])
+            merged.append(timed(image))
+        print(f"== memory.strategy {strategy} on {torch.cuda.get_device_name(0) if device == 'cuda' else 'cpu'}")
+        print(f"first merge (saves originals) {first:.2f} s; swap of the character LoRA {swap:.2f} s, "
+              f"then {', '.join(f'{s:.2f}' for s in swaps)} s")
+        print(f"stage 1 plain {statistics.median(plain):.3f} s, with 2 LoRAs merged {statistics.median(merged):.3f} s: "
+              f"ratio {statistics.median(merged) / statistics.median(plain):.3f} (medians of {args.rounds}, interleaved)")
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(12)
+        print("\n".join(line for line in text.getvalue().splitlines() if line.strip())[-2000:])
+
+
+if __name__ == "__main__":
+    main()
