@@ -106,7 +106,14 @@ def churn(rng, n, loras, spare, root, images, approved, dropped) -> None:
     if n % 3 == 0:
         kind = rng.choice(["character", "style"])
         present = sorted((loras / kind).glob("*.safetensors"))
-        action = rng.choice(["add", "add", "replace", "remove"]) if present else "add"
+        # Bounded: the LoRA count wanders between 0 and 6 per kind, so memory growth after
+        # warm-up is growth per churn, not a growing library.
+        if not present:
+            action = "add"
+        elif len(present) >= 6:
+            action = rng.choice(["replace", "remove"])
+        else:
+            action = rng.choice(["add", "replace", "remove"])
         if action == "add" or not present:
             source = rng.choice(sorted(spare.glob("*.safetensors")))
             shutil.copy(source, loras / kind / f"{source.stem}_{n}.safetensors")

@@ -28,9 +28,6 @@ from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
-# After an approved image could not be saved (disk full, read-only outputs), wait this long
-# before trying approved work again; stage 1 goes on meanwhile (its own failures back off).
-RETRY_SAVE_AFTER_S = 30.0
 MAX_FAILURES_IN_A_ROW = 5
 FAILURE_BACKOFF_S = 2.0  # after n failures in a row, wait FAILURE_BACKOFF_S ** n (at most 30 s)
 
@@ -120,6 +117,8 @@ class Daemon:
         self._last_rescan = 0.0
         self._progress_at = 0.0
         self._approved_paused_until = 0.0
+        self._stage1_paused_until = 0.0
+        self._save_error = ""
         self._failures_in_a_row = 0
 
     # --- life cycle -------------------------------------------------------------------------
@@ -276,18 +275,23 @@ class Daemon:
         if outcome.status == "final":
             self.status.image_done(time.monotonic() - started, "final")
             log.info("approved %s -> %s", claim.name, outcome.final.name, extra={"sdxld_tag": outcome.final.name.split("_final_")[0], "sdxld_stage": "final"})
+        elif outcome.status == "skipped":
+            log.info("approved %s: %s (%s); moved to done/", claim.name, outcome.detail, outcome.final.name)
         elif outcome.status == "failed":
             self.status.data["failed"] += 1
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}")
         elif outcome.status == "deferred":
-            self._approved_paused_until = time.monotonic() + RETRY_SAVE_AFTER_S
-            self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}; retrying in {RETRY_SAVE_AFTER_S:.0f} s")
+            retry = self.config.daemon.save_retry_s
+            self._approved_paused_until = time.monotonic() + retry
+            self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}; retrying in {retry:g} s")
         self.status.update(force=True, state="running", current=None)
         return True
 
     def _pause_reason(self) -> str | None:
         daemon = self.config.daemon
         stage1 = self.engine.layout.stage1
+        if time.monotonic() < self._stage1_paused_until:
+            return f"saving failed ({self._save_error}); retrying every {daemon.save_retry_s:g} s"
         if daemon.max_pending:
             pending = sum(1 for _ in stage1.glob("*_stage1_*.png")) if stage1.is_dir() else 0
             writer = self.engine.writer
@@ -313,10 +317,13 @@ class Daemon:
             return
         except OSError as err:
             # A save failed (on the writer thread, reported here): nothing half-written is
-            # visible; say so and go on with the next image.
-            log.error("saving a stage-1 image failed: %s", err)
-            self.status.update(force=True, last_error=f"save failed: {err}")
-            self._count_failure()
+            # visible. A full or read-only disk is not fixed by restarting the process, so this
+            # does not count towards the restart: stage 1 waits and tries again.
+            retry = self.config.daemon.save_retry_s
+            self._save_error = str(err)
+            self._stage1_paused_until = time.monotonic() + retry
+            log.error("saving a stage-1 image failed: %s; stage 1 retries in %g s", err, retry)
+            self.status.update(force=True, last_error=f"save failed: {err}; retrying in {retry:g} s")
             return
         except Exception as err:  # noqa: BLE001 - one bad image must not end a week-long run
             log.exception("stage 1 failed")

@@ -78,9 +78,6 @@ def read_lora_weights(pipe, path: Path) -> LoraWeights:
         # use_safetensors=True also forbids diffusers' pickle fallback for odd extensions.
         state_dict, alphas = pipe.lora_state_dict(str(path), use_safetensors=True, unet_config=pipe.unet.config)
     alphas = alphas or {}
-    exotic = next((k for k in state_dict if any(t in k for t in ("lora_magnitude_vector", "dora_scale", "lokr_", "hada_"))), None)
-    if exotic:
-        raise LoraFileError(f"a DoRA/LoKr/LoHa file ({exotic}); sdxld rotates plain LoRAs only")
 
     weights = LoraWeights()
     misfits: list[str] = []

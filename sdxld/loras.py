@@ -99,10 +99,18 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+# LyCORIS and DoRA variants: not a low-rank pair sdxld can merge.
+_OTHER_ADAPTERS = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
+
+
 def check_lora_header(header: dict) -> None:
     keys = [k for k in header if k != "__metadata__"]
     if not keys:
         raise LoraFileError("the safetensors file holds no tensors")
+    for marker, kind in _OTHER_ADAPTERS.items():
+        example = next((k for k in keys if marker in k), None)
+        if example:
+            raise LoraFileError(f"a {kind} file (e.g. {example}), not a plain LoRA; sdxld merges plain LoRAs only")
     if not any("lora" in k.lower() for k in keys):
         sample = ", ".join(keys[:3])
         raise LoraFileError(

@@ -118,8 +118,9 @@ class Record:
                 raise RecordError(f"a LoRA has kind {use.kind!r}, not character or style")
             if not isinstance(use.name, str) or not re.fullmatch(r"[^/\\\x00]+", use.name) or use.name in (".", ".."):
                 raise RecordError(f"a LoRA name {str(use.name)[:80]!r} is not a plain file name")
-            if not isinstance(use.strength, (int, float)) or not -10 <= use.strength <= 10:
-                raise RecordError(f"LoRA {use.name} has strength {use.strength!r}, outside -10..10")
+            # lora.*_strength allows [-4, 4]; beyond it a LoRA only destroys the image.
+            if not isinstance(use.strength, (int, float)) or not -4 <= use.strength <= 4:
+                raise RecordError(f"LoRA {use.name} has strength {use.strength!r}, outside -4..4")
 
     @classmethod
     def from_json(cls, text: str) -> "Record":
@@ -175,8 +176,10 @@ def _number(value: float) -> int | float:
 
 
 def _one_line(text: str) -> str:
-    # A newline inside the prompt would be read as the start of the next section.
-    return " ".join(text.split("\n"))
+    # A line break inside the prompt would be read as the start of the next section, and a
+    # prompt that itself starts with "Negative prompt:" would be read as the negative prompt.
+    line = " ".join(text.replace("\r", "\n").split("\n"))
+    return " " + line if line.startswith("Negative prompt:") else line
 
 
 def _quote(value: Any) -> str:

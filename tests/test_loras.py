@@ -255,3 +255,14 @@ def test_many_loras_rotate_without_adding_a_parameter_or_drifting(root, make_eng
     assert all(torch.equal(with_first[n], p) for n, p in weights(unet).items())
     library.activate([])
     assert all(torch.equal(pristine[n], p) for n, p in weights(unet).items())
+
+
+def test_a_lokr_file_is_rejected_with_what_it_is(root, make_engine):
+    from safetensors.torch import save_file
+
+    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lokr_w1": torch.zeros(4, 4), f"{name}.lokr_w2": torch.zeros(8, 8),
+               f"{name}.alpha": torch.tensor(4.0)}, str(root / "loras/style/lokr.safetensors"))
+    engine = make_engine()
+    assert engine.sync_loras().rejected == ["style/lokr"]
+    assert "LoKr" in engine.loras.entries()[0].reason

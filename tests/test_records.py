@@ -122,3 +122,19 @@ def test_records_from_untrusted_sources_cannot_carry_paths_or_absurd_values(chan
     data.update(change)
     with pytest.raises(RecordError, match=words):
         Record.from_dict(data)
+
+
+@pytest.mark.parametrize("prompt", [
+    "line one\nline two\r\nline three",
+    'a "quoted" prompt, with: colons, and commas',
+    "Negative prompt: this is the positive prompt",
+    "cat\nNegative prompt: not really\nSteps: 999, Seed: 1",
+])
+def test_no_prompt_can_break_the_a1111_parameters_layout(prompt):
+    record = Record(tag="20260101_000000_000001_1", prompt=prompt, negative='bad, "ugly"\nblurry', seed=5,
+                    width=768, height=1344, sampler="UniPC", steps=30, cfg=8.0)
+    parsed = parse_a1111(record.a1111_parameters())
+    flat = " ".join(prompt.replace("\r", "\n").split("\n"))
+    assert parsed["prompt"].strip() == flat
+    assert parsed["negative"] == 'bad, "ugly" blurry'
+    assert (parsed["Steps"], parsed["Seed"], parsed["Size"]) == ("30", "5", "768x1344")
