@@ -73,10 +73,15 @@ def read_lora_weights(pipe, path: Path) -> LoraWeights:
     """
     from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
 
+    from safetensors.torch import load
+
+    # Read into memory, never mmap: a file mapped into memory that someone truncates or copies
+    # over in place kills the process with SIGBUS at the next access (found by bench/soak.py),
+    # and the weights of a merged LoRA are used again when the other kind changes.
+    tensors = load(Path(path).read_bytes())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        # use_safetensors=True also forbids diffusers' pickle fallback for odd extensions.
-        state_dict, alphas = pipe.lora_state_dict(str(path), use_safetensors=True, unet_config=pipe.unet.config)
+        state_dict, alphas = pipe.lora_state_dict(tensors, unet_config=pipe.unet.config)
     alphas = alphas or {}
 
     weights = LoraWeights()

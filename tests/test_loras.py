@@ -1,6 +1,7 @@
 """LoRA rotation on the real (tiny) pipeline: discovery, both file formats, rejection, live sync."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,37 @@ def test_a_lokr_file_is_rejected_with_what_it_is(root, make_engine):
     engine = make_engine()
     assert engine.sync_loras().rejected == ["style/lokr"]
     assert "LoKr" in engine.loras.entries()[0].reason
+
+
+def test_a_merged_lora_file_overwritten_in_place_cannot_crash_the_process(root, tmp_path):
+    """Copying over a LoRA in place truncates the very file sdxld read it from; a memory-mapped
+    read would die with SIGBUS later. A separate process, so a crash is a failure, not the end."""
+    import subprocess
+    import sys
+
+    script = f"""
+import random, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from pathlib import Path
+from helpers import demo_config
+from sdxld.engine import Engine
+from sdxld.tiny import write_tiny_lora
+root = Path({str(root)!r})
+character = write_tiny_lora(root / "loras/character/c.safetensors", seed=1, rank=8)
+write_tiny_lora(root / "loras/style/s1.safetensors", seed=2)
+write_tiny_lora(root / "loras/style/s2.safetensors", seed=3)
+engine = Engine.load(demo_config(root))
+engine.sync_loras()
+library = engine.loras
+c = library.available("character")[0]
+s1, s2 = library.available("style")
+library.activate([c, s1])
+with open(character, "r+b") as handle:   # what cp does to an existing file
+    handle.truncate(64)
+library.activate([c, s2])                 # recomputes layers from the merged character's weights
+library.activate([])
+print("survived")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "survived" in result.stdout
