@@ -17,7 +17,9 @@ cost nothing per step. Also:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import struct
 from collections import Counter
 import warnings
 from dataclasses import dataclass, field
@@ -78,7 +80,9 @@ def read_lora_weights(pipe, path: Path) -> LoraWeights:
     # Read into memory, never mmap: a file mapped into memory that someone truncates or copies
     # over in place kills the process with SIGBUS at the next access (found by bench/soak.py),
     # and the weights of a merged LoRA are used again when the other kind changes.
-    tensors = load(Path(path).read_bytes())
+    data = Path(path).read_bytes()
+    tensors = load(data)
+    adapter_metadata = _adapter_metadata(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state_dict, alphas = pipe.lora_state_dict(tensors, unet_config=pipe.unet.config)
@@ -101,6 +105,14 @@ def read_lora_weights(pipe, path: Path) -> LoraWeights:
         component_alphas = {_alpha_module(model, k.removeprefix(prefix)): float(v) for k, v in alphas.items() if k.startswith(prefix)}
         # A layer whose alpha cannot be matched gets the file's usual alpha, as diffusers does.
         usual_alpha = Counter(component_alphas.values()).most_common(1)[0][0] if component_alphas else None
+        # peft-trained files saved by diffusers carry their LoraConfig (lora_alpha, alpha_pattern).
+        config = {k.removeprefix(prefix): v for k, v in adapter_metadata.items() if k.startswith(prefix)}
+        if usual_alpha is None and config.get("lora_alpha") is not None:
+            usual_alpha = float(config["lora_alpha"])
+        for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+            for name in {k.removesuffix(".lora_A.weight") for k in part if k.endswith(".lora_A.weight")}:
+                if name == pattern or name.endswith("." + pattern):
+                    component_alphas.setdefault(name, float(alpha))
         modules = dict(model.named_modules())
         layers = {}
         for key, down in part.items():
@@ -128,6 +140,18 @@ def read_lora_weights(pipe, path: Path) -> LoraWeights:
     if not weights.layers:
         raise LoraFileError("no layer of this model matched the LoRA's keys (a LoRA for another architecture?)")
     return weights
+
+
+def _adapter_metadata(data: bytes) -> dict:
+    """The LoraConfig diffusers' save_lora_weights stores in the header ({} when absent)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    raw = (header.get("__metadata__") or {}).get("lora_adapter_metadata")
+    try:
+        parsed = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def _misfit(module, down, up) -> str:

@@ -301,3 +301,32 @@ print("survived")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "survived" in result.stdout
+
+
+def test_a_peft_lora_with_its_config_in_the_header_uses_that_alpha(root, make_engine):
+    """diffusers' save_lora_weights stores lora_alpha in the safetensors header; an alpha other
+    than the rank scales the LoRA, as diffusers itself applies it."""
+    import json as json_module
+
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    from sdxld.tiny import ensure_tiny_model
+
+    path = write_tiny_lora(root / "loras/style/peft.safetensors", "diffusers", seed=31, rank=8, scale=0.15)
+    tensors = load_file(str(path))
+    config = {}
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        targets = sorted({k[len(component) + 1:].removesuffix(".lora_A.weight") for k in tensors
+                          if k.startswith(component + ".") and k.endswith(".lora_A.weight")})
+        config.update({f"{component}.r": 8, f"{component}.lora_alpha": 2, f"{component}.target_modules": targets})
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json_module.dumps(config), "format": "pt"})
+    engine = make_engine(lora__style_strength=1.0)
+    engine.sync_loras()
+    engine.loras.activate(engine.loras.available("style"))
+    ours = _outputs(engine.models.base)
+    reference = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0])
+    reference.load_lora_weights(str(path), adapter_name="p")
+    theirs = _outputs(reference)
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (a - b).abs().max()
