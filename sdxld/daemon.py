@@ -298,8 +298,16 @@ class Daemon:
             pending += writer.in_flight if writer is not None else 0  # saved soon, already made
             if pending >= daemon.max_pending:
                 return f"{pending} stage-1 images waiting to be curated (daemon.max_pending {daemon.max_pending})"
+        outputs = self.engine.layout.outputs
+        if not outputs.is_dir():
+            log.warning("%s disappeared while running; recreating it", outputs)
+            self.engine.layout.ensure_output_dirs()
         if daemon.min_free_gb:
-            free = shutil.disk_usage(self.engine.layout.outputs).free / 1e9
+            try:
+                free = shutil.disk_usage(outputs).free / 1e9
+            except OSError as err:  # deleted again, or unmounted: the next save will say more
+                log.warning("cannot measure the free space of %s: %s", outputs, err)
+                free = daemon.min_free_gb
             if free < daemon.min_free_gb:
                 return f"{free:.1f} GB free on the outputs disk (daemon.min_free_gb {daemon.min_free_gb})"
         return None
