@@ -496,8 +496,8 @@ def main() -> None:
         base, models = fresh_base()
         # The pipeline-level call also covers the transformers text encoders (no method of their own).
         base.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
-                                  offload_type="block_level", num_blocks_per_group=1, use_stream=True)
-        bench.measure("stage 1, group_offload (block level, streams)", lambda: stage1(models, plain))
+                                  offload_type="leaf_level", use_stream=True)
+        bench.measure("stage 1, group_offload (leaf level, streams)", lambda: stage1(models, plain))
         if library is not None:
             _, swap = lora_swap(base, 4)
             bench.measure("LoRA swap under group_offload", swap)
