@@ -20,8 +20,8 @@ import contextlib
 import json
 import logging
 import struct
-from collections import Counter
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
