@@ -95,6 +95,8 @@ class Run:
     checkpoints: dict[str, int] = field(default_factory=dict)
     stage1_after_all: int = 0
     source_tag: str = ""
+    beside_root: list = field(default_factory=list)
+    beside_root_after: list = field(default_factory=list)
 
     def reason(self, name: str) -> str:
         return (self.root / "inbox" / "failed" / f"{name}.error.txt").read_text()
@@ -146,6 +148,7 @@ def hostile(tmp_path_factory, tiny_cache):
         pickle.dump({"params_ema": PicklePayload()}, handle)
     set_config(root, upscaler={"weights": "weights/payload.pth"})
 
+    run.beside_root = sorted(p.name for p in root.parent.iterdir())
     daemon = DaemonProcess(root)
     try:
         wait_for(lambda: stage1_count(root) >= 3, 120, what="the first stage-1 image")
@@ -210,6 +213,7 @@ def hostile(tmp_path_factory, tiny_cache):
     finally:
         daemon.close()
     run.log = daemon.log
+    run.beside_root_after = sorted(p.name for p in root.parent.iterdir())
     return run
 
 
@@ -231,6 +235,7 @@ def test_the_symlink_was_moved_aside_not_followed(hostile):
 
 
 def test_nothing_was_written_outside_the_root_or_under_an_escaped_name(hostile):
+    assert hostile.beside_root_after == hostile.beside_root, "the root's parent folder changed"
     assert not list(hostile.root.parent.glob("escaped*"))
     assert not list(hostile.root.rglob("*escaped*"))
     assert not list(hostile.root.rglob("*passwd*"))
