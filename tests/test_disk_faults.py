@@ -63,10 +63,10 @@ def test_a_full_or_read_only_disk_loses_nothing_and_the_daemon_retries(root, fau
     try:
         wait_for(lambda: stage1_images(root), 120, what="the first stage-1 image")
         (root / "fault").write_text(fault)
-        before = len(stage1_images(root))
         shutil.copy(image, root / "inbox" / "approved" / image.name)
         wait_for(lambda: f"could not save the final of {image.name}" in daemon.log, 120, what="the final's save to fail")
         wait_for(lambda: "saving a stage-1 image failed" in daemon.log, 60, what="a stage-1 save to fail")
+        before = len(stage1_images(root))  # counted once a save failed: nothing still in flight
         wait_for(lambda: "retrying" in (status(root).get("last_error") or "") + (status(root).get("paused") or ""), 30,
                  what="status to say it retries")
         assert words in daemon.log
