@@ -121,6 +121,9 @@ def kill_loop(root, jobs: int, kills: int, seed: int):
             daemon.kill()
     daemon = DaemonProcess(root)
     try:
+        # Before its signal handlers exist a SIGTERM just ends the process (-15); wait for them.
+        wait_for(lambda: "sdxld running" in daemon.log, 120, what="the last daemon to start")
+
         def all_done():
             return len(files(root / "inbox" / "done", "*.png")) + len(files(root / "inbox" / "failed", "*.png")) >= jobs
         wait_for(all_done, 60 + 30 * jobs, interval=0.5, what="every approved image to finish")
