@@ -23,7 +23,6 @@ import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import NamedTuple
 
 log = logging.getLogger(__name__)
@@ -66,9 +65,12 @@ def _alpha_module(model, key: str) -> str:
     return _strip_text_model(model, key)
 
 
-def read_lora_weights(pipe, path: Path) -> LoraWeights:
-    """Parse a LoRA file (kohya/A1111 or diffusers naming) against this pipeline's layers.
+def read_lora_weights(pipe, data: bytes) -> LoraWeights:
+    """Parse a LoRA file's bytes (kohya/A1111 or diffusers naming) against this pipeline's layers.
 
+    Bytes, never a path: safetensors would mmap a path, and a mapped file that someone truncates
+    or copies over in place kills the process with SIGBUS at the next access (found by
+    bench/soak.py); the weights of a merged LoRA are used again when the other kind changes.
     diffusers does the name conversion (lora_state_dict maps kohya and SGM block names); this
     checks every layer exists with the LoRA's widths, so a LoRA for another architecture is
     refused here with the layer that does not fit instead of failing mid-generation.
@@ -77,10 +79,6 @@ def read_lora_weights(pipe, path: Path) -> LoraWeights:
 
     from safetensors.torch import load
 
-    # Read into memory, never mmap: a file mapped into memory that someone truncates or copies
-    # over in place kills the process with SIGBUS at the next access (found by bench/soak.py),
-    # and the weights of a merged LoRA are used again when the other kind changes.
-    data = Path(path).read_bytes()
     tensors = load(data)
     adapter_metadata = _adapter_metadata(data)
     with warnings.catch_warnings():
@@ -109,8 +107,9 @@ def read_lora_weights(pipe, path: Path) -> LoraWeights:
         config = {k.removeprefix(prefix): v for k, v in adapter_metadata.items() if k.startswith(prefix)}
         if usual_alpha is None and config.get("lora_alpha") is not None:
             usual_alpha = float(config["lora_alpha"])
+        layer_names = {k.removesuffix(".lora_A.weight") for k in part if k.endswith(".lora_A.weight")}
         for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-            for name in {k.removesuffix(".lora_A.weight") for k in part if k.endswith(".lora_A.weight")}:
+            for name in layer_names:
                 if name == pattern or name.endswith("." + pattern):
                     component_alphas.setdefault(name, float(alpha))
         modules = dict(model.named_modules())

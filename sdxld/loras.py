@@ -119,15 +119,10 @@ def check_lora_header(header: dict) -> None:
         )
 
 
-def addnet_hash(path: Path) -> str:
+def addnet_hash(data: bytes) -> str:
     """A1111's LoRA hash: sha256 of the file after the safetensors header, first 12 hex digits."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        handle.seek(8 + length)
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    (length,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(memoryview(data)[8 + length:]).hexdigest()[:12]
 
 
 def read_triggers(txt: Path) -> str:
@@ -227,8 +222,10 @@ class LoraLibrary:
     def _load(self, entry: LoraEntry) -> None:
         try:
             check_lora_header(read_safetensors_header(entry.path))
-            entry.hash = addnet_hash(entry.path)
-            entry.layout = read_lora_weights(self.pipe, entry.path).layout()
+            # One read serves the hash and the weights, so both describe the same bytes.
+            data = entry.path.read_bytes()
+            entry.hash = addnet_hash(data)
+            entry.layout = read_lora_weights(self.pipe, data).layout()
         except Exception as err:  # noqa: BLE001 - any failure of a user file keeps it out of rotation
             entry.status, entry.layout = "rejected", {}
             entry.reason = _explain(err)
@@ -293,7 +290,7 @@ class LoraLibrary:
         try:
             if _signature(entry.path) != entry.signature:
                 raise LoraFileError("the file changed on disk since it was checked; it is checked again at the next sync")
-            return read_lora_weights(self.pipe, entry.path)
+            return read_lora_weights(self.pipe, entry.path.read_bytes())
         except Exception as err:  # noqa: BLE001 - a user file may change or vanish at any moment
             entry.status, entry.reason = "pending", _explain(err)
             log.warning("LoRA %s skipped for this image: %s", entry.path, entry.reason)

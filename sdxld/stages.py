@@ -6,7 +6,7 @@ with the prompt, seed and LoRAs that made it, whatever the prompt files say toda
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -318,8 +318,6 @@ def auto_tile_batch(settings, device) -> int:
 
 def smaller_stage3(settings):
     """The next try after running out of memory: one tile per UNet call, then half-size tiles."""
-    from dataclasses import replace
-
     if settings.mode == "latent" and settings.tile_batch > 1:
         return replace(settings, tile_batch=1)
     size = settings.tile_size // 2 // 8 * 8
@@ -336,8 +334,6 @@ def stage3(models, record: Record, image, settings, hooks: Hooks | None = None, 
     import gc
 
     import torch
-
-    from dataclasses import replace
 
     attempt = replace(settings, tile_batch=auto_tile_batch(settings, models.execution_device))
     notes: list[str] = []
