@@ -330,3 +330,18 @@ def test_a_peft_lora_with_its_config_in_the_header_uses_that_alpha(root, make_en
     theirs = _outputs(reference)
     for a, b in zip(ours, theirs):
         assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (a - b).abs().max()
+
+
+def test_fused_qkv_is_undone_when_a_lora_is_merged_so_the_lora_applies(root, make_engine):
+    """performance.fuse_qkv: fused attention would read a q/k/v copy made before the LoRA."""
+    write_tiny_lora(root / "loras/style/s.safetensors", seed=41, scale=0.15)
+    outputs = {}
+    for fused in (False, True):
+        engine = make_engine(performance__fuse_qkv=fused)
+        assert getattr(engine.models.base, "fusing_unet", False) == fused
+        engine.sync_loras()
+        engine.loras.activate(engine.loras.available("style"))
+        assert not getattr(engine.models.base, "fusing_unet", False)
+        outputs[fused] = _outputs(engine.models.base)
+    for a, b in zip(outputs[False], outputs[True]):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-3), (a - b).abs().max()
