@@ -15,6 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import offload
 from .config import Config, ModelSource, model_source
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class ModelBank:
     refiner_id: str | None = None
     sampler: str = "UniPC"
     notes: list[str] = field(default_factory=list)
+    # model_offload's coordinator: which one model is on the GPU now (None for other strategies).
+    residency: offload.OneModelOnDevice | None = None
 
     @property
     def execution_device(self):
@@ -147,9 +150,26 @@ def _load_vae(location: str, config: Config, dtype):
     source = model_source(config, location)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        if source.kind == "file":
+        if source.kind != "file":
+            return AutoencoderKL.from_pretrained(source.location, torch_dtype=dtype)
+        # A single-file VAE holds weights only; its config is the base model's VAE config, read
+        # from model.config (or the base's own folder) so that nothing is fetched from the Hub.
+        folder = _vae_config_folder(config)
+        if folder is None:
+            log.info(
+                "%s: single-file VAE without a local model config; diffusers will fetch the VAE config "
+                "from the Hub (set model.config to a local diffusers folder to work offline)",
+                source.location,
+            )
             return AutoencoderKL.from_single_file(source.location, torch_dtype=dtype)
-        return AutoencoderKL.from_pretrained(source.location, torch_dtype=dtype)
+        return AutoencoderKL.from_single_file(source.location, config=folder, subfolder="vae", torch_dtype=dtype)
+
+
+def _vae_config_folder(config: Config) -> str | None:
+    if config.model.config:
+        return str(config.path(config.model.config))
+    base = model_source(config, config.model.base)
+    return base.location if base.kind == "folder" else None
 
 
 def load_models(config: Config) -> ModelBank:
@@ -177,7 +197,7 @@ def load_models(config: Config) -> ModelBank:
 
     refiner = None
     refiner_id = None
-    if config.model.use_refiner and config.model.refiner:
+    if config.refiner_wanted():
         refiner_source = model_source(config, config.model.refiner)
         try:
             # The SDXL refiner uses the base's second text encoder and VAE unchanged: share them.
@@ -198,7 +218,7 @@ def load_models(config: Config) -> ModelBank:
     img2img = img2img_from(base)
 
     _layout_tensors(config, [base, refiner])
-    _place(config, device, [base, refiner], notes)
+    residency = _place(config, device, base, refiner, notes)
     _configure_vae(config, base.vae)
     _configure_attention(config, device, [base, refiner], notes)
     _compile(config, [base, refiner], notes)
@@ -222,6 +242,7 @@ def load_models(config: Config) -> ModelBank:
         refiner_id=refiner_id,
         sampler=config.generation.sampler,
         notes=notes,
+        residency=residency,
     )
 
 
@@ -239,46 +260,13 @@ def img2img_from(base):
         return StableDiffusionXLImg2ImgPipeline.from_pipe(base, torch_dtype=base.unet.dtype)
 
 
-def _place(config: Config, device: str, pipes: list, notes: list[str]) -> None:
+def _place(config: Config, device: str, base, refiner, notes: list[str]):
     strategy = config.memory.strategy
     if not device.startswith("cuda"):
         if strategy != "gpu":
             notes.append(f"memory.strategy {strategy} applies on CUDA only; on {device} all models stay in memory")
-        for pipe in pipes:
-            if pipe is not None:
-                pipe.to(device)
-        return
-    for pipe in pipes:
-        if pipe is None:
-            continue
-        if strategy == "gpu":
-            pipe.to(device)
-        elif strategy == "model_offload":
-            pipe.enable_model_cpu_offload(device=device)
-        elif strategy == "group_offload":
-            _group_offload(pipe, device, shared_with_base=pipe is not pipes[0])
-        else:
-            pipe.enable_sequential_cpu_offload(device=device)
-
-
-def _group_offload(pipe, device: str, shared_with_base: bool) -> None:
-    """Leaf-level offload with CUDA streams: each layer moves to the GPU just ahead of use.
-
-    The pipeline-level call also covers the transformers text encoders (they have no method of
-    their own). The refiner shares the base's VAE and text encoder 2, which already carry hooks:
-    only its own UNet is offloaded there.
-    """
-    import torch
-
-    # leaf_level with streams measured best on an H200 (bench/results/NVIDIA-H200-group-offload.md):
-    # 3.70 s for 10 steps at 1.8 GiB peak, vs 4.67-5.01 s at 4.7 GiB for block_level groupings
-    # and 6.48 s at 5.1 GiB for model_offload in the same run.
-    options = dict(onload_device=torch.device(device), offload_device=torch.device("cpu"),
-                   offload_type="leaf_level", use_stream=True)
-    if shared_with_base:
-        pipe.unet.enable_group_offload(**options)
-    else:
-        pipe.enable_group_offload(**options)
+        strategy = "gpu"
+    return offload.place(strategy, device, base, refiner)
 
 
 def _layout_tensors(config: Config, pipes: list) -> None:
