@@ -160,13 +160,20 @@ def _misfit(module, down, up) -> str:
         return "the model has no such layer"
     base = getattr(module, "base_layer", module)
     if isinstance(base, torch.nn.Linear):
-        n_in, n_out = base.in_features, base.out_features
+        n_in, n_out, kernel = base.in_features, base.out_features, (1, 1)
     elif isinstance(base, torch.nn.Conv2d):
-        n_in, n_out = base.in_channels, base.out_channels
+        n_in, n_out, kernel = base.in_channels, base.out_channels, tuple(base.kernel_size)
     else:
         return f"a {type(base).__name__}, which sdxld does not merge LoRAs into"
     if down.shape[1] != n_in or up.shape[0] != n_out or up.shape[1] != down.shape[0]:
         return f"LoRA {down.shape[1]}->{up.shape[0]} (rank {down.shape[0]}), layer {n_in}->{n_out}"
+    # A conv LoRA (LoCon) carries the layer's kernel in its down matrix and 1x1 in its up matrix;
+    # a plain matrix fits a linear layer or a 1x1 conv.
+    down_kernel = tuple(down.shape[2:]) or (1, 1)
+    up_kernel = tuple(up.shape[2:]) or (1, 1)
+    if down_kernel != kernel or up_kernel != (1, 1):
+        return (f"LoRA kernel {'x'.join(map(str, down_kernel))} (up {'x'.join(map(str, up_kernel))}), "
+                f"layer kernel {'x'.join(map(str, kernel))}")
     return ""
 
 
@@ -196,6 +203,16 @@ def offload_paused(pipe):
 
 def _weights_on_meta(model) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
+
+
+class LoraMergeError(RuntimeError):
+    """Merging failed part-way; every rewritten layer is back to what it was before the merge.
+
+    `kinds` are the kinds whose incoming LoRA touched the layer that failed."""
+
+    def __init__(self, message: str, kinds: list[str]):
+        super().__init__(message)
+        self.kinds = kinds
 
 
 class Merged(NamedTuple):
@@ -244,8 +261,24 @@ class LoraMerger:
             context = contextlib.nullcontext()
         with context:
             self._unfuse_qkv(components)
-            self._rewrite(sorted(touched), new_state)
+            self._rewrite_or_roll_back(sorted(touched), new_state, changed)
         self._merged = new_state
+
+    def _rewrite_or_roll_back(self, touched: list[tuple[str, str]], new_state: dict, changed: list[str]) -> None:
+        """Rewrite the layers; if one fails (out of memory, a layer the check let through), put
+        back every layer already rewritten so the model holds exactly the previous LoRAs."""
+        done: list[tuple[str, str]] = []
+        try:
+            self._rewrite(touched, new_state, done)
+        except Exception as err:
+            if not done:
+                raise
+            component, name = done[-1]
+            culprits = [kind for kind in changed
+                        if new_state.get(kind) is not None and name in new_state[kind].weights.layers.get(component, {})]
+            self._rewrite(done, self._merged)
+            raise LoraMergeError(f"merging failed at layer {component}.{name}: {type(err).__name__}: {err}",
+                                 culprits or changed) from err
 
     def _unfuse_qkv(self, components: set[str]) -> None:
         if "unet" in components and getattr(self.pipe, "fusing_unet", False):
@@ -253,7 +286,9 @@ class LoraMerger:
             log.info("LoRAs in use: unfusing the UNet's q/k/v projections (performance.fuse_qkv)")
             self.pipe.unfuse_qkv_projections(unet=True, vae=False)
 
-    def _rewrite(self, touched: list[tuple[str, str]], state: dict[str, Merged | None]) -> None:
+    def _rewrite(self, touched: list[tuple[str, str]], state: dict[str, Merged | None], done: list | None = None) -> None:
+        """Rebuild each layer from its original plus the LoRAs in `state`; `done` collects the
+        layers as they are started (what a rollback must restore)."""
         import torch
 
         device = self.pipe._execution_device
@@ -261,27 +296,32 @@ class LoraMerger:
         # Inference mode: group offload may have turned the weights into inference tensors.
         with torch.inference_mode():
             for component, layer in touched:
-                module = getattr(self.pipe, component).get_submodule(layer)
-                weight = module.weight
-                original = self._originals.get((component, layer))
-                if original is None:
-                    original = weight.detach().to("cpu", copy=True)
-                    self._originals[(component, layer)] = original.pin_memory() if pin else original
-                total = None
-                for merged in state.values():
-                    if merged is None or layer not in merged.weights.layers.get(component, {}):
-                        continue
-                    down, up = merged.weights.layers[component][layer]
-                    # Copy at the file's precision, widen on the device: .to(device, float32)
-                    # would widen on the CPU first.
-                    down, up = down.to(device).float().flatten(1), up.to(device).float().flatten(1)
-                    delta = (up @ down) * merged.strength
-                    total = delta if total is None else total + delta
-                if total is None:
-                    weight.copy_(original)
-                else:
-                    merged_weight = original.to(device, non_blocking=True).float() + total.reshape(original.shape)
-                    weight.copy_(merged_weight.to(weight.dtype))
+                if done is not None:
+                    done.append((component, layer))
+                self._rewrite_layer(component, layer, state, device, pin)
+
+    def _rewrite_layer(self, component: str, layer: str, state: dict[str, Merged | None], device, pin: bool) -> None:
+        module = getattr(self.pipe, component).get_submodule(layer)
+        weight = module.weight
+        original = self._originals.get((component, layer))
+        if original is None:
+            original = weight.detach().to("cpu", copy=True)
+            self._originals[(component, layer)] = original.pin_memory() if pin else original
+        total = None
+        for merged in state.values():
+            if merged is None or layer not in merged.weights.layers.get(component, {}):
+                continue
+            down, up = merged.weights.layers[component][layer]
+            # Copy at the file's precision, widen on the device: .to(device, float32)
+            # would widen on the CPU first.
+            down, up = down.to(device).float().flatten(1), up.to(device).float().flatten(1)
+            delta = (up @ down) * merged.strength
+            total = delta if total is None else total + delta
+        if total is None:
+            weight.copy_(original)
+        else:
+            merged_weight = original.to(device, non_blocking=True).float() + total.reshape(original.shape)
+            weight.copy_(merged_weight.to(weight.dtype))
 
 
 def _key(merged: Merged | None):

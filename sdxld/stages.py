@@ -6,6 +6,7 @@ with the prompt, seed and LoRAs that made it, whatever the prompt files say toda
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -200,14 +201,22 @@ def stage3_pixel(models, record: Record, image, settings, hooks: Hooks | None = 
     return to_pil(blend(refined, width, height, settings.tile_overlap, settings.blend_mode)[None], "stage 3"), len(tiles)
 
 
-def _vae_upcast(vae):
-    """fp16 SDXL VAE overflows: run it in fp32 like the diffusers pipelines do (force_upcast)."""
+@contextlib.contextmanager
+def vae_in_fp32(vae):
+    """fp16 SDXL VAE overflows: run it in fp32 like the diffusers pipelines do (force_upcast).
+
+    Always cast back, whatever happens inside: the VAE is shared, and one left in fp32 after an
+    out-of-memory retry made every later fp16 decode fail on mixed dtypes."""
     import torch
 
-    if vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)
-        return torch.float16
-    return None
+    if vae.dtype != torch.float16 or not getattr(vae.config, "force_upcast", False):
+        yield
+        return
+    vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        vae.to(torch.float16)
 
 
 def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None = None):
@@ -227,11 +236,9 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
     generator = _generator(device, record.seed + STAGE3_SEED_OFFSET)
 
     with torch.inference_mode():
-        restore = _vae_upcast(pipe.vae)
-        pixels = pipe.image_processor.preprocess(image).to(device, pipe.vae.dtype)
-        init = pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
-        if restore is not None:
-            pipe.vae.to(restore)
+        with vae_in_fp32(pipe.vae):
+            pixels = pipe.image_processor.preprocess(image).to(device, pipe.vae.dtype)
+            init = pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
 
         pipe.scheduler.set_timesteps(settings.steps, device=device)
         timesteps, _ = pipe.get_timesteps(settings.steps, settings.strength, device)
@@ -248,14 +255,15 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
             hooks.on_step("stage3 latent", step, total)
             return hooks.should_stop()
 
+        # Ancestral and SDE samplers draw fresh noise at every step: from the seeded generator
+        # (diffusers' own rule for which schedulers take one), or the same seed gives new pixels.
+        step_kwargs = pipe.prepare_extra_step_kwargs(generator, 0.0)
         latents = tiled_denoise(latents, list(timesteps), pipe.scheduler, phases, latent_tiles, pixel_tiles,
-                                auto_tile_batch(settings, device), on_step)
+                                auto_tile_batch(settings, device), on_step, step_kwargs)
         if hooks.should_stop():
             raise Interrupted("stage 3 interrupted")
-        restore = _vae_upcast(pipe.vae)
-        decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        if restore is not None:
-            pipe.vae.to(restore)
+        with vae_in_fp32(pipe.vae):
+            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
         array = pipe.image_processor.postprocess(decoded.float(), output_type="np")
     return to_pil(array, "stage 3"), len(pixel_tiles)
 

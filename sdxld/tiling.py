@@ -135,11 +135,13 @@ def tiled_denoise(
     pixel_tiles: list[Tile],
     tile_batch: int,
     on_step: Callable[[int, int], bool],
+    step_kwargs: dict | None = None,
 ):
     """The MultiDiffusion loop: per step, UNet over every tile (batched), fuse, one scheduler step.
 
     `phases` are (first step index, conditioning): the base UNet, then optionally the refiner's
-    from the handoff step on. `on_step(step, total)` returns True to stop early.
+    from the handoff step on. `on_step(step, total)` returns True to stop early. `step_kwargs`
+    go to every scheduler step (the generator of ancestral samplers).
     """
     import torch
 
@@ -174,7 +176,7 @@ def tiled_denoise(
             for j, i in enumerate(group):
                 predictions[i] = guided[j : j + 1]
         fused = fuse(predictions, latent_tiles, weights, tuple(latents.shape)).to(latents.dtype)
-        latents = scheduler.step(fused, t, latents, return_dict=False)[0]
+        latents = scheduler.step(fused, t, latents, **(step_kwargs or {}), return_dict=False)[0]
         if on_step(index + 1, total):
             break
     return latents

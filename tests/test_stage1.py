@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxld.config import SAMPLERS
 from sdxld.records import RECORD_CHUNK, Record, parse_a1111, read_png_record
 from sdxld.stages import Hooks, Interrupted, NaNImageError, stage1
 from sdxld.tiny import write_tiny_lora
@@ -37,7 +36,9 @@ def test_record_json_png_chunks_and_file_names_agree(make_engine):
     tag = result.record.tag
     assert result.path.name == f"{tag}_stage1_128x224.png"
     saved = Record.from_json((engine.layout.metadata / f"{tag}.json").read_text())
-    assert saved == read_png_record(result.path) == result.record
+    assert saved == result.record
+    # The embedded record names models without local paths; the JSON keeps them.
+    assert read_png_record(result.path) == Record.from_dict(result.record.shareable_dict())
     assert saved.files == {"stage1": result.path.name}
     with Image.open(result.path) as image:
         assert image.size == (128, 224)
@@ -63,35 +64,20 @@ def test_refiner_handoff_runs_and_shapes_the_image(make_engine):
     assert len(base_steps) + len(refiner_steps) == record.steps
     assert base_steps[-1][1] == base_steps[-1][2] and refiner_steps[-1][1] == refiner_steps[-1][2]
 
-    plain = make_engine(model__use_refiner=False)
+    plain = make_engine(model__refiner=None)
     assert plain.models.refiner is None
     record.refiner_split = None
     base_only = np.asarray(stage1(plain.models, record), dtype=np.int16)
     assert np.abs(refined - base_only).mean() > 0.5
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
-def test_every_sampler_makes_an_image(sampler, make_engine):
-    engine = make_engine(generation__sampler=sampler, model__use_refiner=False)
-    result = engine.stage1_once(seed=3)
-    assert type(engine.models.base.scheduler).__name__ in {
-        "UniPC": "UniPCMultistepScheduler",
-        "Euler": "EulerDiscreteScheduler",
-        "Euler a": "EulerAncestralDiscreteScheduler",
-        "DPM++ 2M": "DPMSolverMultistepScheduler",
-        "DPM++ 2M Karras": "DPMSolverMultistepScheduler",
-    }[sampler]
-    assert result.record.sampler == sampler
-    assert array(result.path).std() > 0
-
-
 def test_karras_sampler_uses_karras_sigmas(make_engine):
-    engine = make_engine(generation__sampler="DPM++ 2M Karras", model__use_refiner=False)
+    engine = make_engine(generation__sampler="DPM++ 2M Karras", model__refiner=None)
     assert engine.models.base.scheduler.config.use_karras_sigmas is True
 
 
 def test_a_nan_image_is_an_error_and_never_saved(make_engine):
-    engine = make_engine(model__use_refiner=False)
+    engine = make_engine(model__refiner=None)
     with torch.no_grad():
         for param in engine.models.base.vae.decoder.conv_out.parameters():
             param.fill_(float("nan"))
