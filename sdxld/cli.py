@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--target-dir", type=Path, help="write the unit here instead of the systemd folder")
 
     command("check", "validate config, load the model, list LoRAs and why any were rejected")
+
+    config_command = command("config", "config file tools")
+    config_actions = config_command.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    command("migrate", "rewrite a config.yaml written for generate.py with sdxld's key names", under=config_actions)
     return parser
 
 
@@ -112,6 +116,23 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         log.error("%s", err)
         return EX_CONFIG
+
+    if args.command == "config":
+        from .seed_compat import migrate_file
+
+        path = config_path(args)
+        try:
+            mapped, backup = migrate_file(path)
+        except ConfigError as err:
+            log.error("%s", err)
+            return EX_CONFIG
+        if not mapped:
+            print(f"{path}: already uses sdxld's key names; nothing to migrate")
+            return 0
+        print(f"rewrote {path} (the original is {backup}):")
+        for line in mapped:
+            print(f"  {line}")
+        return 0
 
     if args.command == "check":
         from .check import run_check
@@ -168,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             except ModelLoadError as err:
                 log.error("%s", err)
                 return 1
+            engine.remove_leftovers()
             if args.command == "upscale":
                 return foreground.upscale(engine, files=args.files, backlog=args.stage1, stop=stop)
             return foreground.generate(

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from . import store
 from .config import Config, ConfigError, load
+from .arrivals import Arrivals
 from .engine import Engine
 from .inbox import Claim, Inbox
 from .stages import Hooks, Interrupted, NaNImageError
@@ -111,7 +112,7 @@ class Daemon:
         self.inbox: Inbox | None = None
         self.watcher: Watcher | None = None
         self.recovered: deque[Claim] = deque()
-        self._closed: dict[Path, float] = {}
+        self.arrivals = Arrivals(config.daemon.settle_s, config.daemon.copy_wait_s)
         self._config_dirty = False
         self._loras_dirty = False
         self._last_rescan = 0.0
@@ -128,6 +129,7 @@ class Daemon:
         # Loading SDXL from disk (or the Hub) can take minutes: tell systemd we are alive.
         self.notifier.extend_timeout(900)
         self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True)
+        self.engine.remove_leftovers()
         self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts)
         self.inbox.ensure_dirs()
         self.engine.layout.ensure_output_dirs()
@@ -174,6 +176,7 @@ class Daemon:
             self.watcher.stop()
         self.watcher = Watcher(folders, self.config_path)
         mode = self.watcher.start()
+        self.arrivals.events_show_opens = mode == "inotify"
         self.status.update(watch=mode)
 
     # --- changes ----------------------------------------------------------------------------
@@ -185,8 +188,8 @@ class Daemon:
                 self._config_dirty = True
             elif area == "loras":
                 self._loras_dirty = True
-            elif area == "approved" and change.kind in ("closed", "moved", "created"):
-                self._closed[change.path] = time.monotonic() if change.kind != "created" else 0.0
+            elif area == "approved":
+                self.arrivals.observe(change.kind, change.path, change.src)
             elif area == "prompts":
                 log.debug("prompt file changed: %s (read again for the next image)", change.path.name)
         if self._config_dirty:
@@ -196,8 +199,7 @@ class Daemon:
         if self._loras_dirty or now - self._last_rescan >= self.config.daemon.rescan_s:
             self._loras_dirty = False
             self._last_rescan = now
-            # Forget write-completion notes of files that left approved/ without being claimed.
-            self._closed = {path: at for path, at in self._closed.items() if path.exists()}
+            self.arrivals.prune()
             report = self.engine.sync_loras()
             if report.changed:
                 self._refresh_loras(report)
@@ -231,6 +233,7 @@ class Daemon:
         watched_before = (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options)
         self.config = new
         self.engine.reconfigure(new)
+        self.arrivals.settle_s, self.arrivals.copy_wait_s = new.daemon.settle_s, new.daemon.copy_wait_s
         self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts)
         if (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
             self._start_watcher()
@@ -240,38 +243,30 @@ class Daemon:
 
     # --- work -------------------------------------------------------------------------------
 
-    def _settled(self, path: Path) -> bool:
-        """A file counts once its writer is done: closed after writing, moved in, or unchanged
-        for settle_s (a slow copy keeps touching it, so it is not read half-way)."""
-        try:
-            stat = path.lstat()
-        except FileNotFoundError:
-            return False
-        age = time.time() - stat.st_mtime
-        closed_at = self._closed.get(path, 0.0)
-        if closed_at and time.monotonic() - closed_at < 60:
-            return True
-        return age >= self.config.daemon.settle_s
-
     def _upscale_next(self) -> bool:
         if time.monotonic() < self._approved_paused_until:
             return False
         claim = self.recovered.popleft() if self.recovered else None
+        # A file that may still be growing (no close or move seen: polling, lost events) and
+        # decodes as truncated goes back to approved/ while it is young; one seen complete fails.
+        young_s = 0.0
         if claim is None:
             pending = self.inbox.pending()
             self.status.update(approved_queued=len(pending))
             for path in pending:
-                if not self._settled(path):
+                if not self.arrivals.settled(path):
                     continue
+                complete = self.arrivals.arrived_complete(path)
                 claim = self.inbox.claim(path)
-                self._closed.pop(path, None)
+                self.arrivals.forget(path)
                 if claim is not None:
+                    young_s = 0.0 if complete else self.config.daemon.copy_wait_s
                     break
         if claim is None:
             return False
         started = time.monotonic()
         self.status.update(force=True, state="upscaling", current={"job": "upscale", "file": claim.name})
-        outcome = upscale_claimed(self.engine, self.inbox, claim, self._hooks(claim.name))
+        outcome = upscale_claimed(self.engine, self.inbox, claim, self._hooks(claim.name), young_s=young_s)
         if outcome.status == "final":
             self.status.image_done(time.monotonic() - started, "final")
             log.info("approved %s -> %s", claim.name, outcome.final.name, extra={"sdxld_tag": outcome.final.name.split("_final_")[0], "sdxld_stage": "final"})
@@ -280,6 +275,10 @@ class Daemon:
         elif outcome.status == "failed":
             self.status.data["failed"] += 1
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}")
+        elif outcome.status == "incomplete":
+            # Put back half-copied: look again once the copy has had time to go on.
+            self.arrivals.defer(self.engine.layout.approved / claim.name, max(2.0, 2 * self.config.daemon.settle_s))
+            log.info("approved %s looks half-copied (%s); trying again shortly", claim.name, outcome.detail)
         elif outcome.status == "deferred":
             retry = self.config.daemon.save_retry_s
             self._approved_paused_until = time.monotonic() + retry
@@ -363,7 +362,7 @@ class Daemon:
 
 def read_status(root: Path) -> list[dict]:
     """Status of every daemon on this root (stale files of dead processes are marked)."""
-    from .inbox import _alive
+    from .owners import pid_alive_since
 
     folder = status_dir(root)
     found = []
@@ -374,7 +373,9 @@ def read_status(root: Path) -> list[dict]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if data.get("host") == socket.gethostname() and data.get("state") != "stopped" and not _alive(int(data.get("pid", 0))):
+        if data.get("host") == socket.gethostname() and data.get("state") != "stopped" and not pid_alive_since(
+            int(data.get("pid", 0)), float(data.get("started", 0))
+        ):
             data["state"] = "dead (stale status)"
         found.append(data)
     return found

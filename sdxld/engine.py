@@ -70,10 +70,22 @@ class Engine:
         # Long runs save stage-1 images on a writer thread; one-shot callers get the file at once.
         self.writer = store.BackgroundWriter() if background_writes else None
 
+    @property
+    def embed(self) -> str:
+        return self.config.output.embed
+
     def flush(self) -> None:
         """Make sure every stage-1 image handed to the writer is on disk (raises a failed write)."""
         if self.writer is not None:
             self.writer.flush()
+
+    def remove_leftovers(self) -> None:
+        """Temporary files that killed writers left in the folders sdxld writes to."""
+        folders = [self.layout.outputs, self.layout.failed, self.layout.root / ".sdxld"]
+        removed = store.remove_stale_temporaries(folders)
+        if removed:
+            log.info("removed %d temporary file(s) left by sdxld processes that no longer run: %s",
+                     len(removed), ", ".join(str(p) for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
 
     def reconfigure(self, config: Config) -> None:
         """Apply a new config that keeps the same models (the daemon checked that)."""
@@ -110,7 +122,8 @@ class Engine:
         uses = self.loras.activate(self.loras.pick(rng))
         composed = self.prompts.compose(rng, [u.triggers for u in uses])
         gen = self.config.generation
-        use_refiner = self.models.refiner is not None
+        # model.use_refiner decides for stage 1; stages 2 and 3 have their own switches.
+        use_refiner = self.models.refiner is not None and self.config.model.use_refiner
         return Record(
             tag=store.new_tag(),
             prompt=composed.prompt,
@@ -136,9 +149,9 @@ class Engine:
         path = self.layout.stage1 / name
         if self.writer is not None:
             record.files["stage1"] = name
-            self.writer.submit(store.save_image, self.layout, record, image, "stage1", name)
+            self.writer.submit(store.save_image, self.layout, record, image, "stage1", name, self.embed)
         else:
-            store.save_image(self.layout, record, image, "stage1", name)
+            store.save_image(self.layout, record, image, "stage1", name, self.embed)
         log.info("stage1 %s seed %d -> %s", record.tag, record.seed, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})
         return Stage1Result(record, path, image)
 
@@ -201,12 +214,12 @@ class Engine:
 
         stage2_up, stage2_image = stage2(self.models, record, stage1_image, gen.stage2, mid_size, hooks)
         if intermediates:
-            store.save_image(self.layout, record, stage2_up, "stage2_up")
-            store.save_image(self.layout, record, stage2_image, "stage2")
+            store.save_image(self.layout, record, stage2_up, "stage2_up", embed=self.embed)
+            store.save_image(self.layout, record, stage2_image, "stage2", embed=self.embed)
 
         stage3_up = self.upscaler.upscale(stage2_image, final_size)
         if intermediates:
-            store.save_image(self.layout, record, stage3_up, "stage3_up")
+            store.save_image(self.layout, record, stage3_up, "stage3_up", embed=self.embed)
         settings3 = gen.stage3
         tiles = 0
         if not settings3.enabled:
@@ -215,7 +228,7 @@ class Engine:
             save_tile = None
             if intermediates and settings3.mode == "pixel":
                 def save_tile(index, tile_image):
-                    store.save_image(self.layout, record, tile_image, "tiles", name=f"{record.tag}_tile_{index:03d}.png")
+                    store.save_image(self.layout, record, tile_image, "tiles", name=f"{record.tag}_tile_{index:03d}.png", embed=self.embed)
             final_image, tiles, settings3, retries = stage3(self.models, record, stage3_up, settings3, hooks, on_tile=save_tile)
             for note in retries:
                 log.warning("%s: %s", record.tag, note)
@@ -243,7 +256,7 @@ class Engine:
             },
             "notes": notes,
         }
-        path = store.save_image(self.layout, record, final_image, "final")
+        path = store.save_image(self.layout, record, final_image, "final", embed=self.embed)
         log.info("final %s -> %s", record.tag, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "final"})
         return FinalResult(record, path, notes)
 

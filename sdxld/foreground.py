@@ -13,6 +13,9 @@ from .stages import Hooks, Interrupted
 
 log = logging.getLogger(__name__)
 
+# As the daemon: this many failed images in a row means something is broken beyond one image.
+MAX_FAILURES_IN_A_ROW = 5
+
 
 class StopFlag:
     """Set by the first SIGINT/SIGTERM: finish nothing new, stop at the next denoising step.
@@ -73,6 +76,8 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
     progress = StepProgress()
     hooks = Hooks(should_stop=stop, on_step=progress.on_step)
     made = 0
+    failures_in_a_row = 0
+    last_save_failed = False
     limit = 1 if once else count
     if seed is not None:
         engine.seeds = type(engine.seeds)(seed)
@@ -86,15 +91,29 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
                     print(final.path, flush=True)
             except Interrupted:
                 break
+            except Exception as err:  # noqa: BLE001 - as the seed script: one bad image does not end the run
+                failures_in_a_row += 1
+                log.error("image failed (%d in a row): %s: %s", failures_in_a_row, type(err).__name__, err,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                if once or failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
+                    log.error("stopping: %d image(s) failed in a row", failures_in_a_row)
+                    return 1
+                continue
             finally:
                 progress.close()
+            failures_in_a_row = 0
             made += 1
     except KeyboardInterrupt:
         log.info("stopped at once on the second signal")
     finally:
-        engine.flush()  # images handed to the writer thread reach the disk before we exit
+        try:
+            engine.flush()  # images handed to the writer thread reach the disk before we exit
+        except OSError as err:
+            log.error("the last stage-1 image could not be saved: %s", err)
+            made -= 1
+            last_save_failed = True
     log.info("made %d %s", made, "stage-1 image(s)" if stage1_only else "final image(s)")
-    return 0
+    return 1 if last_save_failed else 0
 
 
 def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:

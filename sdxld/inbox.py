@@ -12,11 +12,10 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import store
+from . import owners, store
 from .records import Record, RecordError, read_png_record
 
 log = logging.getLogger(__name__)
@@ -30,9 +29,11 @@ ERROR_SUFFIX = ".error.txt"
 class InboxError(Exception):
     """Why an approved file cannot be upscaled, and what the user can do about it."""
 
-    def __init__(self, problem: str, advice: str = ""):
+    def __init__(self, problem: str, advice: str = "", incomplete: bool = False):
         super().__init__(problem)
-        self.problem, self.advice = problem, advice
+        # incomplete: what a file still being copied looks like (empty, truncated), so a young
+        # one is put back and tried again instead of failing.
+        self.problem, self.advice, self.incomplete = problem, advice, incomplete
 
 
 @dataclass
@@ -46,21 +47,37 @@ class Claim:
 _claims = itertools.count(1)
 
 
-def _host() -> str:
-    return "".join(c if c.isalnum() else "-" for c in socket.gethostname())[:32]
-
-
 def _owner(attempt: int = 1) -> str:
-    # host.pid.n.attempt: lets recovery tell a claim of a dead process from one still being
-    # worked on, and count how often processing an image was cut short.
-    return f"{_host()}.{os.getpid()}.{next(_claims)}.{attempt}"
+    # <owner token>.n.attempt: lets recovery tell a claim of a dead process from one still being
+    # worked on (owners.py: host, boot, pid and start time, so a reused pid is not mistaken for
+    # the claimant), and count how often processing an image was cut short.
+    return f"{owners.current().token}.{next(_claims)}.{attempt}"
 
 
-def _parse_owner(owner: str) -> tuple[str, int, int] | None:
+@dataclass(frozen=True)
+class ClaimOwner:
+    attempt: int
+    pid: int
+    owner: owners.Owner | None  # None: a claim named by host.pid.n.attempt (before owner tokens)
+    host: str
+
+    def alive(self, claimed_at: float) -> bool:
+        if self.owner is not None:
+            return self.owner.alive()
+        if self.host != owners.host():
+            return True
+        return owners.pid_alive_since(self.pid, claimed_at)
+
+
+def _parse_owner(owner: str) -> ClaimOwner | None:
     parts = owner.split(".")
-    if len(parts) != 4 or not (parts[1].isdigit() and parts[3].isdigit()):
-        return None
-    return parts[0], int(parts[1]), int(parts[3])
+    if len(parts) == 6 and parts[4].isdigit() and parts[5].isdigit():
+        token = owners.parse(".".join(parts[:4]))
+        if token is not None:
+            return ClaimOwner(int(parts[5]), token.pid, token, token.host)
+    if len(parts) == 4 and parts[1].isdigit() and parts[3].isdigit():
+        return ClaimOwner(int(parts[3]), int(parts[1]), None, parts[0])
+    return None
 
 
 def _unique(folder: Path, name: str) -> Path:
@@ -163,7 +180,8 @@ class Inbox:
         return self._move(claim, self.approved)
 
     def recover(self) -> list[Claim]:
-        """Re-claim work left in processing/ by processes of this host that no longer run.
+        """Re-claim work left in processing/ by processes of this host that no longer run (a
+        reboot or a reused pid does not keep a dead claimant alive: owners.py).
 
         Each such image is claimed again for this process (an atomic rename, so two daemons
         recovering at once never both get it) with its attempt count raised; one that already
@@ -171,18 +189,23 @@ class Inbox:
         """
         if not self.processing.is_dir():
             return []
-        host = _host()
         recovered = []
         entries = sorted(self.processing.iterdir())
         names = {e.name for e in entries}
         for entry in entries:
             owner, sep, name = entry.name.partition("__")
             parsed = _parse_owner(owner)
-            if not sep or parsed is None or parsed[0] != host or _alive(parsed[1]):
+            if not sep or parsed is None or parsed.host != owners.host():
+                continue
+            try:
+                claimed_at = entry.lstat().st_ctime  # the claim's rename set it
+            except FileNotFoundError:
+                continue
+            if parsed.alive(claimed_at):
                 continue
             if name.endswith(SIDECAR_SUFFIX) and any(n.startswith(owner + "__") and not n.endswith(SIDECAR_SUFFIX) for n in names):
                 continue  # travels with its image below
-            attempt = parsed[2] + 1
+            attempt = parsed.attempt + 1
             target = self.processing / f"{_owner(attempt)}__{name}"
             try:
                 os.rename(entry, target)
@@ -204,7 +227,7 @@ class Inbox:
                     "if sdxld crashes on this image, check the log for the cause; otherwise approve it again",
                 ))
                 continue
-            log.info("recovered %s (attempt %d), left unfinished by process %d", name, attempt, parsed[1])
+            log.info("recovered %s (attempt %d), left unfinished by process %d", name, attempt, parsed.pid)
             recovered.append(claim)
         return recovered
 
@@ -217,16 +240,6 @@ def _sidecars(folder: Path, name: str, prefix: str = "") -> list[Path]:
     return [folder / f"{prefix}{n}" for n in dict.fromkeys(names) if n != name]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def open_image(path: Path):
     """A fully decoded RGB image, or an InboxError naming what is wrong with the file."""
     from PIL import Image, UnidentifiedImageError
@@ -237,7 +250,7 @@ def open_image(path: Path):
         raise InboxError("is a folder, not an image", "move the images inside it into inbox/approved/ one by one")
     size = path.stat().st_size
     if size == 0:
-        raise InboxError("is empty (0 bytes)", "the copy may have failed; approve the original image again")
+        raise InboxError("is empty (0 bytes)", "the copy may have failed; approve the original image again", incomplete=True)
     declared = _png_size(path)
     try:
         if declared is not None:
@@ -253,7 +266,8 @@ def open_image(path: Path):
     except UnidentifiedImageError:
         raise InboxError("is not an image (Pillow cannot identify its format)", "approve PNG images from outputs/stage1/") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise InboxError(f"is a truncated or corrupt image ({err})", "approve the original from outputs/stage1/ again") from None
+        raise InboxError(f"is a truncated or corrupt image ({err})", "approve the original from outputs/stage1/ again",
+                         incomplete=True) from None
 
 
 def _png_size(path: Path) -> tuple[int, int] | None:
@@ -273,8 +287,25 @@ def _check_pixels(width: int, height: int) -> None:
         )
 
 
-def find_record(path: Path, layout, sidecar: Path | None = None, name: str | None = None) -> Record:
-    """The image's Record: a JSON beside it, else outputs/metadata/<tag>.json, else its PNG chunk."""
+def _record_from_json(text: str, name: str, image_size: tuple[int, int] | None) -> Record:
+    """An sdxld record, or the metadata generate.py wrote (mapped to a Record)."""
+    import json
+
+    from .seed_compat import is_seed_metadata, record_from_seed_metadata
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"invalid JSON: {err}") from None
+    if is_seed_metadata(data):
+        return record_from_seed_metadata(data, store.tag_of(name), image_size)
+    return Record.from_dict(data)
+
+
+def find_record(path: Path, layout, sidecar: Path | None = None, name: str | None = None,
+                image_size: tuple[int, int] | None = None) -> Record:
+    """The image's Record: a JSON beside it, else outputs/metadata/<tag>.json, else its PNG chunk.
+    The JSON may be generate.py's metadata (its size defaults to `image_size`)."""
     name = name or path.name
     tag = store.tag_of(name)
     tried = []
@@ -288,7 +319,7 @@ def find_record(path: Path, layout, sidecar: Path | None = None, name: str | Non
     for label, candidate in candidates:
         if candidate.is_file():
             try:
-                return Record.from_json(candidate.read_text(encoding="utf-8"))
+                return _record_from_json(candidate.read_text(encoding="utf-8"), name, image_size)
             except (RecordError, UnicodeDecodeError) as err:
                 raise InboxError(f"its record {candidate.name} ({label}) is invalid: {err}", "restore the JSON or approve the PNG alone") from None
         tried.append(f"{label} ({candidate.name})")

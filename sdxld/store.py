@@ -17,6 +17,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from . import owners
+
 # 20260207_143022 is the seed's tag; sdxld adds microseconds and the process id so that many
 # images per second, from several processes, never share a tag, and tags still sort by time.
 TAG_PATTERN = r"\d{8}_\d{6}(?:_\d{6}_[0-9a-f]+)?"
@@ -69,6 +71,41 @@ def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 
 
+_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<token>[A-Za-z0-9-]{1,32}\.[0-9a-f]{8}\.\d+\.\d+)\.[0-9a-f]+\.tmp$")
+_OLD_TEMPORARY = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
+
+
+def _writer_gone(path: Path) -> bool:
+    match = _TEMPORARY.match(path.name)
+    if match:
+        owner = owners.parse(match["token"])
+        return owner is not None and not owner.alive()
+    match = _OLD_TEMPORARY.match(path.name)
+    if match:  # written before owner tokens: a bare pid, judged with the file's age
+        return not owners.pid_alive_since(int(match["pid"]), path.lstat().st_mtime)
+    return False
+
+
+def remove_stale_temporaries(folders: list[Path]) -> list[Path]:
+    """Delete the temporary files (under these folders, recursively) whose writer no longer runs.
+
+    A kill -9 or a power cut during a save leaves the hidden temporary file behind; night after
+    night they would pile up. Files of live writers, and of writers on other hosts sharing the
+    folder, are left alone."""
+    removed = []
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in folder.rglob(".*.tmp"):
+            try:
+                if path.is_file() and not path.is_symlink() and _writer_gone(path):
+                    path.unlink()
+                    removed.append(path)
+            except FileNotFoundError:
+                continue
+    return removed
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -86,7 +123,8 @@ def atomic_write(path: Path, data: bytes) -> Path:
     """Write bytes so that `path` either keeps its old content or has all of the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident():x}.tmp"
+    # The writer's owner token in the name lets a later start remove what a killed writer left.
+    tmp = path.parent / f".{path.name}.{owners.current().token}.{threading.get_ident():x}.tmp"
     try:
         # Honour the umask like any other file the user's tools create (no fixed 0600 of mkstemp).
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -125,7 +163,7 @@ def encode_png(image, text_chunks: dict[str, str]) -> bytes:
     return buffer.getvalue()
 
 
-def save_image(layout, record, image, kind: str, name: str | None = None) -> Path:
+def save_image(layout, record, image, kind: str, name: str | None = None, embed: str = "full") -> Path:
     """Write an image with the record's chunks; for stage1 and final also the metadata JSON.
 
     The JSON is written first: the PNG appearing is what users and the watcher react to, and a
@@ -134,7 +172,7 @@ def save_image(layout, record, image, kind: str, name: str | None = None) -> Pat
     name = name or image_name(record.tag, kind, image.width, image.height)
     if kind in ("stage1", "final"):
         record.files[kind] = name
-    png = encode_png(image, record.png_chunks())
+    png = encode_png(image, record.png_chunks(embed))
     if kind in ("stage1", "final"):
         write_json(layout.metadata / f"{record.tag}.json", record.to_dict())
     return atomic_write(_folder_for(layout, kind) / name, png)

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 class Outcome:
     name: str
     # "final", "skipped" (a final already existed), "failed", "interrupted", "deferred" (could not
-    # save: back in approved/ for a later try), "taken"
+    # save: back in approved/ for a later try), "incomplete" (looks half-copied and is young: back
+    # in approved/), "taken"
     status: str
     final: Path | None = None
     detail: str = ""
@@ -28,7 +29,7 @@ class Outcome:
 
 def _load(path: Path, layout, sidecar=None, name=None):
     image = open_image(path)
-    record = find_record(path, layout, sidecar=sidecar, name=name)
+    record = find_record(path, layout, sidecar=sidecar, name=name, image_size=image.size)
     if image.size != (record.width, record.height):
         raise InboxError(
             f"is {image.size[0]}x{image.size[1]} but its record {record.tag} says {record.width}x{record.height}",
@@ -37,8 +38,11 @@ def _load(path: Path, layout, sidecar=None, name=None):
     return image, record
 
 
-def upscale_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None) -> Outcome:
-    """Process one claimed approved image; it always ends in done/, failed/ or (stopped) back in approved/."""
+def upscale_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, young_s: float = 0.0) -> Outcome:
+    """Process one claimed approved image; it always ends in done/, failed/ or (stopped) back in approved/.
+
+    A file that looks half-copied (empty, truncated) and changed less than `young_s` ago goes back
+    to approved/ ("incomplete") for a later try: the daemon waits for copies, a one-shot run does not."""
     try:
         image, record = _load(claim.path, engine.layout, sidecar=claim.sidecar, name=claim.name)
         existing = engine.final_exists(record.tag)
@@ -50,6 +54,9 @@ def upscale_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = No
         inbox.release(claim)
         return Outcome(claim.name, "interrupted")
     except InboxError as err:
+        if err.incomplete and _young(claim.path, young_s):
+            inbox.release(claim)
+            return Outcome(claim.name, "incomplete", detail=err.problem)
         inbox.fail(claim, err)
         return Outcome(claim.name, "failed", detail=err.problem)
     except OSError as err:
@@ -65,6 +72,16 @@ def upscale_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = No
         return Outcome(claim.name, "failed", detail=problem)
     inbox.done(claim)
     return Outcome(claim.name, "final", result.path)
+
+
+def _young(path: Path, seconds: float) -> bool:
+    """Changed less than `seconds` ago: a copy may still be on its way."""
+    import time
+
+    try:
+        return time.time() - path.lstat().st_mtime < seconds
+    except OSError:
+        return False
 
 
 def upscale_in_place(engine, path: Path, hooks: Hooks | None = None) -> Outcome:

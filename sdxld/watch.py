@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 class Change:
     area: str  # "approved" | "prompts" | "loras" | "config"
     path: Path
-    kind: str  # watchdog event type: created, modified, closed, moved, deleted ...
+    kind: str  # watchdog event type: created, modified, opened, closed, closed_no_write, moved, deleted
     at: float = field(default_factory=time.monotonic)
+    src: Path | None = None  # a move's source
 
 
 class _Handler(FileSystemEventHandler):
@@ -35,14 +36,15 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event):
         if event.is_directory and event.event_type != "moved":
             return
-        if event.event_type in ("opened", "closed_no_write"):
-            return  # reading is not changing
+        if event.event_type in ("opened", "closed_no_write") and self.area != "approved":
+            return  # reading is not changing; in approved/ opens and closes tell a copy's progress
         path = Path(getattr(event, "dest_path", "") or event.src_path)
         if self.only is not None and path.name != self.only.name and Path(event.src_path).name != self.only.name:
             return
         if self.only is None and is_ignored(path.name) and self.area != "loras":
             return
-        self.events.put(Change(self.area, path, event.event_type))
+        src = Path(event.src_path) if event.event_type == "moved" else None
+        self.events.put(Change(self.area, path, event.event_type, src=src))
 
 
 class Watcher:

@@ -150,9 +150,9 @@ def test_claims_of_dead_processes_are_recovered_and_counted(root):
 
     def die(claim):
         """Make the claim look like it belongs to a process that no longer exists."""
-        host, _, n, attempt = claim.path.name.split("__")[0].split(".")
+        host, boot, _, start, n, attempt = claim.path.name.split("__")[0].split(".")
         for item in (claim.path, claim.sidecar):
-            item.rename(item.with_name(f"{host}.999999999.{n}.{attempt}__{item.name.split('__', 1)[1]}"))
+            item.rename(item.with_name(f"{host}.{boot}.999999999.{start}.{n}.{attempt}__{item.name.split('__', 1)[1]}"))
 
     claim = inbox.claim(path)
     assert claim.sidecar is not None and claim.attempt == 1
