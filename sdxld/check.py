@@ -22,8 +22,8 @@ def run_check(config: Config, echo=print) -> int:
     echo(f"config     {config.source or '(defaults)'}: valid{'  [demo: built-in tiny SDXL]' if config.demo else ''}")
     for key in ("base", "refiner"):
         value = getattr(config.model, key)
-        if key == "refiner" and not config.model.use_refiner:
-            echo("refiner    off (model.use_refiner: false)")
+        if key == "refiner" and not config.refiner_wanted():
+            echo("refiner    off (no stage uses it: model.use_refiner, generation.stage2/stage3.use_refiner)")
             continue
         source = model_source(config, value)
         echo(f"{key:<10} {value} ({'hub id' if source.kind == 'hub' else source.kind})")

@@ -8,6 +8,7 @@ exit status 78 (EX_CONFIG), which the systemd unit treats as "do not restart".
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -18,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 EX_CONFIG = 78
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("UniPC", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -229,6 +232,9 @@ class UpscalerConfig:
 class OutputConfig:
     dir: str = "outputs"
     save_intermediates: bool = False
+    # Text embedded in the PNGs: full (A1111 parameters + the sdxld record, both free of local
+    # paths), parameters (A1111 text only), none (no text at all).
+    embed: Literal["full", "parameters", "none"] = "full"
 
 
 @dataclass
@@ -245,6 +251,10 @@ class DaemonConfig:
     max_attempts: int = 3
     # After a save failed (disk full, read-only outputs), wait this long before the next try.
     save_retry_s: float = 30.0
+    # A file in approved/ that a writer still holds open (a slow copy from a network share, a USB
+    # disk, a browser download) is waited for up to this long; one that decodes as truncated is
+    # put back and tried again while it is younger than this.
+    copy_wait_s: float = 300.0
 
     def validate(self) -> None:
         _check(self.max_pending >= 0, "daemon.max_pending", f"{self.max_pending} is negative")
@@ -253,6 +263,7 @@ class DaemonConfig:
         _check(1 <= self.rescan_s <= 3600, "daemon.rescan_s", f"{self.rescan_s} is outside 1..3600 seconds")
         _check(1 <= self.max_attempts <= 100, "daemon.max_attempts", f"{self.max_attempts} is outside 1..100")
         _check(0.1 <= self.save_retry_s <= 3600, "daemon.save_retry_s", f"{self.save_retry_s} is outside 0.1..3600 seconds")
+        _check(0 <= self.copy_wait_s <= 86400, "daemon.copy_wait_s", f"{self.copy_wait_s} is outside 0..86400 seconds")
 
 
 @dataclass
@@ -272,6 +283,14 @@ class Config:
     # Set by --demo: the built-in tiny model is in use (recorded in every Record).
     demo: bool = field(default=False, metadata={"internal": True})
 
+    def refiner_wanted(self) -> bool:
+        """The refiner is loaded when any stage uses it: model.use_refiner for stage 1, and each
+        of generation.stage2/stage3.use_refiner for its own stage (as the seed script did)."""
+        gen = self.generation
+        used = self.model.use_refiner or (gen.stage2.enabled and gen.stage2.use_refiner) or (
+            gen.stage3.enabled and gen.stage3.use_refiner)
+        return bool(self.model.refiner) and used
+
     def path(self, value: str | Path) -> Path:
         """A configured path, resolved against the config file's folder."""
         return (self.root / Path(value).expanduser()).resolve()
@@ -286,7 +305,7 @@ class Config:
     def _validate_model_paths(self) -> None:
         for key in ("base", "refiner", "config", "refiner_config", "vae"):
             value = getattr(self.model, key)
-            if not value or (key == "refiner" and not self.model.use_refiner):
+            if not value or (key == "refiner" and not self.refiner_wanted()):
                 continue
             if key in ("config", "refiner_config"):
                 _check(self.path(value).is_dir(), f"model.{key}", f"folder '{self.path(value)}' not found")
@@ -430,6 +449,14 @@ def load(path: Path) -> Config:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"invalid YAML{where}: {getattr(err, 'problem', err)}", file=path) from None
+    from .seed_compat import migrate_config
+
+    data, mapped = migrate_config(data)
+    if mapped:
+        log.warning(
+            "%s uses generate.py's key names; read as: %s. Run `sdxld config migrate` to rewrite the file "
+            "with the new names", path, "; ".join(mapped),
+        )
     return from_dict(data, path.parent, path)
 
 

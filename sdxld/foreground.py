@@ -78,6 +78,7 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
     made = 0
     failures_in_a_row = 0
     last_save_failed = False
+    writes_seen = 0
     limit = 1 if once else count
     if seed is not None:
         engine.seeds = type(engine.seeds)(seed)
@@ -101,7 +102,11 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
                 continue
             finally:
                 progress.close()
-            failures_in_a_row = 0
+            # With background writes an image counts as made once a write has succeeded since.
+            writer = engine.writer
+            if writer is None or writer.written > writes_seen:
+                failures_in_a_row = 0
+                writes_seen = writer.written if writer is not None else 0
             made += 1
     except KeyboardInterrupt:
         log.info("stopped at once on the second signal")

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lora_merge import LoraFileError, LoraMerger, LoraWeights, Merged, read_lora_weights
+from .lora_merge import LoraFileError, LoraMergeError, LoraMerger, LoraWeights, Merged, read_lora_weights
 from .records import LoraUse
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 # LyCORIS and DoRA variants: not a low-rank pair sdxld can merge.
-_OTHER_ADAPTERS = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA"}
+_OTHER_ADAPTERS = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
+                   "lora_mid": "LoCon with Tucker decomposition (lora_mid)"}
 
 
 def check_lora_header(header: dict) -> None:
@@ -283,7 +284,18 @@ class LoraLibrary:
                     continue
                 wanted[kind] = Merged(key, weights, strength)
             uses.append(LoraUse(kind, entry.name, entry.path.name, strength, entry.hash, entry.triggers))
-        self.merger.apply(wanted)
+        try:
+            self.merger.apply(wanted)
+        except LoraMergeError as err:
+            # The merger restored the previous weights; the file that failed leaves the rotation
+            # (until it changes on disk) and this image goes on without it.
+            for kind in err.kinds:
+                entry = by_kind[kind][0]
+                entry.status, entry.layout, entry.reason = "rejected", {}, str(err)
+                log.warning("LoRA %s rejected: %s", entry.path, err)
+                wanted[kind] = None
+            uses = [use for use in uses if use.kind not in err.kinds]
+            self.merger.apply(wanted)
         return uses
 
     def _read(self, entry: LoraEntry) -> LoraWeights | None:

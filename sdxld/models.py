@@ -189,10 +189,13 @@ def load_models(config: Config) -> ModelBank:
     base_source = model_source(config, config.model.base)
     try:
         base = _from_source(StableDiffusionXLPipeline, base_source, config.model.config, config, torch_dtype=dtype)
-        if config.model.vae:
-            base.vae = _load_vae(config.model.vae, config, dtype)
     except Exception as err:  # noqa: BLE001 - turned into one actionable message
         raise ModelLoadError(f"model.base '{config.model.base}' could not be loaded: {err}") from err
+    if config.model.vae:
+        try:
+            base.vae = _load_vae(config.model.vae, config, dtype)
+        except Exception as err:  # noqa: BLE001
+            raise ModelLoadError(f"model.vae '{config.model.vae}' could not be loaded: {err}") from err
     base.scheduler = make_scheduler(config.generation.sampler, base.scheduler.config)
 
     refiner = None

@@ -161,8 +161,47 @@ class Record:
         lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in items))
         return "\n".join(lines)
 
-    def png_chunks(self) -> dict[str, str]:
-        return {PARAMETERS_CHUNK: self.a1111_parameters(), RECORD_CHUNK: self.to_json()}
+    def shareable_dict(self) -> dict:
+        """The record as it may leave this machine inside a PNG: models by their configured hub id
+        or their file/folder name (with the hash), files by name. An absolute path would tell
+        everyone who opens a posted image the user's folders and user name. The local JSON in
+        outputs/metadata/ keeps the full record."""
+        data = self.to_dict()
+        user_text = {key: data.pop(key) for key in ("prompt", "negative", "parts")}
+        data = _without_paths(data)
+        data.update(user_text)
+        return data
+
+    def png_chunks(self, embed: str = "full") -> dict[str, str]:
+        """The PNG text chunks for output.embed: full (A1111 parameters + the path-free sdxld
+        record), parameters (A1111 text only), none."""
+        if embed == "none":
+            return {}
+        chunks = {PARAMETERS_CHUNK: self.a1111_parameters()}
+        if embed == "full":
+            chunks[RECORD_CHUNK] = json.dumps(self.shareable_dict(), ensure_ascii=False, separators=(",", ":"))
+        return chunks
+
+
+_PATH = re.compile(r"^(?:/|~|\\\\|[A-Za-z]:[\\/]|\.{1,2}[\\/])")
+
+
+def public_name(value: str) -> str:
+    """A model setting as it may be shown to others: a hub id (owner/name) as it is, a local
+    path by its last component."""
+    if _PATH.match(value) or value.count("/") > 1 or "\\" in value:
+        return re.split(r"[\\/]", value.rstrip("/\\"))[-1]
+    return value
+
+
+def _without_paths(value):
+    if isinstance(value, dict):
+        return {key: _without_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_paths(item) for item in value]
+    if isinstance(value, str) and _PATH.match(value):
+        return public_name(value)
+    return value
 
 
 def _expect(values: dict, key: str, types: type | tuple) -> None:

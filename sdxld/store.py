@@ -200,13 +200,16 @@ class BackgroundWriter:
         self._queue: "queue.Queue" = queue.Queue(max_pending)
         self._errors: list[BaseException] = []
         self._thread: threading.Thread | None = None
+        self.written = 0  # writes that succeeded
 
     def submit(self, fn, *args) -> None:
-        self._raise_failed()
+        """Queue a write, then raise an earlier write's failure if there was one (this write is
+        queued either way: reporting an old failure must not lose a new image)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="sdxld-writer", daemon=True)
             self._thread.start()
         self._queue.put((fn, args))
+        self._raise_failed()
 
     @property
     def in_flight(self) -> int:
@@ -228,6 +231,7 @@ class BackgroundWriter:
             fn, args = self._queue.get()
             try:
                 fn(*args)
+                self.written += 1
             except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                 self._errors.append(err)
             finally:

@@ -106,24 +106,52 @@ def _open_clip(state: dict) -> dict:
     return out
 
 
-def write_single_file(folder: Path, target: Path) -> Path:
+def _unet_checkpoint(folder: Path) -> dict:
     import json
 
-    folder = Path(folder)
     unet_config = json.loads((folder / "unet" / "config.json").read_text())
     up_attention = ["CrossAttn" in t for t in unet_config["up_block_types"]]
+    return {"model.diffusion_model." + _unet_key(key, unet_config["layers_per_block"], up_attention): value
+            for key, value in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()}
+
+
+def _vae_checkpoint(folder: Path, prefix: str) -> dict:
+    import json
+
     vae_levels = len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"])
     checkpoint = {}
-    for key, value in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
-        checkpoint["model.diffusion_model." + _unet_key(key, unet_config["layers_per_block"], up_attention)] = value
     for key, value in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
         name, linear = _vae_key(key, vae_levels)
-        checkpoint["first_stage_model." + name] = value[..., None, None] if linear else value
+        checkpoint[prefix + name] = value[..., None, None] if linear else value
+    return checkpoint
+
+
+def _save(checkpoint: dict, target: Path) -> Path:
+    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(target))
+    return Path(target)
+
+
+def write_single_file_vae(folder: Path, target: Path) -> Path:
+    """The VAE alone, as standalone VAE files (e.g. sdxl_vae.safetensors) are shipped."""
+    return _save(_vae_checkpoint(Path(folder), ""), target)
+
+
+def write_single_file_refiner(folder: Path, target: Path) -> Path:
+    """A refiner checkpoint: its UNet, the VAE and its one text encoder (OpenCLIP layout)."""
+    folder = Path(folder)
+    checkpoint = _unet_checkpoint(folder) | _vae_checkpoint(folder, "first_stage_model.")
+    for key, value in _open_clip(load_file(folder / "text_encoder_2" / "model.safetensors")).items():
+        checkpoint["conditioner.embedders.0.model." + key] = value
+    return _save(checkpoint, target)
+
+
+def write_single_file(folder: Path, target: Path) -> Path:
+    folder = Path(folder)
+    checkpoint = _unet_checkpoint(folder) | _vae_checkpoint(folder, "first_stage_model.")
     for key, value in load_file(folder / "text_encoder" / "model.safetensors").items():
         # transformers >= 5.6 saves CLIPTextModel without its text_model wrapper; checkpoints have it.
         key = key if key.startswith("text_model.") else "text_model." + key
         checkpoint["conditioner.embedders.0.transformer." + key] = value
     for key, value in _open_clip(load_file(folder / "text_encoder_2" / "model.safetensors")).items():
         checkpoint["conditioner.embedders.1.model." + key] = value
-    save_file({k: v.contiguous() for k, v in checkpoint.items()}, str(target))
-    return Path(target)
+    return _save(checkpoint, target)

@@ -69,7 +69,7 @@ def test_upscaling_a_second_image_reuses_the_compiled_sizes(root, make_engine, n
     engine = make_engine(performance__compile="regional", performance__compile_backend="eager",
                          generation__t2i__steps=2, generation__stage2__steps=4, generation__stage3__steps=4,
                          generation__stage3__use_refiner=False, generation__stage2__use_refiner=False,
-                         model__use_refiner=False)
+                         model__refiner=None)
     images = [engine.stage1_once(seed=seed) for seed in (1, 2, 3)]
     engine.upscale(images[0].record, images[0].image)  # stage 2 and 3 sizes compile here
     no_recompiles()

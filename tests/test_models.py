@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import demo_config
-from ldm_checkpoint import write_single_file
+from ldm_checkpoint import write_single_file, write_single_file_refiner, write_single_file_vae
 from PIL import Image
 
 from sdxld.config import ConfigError, from_dict
@@ -37,9 +37,9 @@ def test_on_the_cpu_fp16_becomes_fp32_and_strategies_are_reported(root):
 def test_a_single_file_checkpoint_loads_offline_and_matches_its_folder(root):
     base_folder, _ = ensure_tiny_model()
     checkpoint = write_single_file(base_folder, root / "tiny-sdxl.safetensors")
-    from_folder = Engine.load(demo_config(root, model__use_refiner=False))
+    from_folder = Engine.load(demo_config(root, model__refiner=None))
 
-    config = demo_config(root, model__use_refiner=False)
+    config = demo_config(root, model__refiner=None)
     config.model.base = "tiny-sdxl.safetensors"  # relative to the config's folder
     config.model.config = str(base_folder)
     from_file = Engine.load(config)
@@ -60,7 +60,7 @@ def test_a_missing_checkpoint_is_a_config_error_naming_the_key(root):
 
 def test_a_broken_checkpoint_is_a_load_error_naming_the_setting(root):
     (root / "broken.safetensors").write_bytes(b"\x00" * 100)
-    config = demo_config(root, model__use_refiner=False)
+    config = demo_config(root, model__refiner=None)
     config.model.base = "broken.safetensors"
     config.model.config = str(ensure_tiny_model()[0])
     with pytest.raises(ModelLoadError, match="model.base 'broken.safetensors' could not be loaded"):
@@ -90,3 +90,21 @@ def test_half_precision_survives_building_img2img_and_the_refiner_runs():
         stage1(bank, record)
     except NaNImageError:
         pass  # random bf16 weights may overflow; what matters is that the mixed-dtype crash is gone
+
+
+def test_a_single_file_vae_and_refiner_load_offline_from_local_configs(root, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base_folder, refiner_folder = ensure_tiny_model()
+    write_single_file_vae(base_folder, root / "vae.safetensors")
+    write_single_file_refiner(refiner_folder, root / "refiner.safetensors")
+    config = demo_config(root)
+    # The VAE's config comes from the base's own folder (model.config is for single-file bases).
+    config.model.vae = "vae.safetensors"
+    config.model.refiner, config.model.refiner_config = "refiner.safetensors", str(refiner_folder)
+    models = load_models(config)
+
+    reference = Engine.load(demo_config(root)).models
+    for loaded, expected in ((models.base.vae, reference.base.vae), (models.refiner.unet, reference.refiner.unet)):
+        theirs = expected.state_dict()
+        assert all(torch.equal(value, theirs[key]) for key, value in loaded.state_dict().items())
+    assert models.refiner.vae is models.base.vae
