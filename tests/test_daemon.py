@@ -133,31 +133,6 @@ def test_kill_9_during_an_upscale_then_restart_loses_and_duplicates_nothing(root
     assert partial_files(root) == []
 
 
-def test_a_slowly_written_file_is_not_read_before_it_is_complete(root):
-    [image] = make_approvable(root, 1)
-    data = image.read_bytes()
-    image.unlink()
-    set_config(root, daemon={"max_pending": 1, "settle_s": 1.0})
-    approved = root / "inbox" / "approved"
-    approved.mkdir(parents=True, exist_ok=True)
-    daemon = DaemonProcess(root)
-    try:
-        wait_for(lambda: "sdxld running" in daemon.log, 90, what="the daemon to start")
-        target = approved / image.name
-        with open(target, "wb") as handle:
-            chunk = max(1, len(data) // 12)
-            for start in range(0, len(data), chunk):
-                handle.write(data[start : start + chunk])
-                handle.flush()
-                time.sleep(0.3)  # a slow copy, well within settle_s between writes
-        wait_for(lambda: (root / "inbox" / "done" / image.name).exists(), 60, what="the image in done/")
-        assert daemon.terminate(10) == 0
-    finally:
-        daemon.close()
-    assert files(root / "inbox" / "failed") == []
-    assert len(finals(root)) == 1
-
-
 def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
     socket_path = tmp_path / "notify.sock"
     server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -194,7 +169,8 @@ def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
 
 def test_two_daemons_on_one_root_process_each_approved_image_exactly_once(root):
     images = make_approvable(root, 4)
-    set_config(root, daemon={"max_pending": 1, "settle_s": 0.2})
+    # Smaller finals: the point is who processes what, not the upscale itself.
+    set_config(root, daemon={"max_pending": 1, "settle_s": 0.2}, generation={"mid_scale": 1.5, "final_scale": 2})
     approved = root / "inbox" / "approved"
     approved.mkdir(parents=True, exist_ok=True)
     a = DaemonProcess(root, name="a")
