@@ -217,6 +217,8 @@ class Engine:
             store.save_image(self.layout, record, stage2_up, "stage2_up", embed=self.embed)
             store.save_image(self.layout, record, stage2_image, "stage2", embed=self.embed)
 
+        if self.models.residency is not None:
+            self.models.residency.evict()  # model_offload: the upscaler gets the GPU to itself
         stage3_up = self.upscaler.upscale(stage2_image, final_size)
         if intermediates:
             store.save_image(self.layout, record, stage3_up, "stage3_up", embed=self.embed)

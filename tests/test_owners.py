@@ -66,9 +66,14 @@ def _config(root):
 
 
 def _free_pid() -> int:
-    pid = os.getpid() + 5000
+    """A pid no process has now, inside the kernel's pid range."""
+    try:
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except OSError:
+        pid_max = 32768
+    pid = 300 + (os.getpid() + 5000) % (pid_max - 400)
     while owners.pid_running(pid) or owners.pid_running(pid - 1):
-        pid += 7
+        pid = 300 + (pid + 7) % (pid_max - 400)
     return pid
 
 
