@@ -52,6 +52,9 @@ class OneModelOnDevice:
         import torch
 
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # Parameters report cuda:N; comparing against a bare "cuda" would move them every call.
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self._hooks: list = []  # accelerate UserCpuOffloadHook per module
         self.resident = None
 
