@@ -1,6 +1,6 @@
 """Tile grids, blend weights, and the latent tiled-denoise loop of stage 3.
 
-Two designs (REFERENCE.md):
+Two designs (docs/costs.md says what each costs):
 - pixel: each tile is img2img'd on its own and the results are blended with ramps over the
   overlap (the seed's algorithm). Cheap in memory, but neighbours may draw different things
   where they overlap.

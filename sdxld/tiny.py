@@ -96,7 +96,7 @@ def build_tokenizer():
     tokens = alphabet + [a + "</w>" for a in alphabet] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys(tokens))}
-    # model_max_length must be set: without it encoding overflows (REFERENCE.md).
+    # model_max_length must be set: without it encoding overflows ("int too big to convert").
     return CLIPTokenizer(vocab=vocab, merges=list(merges), model_max_length=77)
 
 

@@ -34,7 +34,7 @@ def test_grids_cover_exactly_with_flush_edges(width, height, tile, overlap_fract
 
 
 def test_default_final_size_is_six_tiles():
-    """3072x5376 with 2048-pixel tiles and 256 overlap: 2 columns x 3 rows (REFERENCE.md)."""
+    """3072x5376 with 2048-pixel tiles and 256 overlap: 2 columns x 3 rows."""
     tiles = tile_grid(3072, 5376, 2048, 256)
     assert len(tiles) == 6
     assert tile_starts(3072, 2048, 256) == [0, 1024]
