@@ -285,7 +285,7 @@ class Config:
 
     def refiner_wanted(self) -> bool:
         """The refiner is loaded when any stage uses it: model.use_refiner for stage 1, and each
-        of generation.stage2/stage3.use_refiner for its own stage (as the seed script did)."""
+        of generation.stage2/stage3.use_refiner for its own stage (as generate.py did)."""
         gen = self.generation
         used = self.model.use_refiner or (gen.stage2.enabled and gen.stage2.use_refiner) or (
             gen.stage3.enabled and gen.stage3.use_refiner)

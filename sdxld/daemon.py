@@ -21,7 +21,7 @@ from pathlib import Path
 from . import store
 from .config import Config, ConfigError, load
 from .arrivals import Arrivals
-from .engine import Engine
+from .engine import MAX_FAILURES_IN_A_ROW, Engine
 from .inbox import Claim, Inbox
 from .stages import Hooks, Interrupted, NaNImageError
 from .upscaling import upscale_claimed
@@ -29,7 +29,6 @@ from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
-MAX_FAILURES_IN_A_ROW = 5
 FAILURE_BACKOFF_S = 2.0  # after n failures in a row, wait FAILURE_BACKOFF_S ** n (at most 30 s)
 
 # Changing these means reloading the models: reported as "restart needed", never half-applied.

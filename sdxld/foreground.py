@@ -9,12 +9,10 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+from .engine import MAX_FAILURES_IN_A_ROW
 from .stages import Hooks, Interrupted
 
 log = logging.getLogger(__name__)
-
-# As the daemon: this many failed images in a row means something is broken beyond one image.
-MAX_FAILURES_IN_A_ROW = 5
 
 
 class StopFlag:

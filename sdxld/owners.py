@@ -37,8 +37,6 @@ def start_ticks(pid: int) -> int | None:
     """When `pid` started, in clock ticks since boot (None: no such process, or no /proc)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
     except OSError:
         return None
     # The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.

@@ -61,7 +61,7 @@ class Record:
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return _compact_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: Any) -> "Record":
@@ -179,8 +179,12 @@ class Record:
             return {}
         chunks = {PARAMETERS_CHUNK: self.a1111_parameters()}
         if embed == "full":
-            chunks[RECORD_CHUNK] = json.dumps(self.shareable_dict(), ensure_ascii=False, separators=(",", ":"))
+            chunks[RECORD_CHUNK] = _compact_json(self.shareable_dict())
         return chunks
+
+
+def _compact_json(data: dict) -> str:
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
 _PATH = re.compile(r"^(?:/|~|\\\\|[A-Za-z]:[\\/]|\.{1,2}[\\/])")
