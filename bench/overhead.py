@@ -40,9 +40,9 @@ def main() -> None:
     from sdxld.tiling import blend, tile_grid
     from sdxld.tiny import apply_demo
 
-    root = Path(tempfile.mkdtemp(prefix="sdxld-overhead-"))
-    repo = Path(__file__).resolve().parents[1]
-    shutil.copytree(repo / "prompts", root / "prompts")
+    from sdxld.init import init_root
+
+    root = init_root(Path(tempfile.mkdtemp(prefix="sdxld-overhead-"))).root
     try:
         config = apply_demo(from_dict({}, root))
         config.generation.stage3.mode = "pixel"

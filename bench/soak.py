@@ -40,15 +40,13 @@ def main() -> None:
     from sdxld.tiny import write_tiny_lora
 
     rng = random.Random(args.seed)
-    root = Path(tempfile.mkdtemp(prefix="sdxld-soak-"))
-    shutil.copy(REPO / "config.yaml", root / "config.yaml")
-    shutil.copytree(REPO / "prompts", root / "prompts")
+    from sdxld.init import init_root
+
+    root = init_root(Path(tempfile.mkdtemp(prefix="sdxld-soak-"))).root
     config = yaml.safe_load((root / "config.yaml").read_text())
     config["daemon"].update({"max_pending": 0, "settle_s": 0.5, "rescan_s": 5})
     (root / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     loras = root / "loras"
-    for kind in ("character", "style"):
-        (loras / kind).mkdir(parents=True)
     spare = root / "spare-loras"
     for i in range(6):
         write_tiny_lora(spare / f"lora{i}.safetensors", seed=i, rank=rng.choice([2, 4, 8]))

@@ -37,13 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         _common(sub, suppress=True)
         return sub
 
-    gen = command("generate", "generate images in the foreground (the seed's modes 1 and 2)")
+    gen = command("generate", "generate images in the foreground, until stopped or --count is reached")
     gen.add_argument("--stage1", action="store_true", help="stage 1 only: base images to curate")
     gen.add_argument("--once", action="store_true", help="make one image and exit")
     gen.add_argument("--count", type=int, help="make this many images and exit")
     gen.add_argument("--seed", type=int, help="seed of the first image (next ones: +1 each)")
 
-    up = command("upscale", "upscale approved images through stages 2 and 3 (the seed's mode 3)")
+    up = command("upscale", "upscale approved images through stages 2 and 3, then exit")
     up.add_argument("files", nargs="*", type=Path, help="images to upscale (default: everything in inbox/approved)")
     up.add_argument("--stage1", action="store_true", help="every stage-1 image with metadata and no final yet")
 
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("check", "validate config, load the model, list LoRAs and why any were rejected")
 
+    init = command("init", "make a root of your own: config.yaml, prompts/, loras/, weights/, inbox/, outputs/")
+    init.add_argument("folder", nargs="?", type=Path, help="where (default: --root, else the current folder)")
+
     config_command = command("config", "config file tools")
     config_actions = config_command.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     command("migrate", "rewrite a config.yaml written for generate.py with sdxld's key names", under=config_actions)
@@ -73,15 +76,23 @@ def config_path(args) -> Path:
     return (args.root or Path.cwd()) / "config.yaml"
 
 
+def root_folder(args) -> Path:
+    """The root without reading the config: --root, the config file's folder, or the current folder."""
+    return (args.root or (args.config.parent if args.config else None) or Path.cwd()).absolute()
+
+
 def load_config(args) -> Config:
     from .tiny import apply_demo
 
     path = config_path(args)
-    if not path.exists() and args.demo and not args.config:
-        # The demo must run anywhere: no config.yaml means the defaults, rooted here.
-        config = from_dict({}, path.parent)
-    else:
-        config = load(path)
+    if not path.exists():
+        where = path.parent.absolute()
+        raise ConfigError(
+            f"not found: {where} is not an sdxld root. Make one with `sdxld init {where}` (add --demo for the "
+            "built-in demo model and demo LoRAs), or point at yours with --root DIR / --config FILE",
+            file=path.absolute(),
+        )
+    config = load(path)
     if args.demo:
         apply_demo(config)
     return config
@@ -112,6 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     log = logging.getLogger("sdxld")
     try:
+        return run_command(args, log)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # noqa: BLE001 - every failure gets a message of its own, never a bare traceback
+        log.error("sdxld %s failed: %s: %s", args.command, type(err).__name__, err, exc_info=True)
+        log.error("this is a bug in sdxld or an unexpected state of this machine; the traceback above says where")
+        return 1
+
+
+def run_command(args, log) -> int:
+    # Commands that must work without a valid config: making a root, and looking at one.
+    if args.command == "init":
+        return _init(args)
+    if args.command == "status":
+        return _status(args)
+
+    try:
         config = load_config(args)
     except ConfigError as err:
         log.error("%s", err)
@@ -139,22 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_check(config)
 
-    if args.command == "status":
-        import json
-
-        from .daemon import format_status, read_status
-
-        entries = read_status(config.root)
-        print(json.dumps(entries, indent=2) if args.json else format_status(entries))
-        return 0
-
     if args.command == "service":
-        from .service import install_unit
-
-        path = install_unit(config.root, user_unit=args.user, target_dir=args.target_dir, service_user=args.service_user)
-        scope = "--user " if args.user else ""
-        print(f"wrote {path}\nnow: systemctl {scope}daemon-reload && systemctl {scope}enable --now sdxld")
-        return 0
+        return _service(args, config, log)
 
     if args.command == "run":
         from . import foreground
@@ -196,6 +210,52 @@ def main(argv: list[str] | None = None) -> int:
                 engine, stage1_only=args.stage1, once=args.once, count=args.count, seed=args.seed, stop=stop
             )
     return 2
+
+
+def _init(args) -> int:
+    from .init import InitError, describe, init_root
+
+    folder = args.folder or args.root or Path.cwd()
+    try:
+        report = init_root(folder, demo=args.demo)
+    except InitError as err:
+        logging.getLogger("sdxld").error("%s", err)
+        return 1
+    print(describe(report, args.demo))
+    return 0
+
+
+def _status(args) -> int:
+    import json
+
+    from .status import config_health, format_status, read_status
+
+    root = root_folder(args)
+    entries = read_status(root)
+    problem = config_health(config_path(args).absolute())
+    if args.json:
+        print(json.dumps({"root": str(root), "config_error": problem, "daemons": entries}, indent=2))
+    else:
+        print(format_status(entries, problem))
+    return 0
+
+
+def _service(args, config: Config, log) -> int:
+    from .service import ServiceError, install_unit
+
+    try:
+        result = install_unit(
+            config.root, user_unit=args.user, target_dir=args.target_dir, service_user=args.service_user,
+            demo=args.demo,
+        )
+    except ServiceError as err:
+        log.error("%s", err)
+        return 1
+    for warning in result.warnings:
+        log.warning("%s", warning)
+    print(f"wrote {result.path}")
+    print(f"next: {result.next_steps}")
+    return 0
 
 
 if __name__ == "__main__":

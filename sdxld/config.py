@@ -364,6 +364,21 @@ def _type_name(tp: Any) -> str:
     return {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(tp, str(tp))
 
 
+def did_you_mean(value: Any, choices) -> str:
+    """' (did you mean 'x'?)' for the closest choice (case, '-' for '_', typos), else ''."""
+    import difflib
+
+    if not isinstance(value, str):
+        return ""
+    choices = [str(c) for c in choices]
+    wanted = value.strip().lower().replace("-", "_").replace(" ", "_")
+    by_form = {c.lower().replace("-", "_").replace(" ", "_"): c for c in choices}
+    match = by_form.get(wanted) or next(iter(difflib.get_close_matches(wanted, list(by_form), n=1, cutoff=0.6)), None)
+    if match is None:
+        return ""
+    return f" (did you mean '{by_form.get(match, match)}'?)"
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -385,7 +400,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is False and "off" in choices:
             value = "off"  # YAML 1.1 reads an unquoted off as false
         if value not in choices:
-            raise ConfigError(f"{value!r} is not {_type_name(tp)}", key)
+            raise ConfigError(f"{value!r} is not {_type_name(tp)}{did_you_mean(value, choices)}", key)
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
@@ -417,8 +432,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if key not in known:
-            close = [k for k in known if k.lower() == str(key).lower().replace("-", "_")]
-            hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+            hint = did_you_mean(key, known) or f"; the keys of {prefix or 'the top level'} are: {', '.join(known)}"
             raise ConfigError(f"unknown key{hint}", dotted)
         kwargs[key] = _coerce(value, hints[key], dotted)
     return cls(**kwargs)
@@ -440,7 +454,7 @@ def load(path: Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError("file not found; run from the folder holding config.yaml or pass --root/--config", file=path) from None
+        raise ConfigError("file not found", file=path) from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"cannot be read: {err}", file=path) from None
     try:

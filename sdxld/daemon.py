@@ -9,22 +9,19 @@ images, or low disk). Status goes to a file (`sdxld status`) and to systemd.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import shutil
-import socket
 import time
 from collections import deque
 from pathlib import Path
 
-from . import store
 from .config import Config, ConfigError, load
 from .arrivals import Arrivals
 from .engine import MAX_FAILURES_IN_A_ROW, Engine
 from .inbox import Claim, Inbox
 from .stages import Hooks, Interrupted, NaNImageError
 from .upscaling import upscale_claimed
+from .status import StatusBoard
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -33,70 +30,6 @@ FAILURE_BACKOFF_S = 2.0  # after n failures in a row, wait FAILURE_BACKOFF_S ** 
 
 # Changing these means reloading the models: reported as "restart needed", never half-applied.
 RESTART_SECTIONS = ("model", "performance", "memory")
-
-
-def status_dir(root: Path) -> Path:
-    return Path(root) / ".sdxld" / "status"
-
-
-class StatusBoard:
-    """What the daemon is doing, written atomically for `sdxld status` (and mirrored to systemd)."""
-
-    def __init__(self, root: Path, notifier):
-        self.path = status_dir(root) / f"{socket.gethostname()}.{os.getpid()}.json"
-        self.notifier = notifier
-        self.data = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "started": time.time(),
-            "state": "starting",
-            "current": None,
-            "approved_queued": 0,
-            "stage1_made": 0,
-            "finals_made": 0,
-            "failed": 0,
-            "seconds_per_image": None,
-            "images_per_hour": None,
-            "loras": {"loaded": 0, "rejected": []},
-            "paused": None,
-            "last_error": None,
-            "restart_needed": [],
-            "watch": None,
-        }
-        self._written = 0.0
-        self._durations: deque[float] = deque(maxlen=20)
-
-    def update(self, force: bool = False, **changes) -> None:
-        self.data.update(changes)
-        self.data["updated"] = time.time()
-        self.notifier.status(self.line())
-        if force or time.monotonic() - self._written >= 1.0:
-            store.write_json(self.path, self.data)
-            self._written = time.monotonic()
-
-    def image_done(self, seconds: float, kind: str) -> None:
-        self._durations.append(seconds)
-        key = "stage1_made" if kind == "stage1" else "finals_made"
-        self.data[key] += 1
-        self.data["seconds_per_image"] = round(sum(self._durations) / len(self._durations), 2)
-        hours = (time.time() - self.data["started"]) / 3600
-        self.data["images_per_hour"] = round(self.data["stage1_made"] / hours, 1) if hours > 0 else None
-
-    def line(self) -> str:
-        d = self.data
-        parts = [d["state"]]
-        if d["paused"]:
-            parts[0] = f"paused: {d['paused']}"
-        parts.append(f"stage1 #{d['stage1_made']}")
-        if d["seconds_per_image"] is not None:
-            parts.append(f"{d['seconds_per_image']:.1f} s/img")
-        parts.append(f"{d['approved_queued']} approved queued")
-        rejected = len(d["loras"]["rejected"])
-        parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected)")
-        return " · ".join(parts)
-
-    def finish(self) -> None:
-        self.update(force=True, state="stopped", current=None)
 
 
 class Daemon:
@@ -208,14 +141,14 @@ class Daemon:
     def _refresh_loras(self, report) -> None:
         entries = self.engine.loras.entries()
         rejected = [{"file": str(e.path), "reason": e.reason} for e in entries if e.status == "rejected"]
-        self.status.update(loras={"loaded": sum(e.status == "loaded" for e in entries), "rejected": rejected})
+        self.status.update(force=True, loras={"loaded": sum(e.status == "loaded" for e in entries), "rejected": rejected})
 
     def _reload_config(self) -> None:
         try:
             new = load(self.config_path)
         except ConfigError as err:
             log.error("config change not applied, keeping the last good config: %s", err)
-            self.status.update(force=True, last_error=f"config: {err}")
+            self.status.update(force=True, config_error=str(err))
             return
         if self.demo:
             from .tiny import apply_demo
@@ -237,7 +170,7 @@ class Daemon:
         if (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
             self._start_watcher()
         self._loras_dirty = True
-        self.status.update(force=True, restart_needed=restart, last_error=None)
+        self.status.update(force=True, restart_needed=restart, config_error=None)
         log.info("config reloaded from %s", self.config_path)
 
     # --- work -------------------------------------------------------------------------------
@@ -357,50 +290,3 @@ class Daemon:
                 self.status.update(current={"job": job, "phase": phase, "step": step, "total": total})
 
         return Hooks(should_stop=self.stop, on_step=on_step)
-
-
-def read_status(root: Path) -> list[dict]:
-    """Status of every daemon on this root (stale files of dead processes are marked)."""
-    from .owners import pid_alive_since
-
-    folder = status_dir(root)
-    found = []
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if data.get("host") == socket.gethostname() and data.get("state") != "stopped" and not pid_alive_since(
-            int(data.get("pid", 0)), float(data.get("started", 0))
-        ):
-            data["state"] = "dead (stale status)"
-        found.append(data)
-    return found
-
-
-def format_status(entries: list[dict]) -> str:
-    if not entries:
-        return "no sdxld daemon has run on this root (no status files)"
-    lines = []
-    for d in entries:
-        uptime = time.time() - d.get("started", time.time())
-        lines.append(f"sdxld pid {d['pid']} on {d['host']}: {d['state']}" + (f" (paused: {d['paused']})" if d.get("paused") else ""))
-        if d.get("current"):
-            current = d["current"]
-            detail = f" {current.get('phase', '')} step {current.get('step')}/{current.get('total')}" if current.get("step") else ""
-            lines.append(f"  now:        {current.get('job')}{' ' + current['file'] if current.get('file') else ''}{detail}")
-        lines.append(f"  uptime:     {uptime / 3600:.1f} h; stage-1 images {d['stage1_made']}, finals {d['finals_made']}, failed {d['failed']}")
-        if d.get("seconds_per_image") is not None:
-            lines.append(f"  rate:       {d['seconds_per_image']} s/img, {d.get('images_per_hour')} stage-1 images/hour")
-        lines.append(f"  queue:      {d['approved_queued']} approved waiting")
-        rejected = d["loras"]["rejected"]
-        lines.append(f"  LoRAs:      {d['loras']['loaded']} loaded, {len(rejected)} rejected")
-        for item in rejected:
-            lines.append(f"              {Path(item['file']).name}: {item['reason']}")
-        if d.get("restart_needed"):
-            lines.append(f"  restart needed for: {', '.join(d['restart_needed'])}")
-        if d.get("last_error"):
-            lines.append(f"  last error: {d['last_error']}")
-    return "\n".join(lines)

@@ -156,7 +156,9 @@ class Engine:
             self.writer.submit(store.save_image, self.layout, record, image, "stage1", name, self.embed)
         else:
             store.save_image(self.layout, record, image, "stage1", name, self.embed)
-        log.info("stage1 %s seed %d -> %s", record.tag, record.seed, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})
+        loras = " + ".join(f"{use.kind} {use.name}" for use in record.loras) or "no LoRA"
+        log.info("stage1 %s seed %d, %s -> %s", record.tag, record.seed, loras, path.name,
+                 extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})
         return Stage1Result(record, path, image)
 
     def stage1_once(self, seed: int | None = None, hooks: Hooks | None = None) -> Stage1Result:

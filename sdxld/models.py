@@ -8,6 +8,7 @@ and compile are all decided here, once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -172,6 +173,72 @@ def _vae_config_folder(config: Config) -> str | None:
     return base.location if base.kind == "folder" else None
 
 
+@contextlib.contextmanager
+def explained_load_failure(config: Config, key: str, source: ModelSource):
+    """Turn whatever loading a model raises into one message: which setting, why, what to do.
+
+    A hub id that is neither cached nor downloadable fails before diffusers starts, in seconds,
+    instead of after its retries with "check out the root cause in the stacktrace above"."""
+    if source.kind == "hub":
+        _check_hub_model(config, key, source.location)
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except Exception as err:  # noqa: BLE001 - turned into one actionable message
+        advice = {
+            "file": "check that it is a complete SDXL checkpoint (not SD1.5, a LoRA or a VAE) and not still being copied",
+            "folder": "check that it is a complete diffusers folder of an SDXL model",
+            "hub": "check the name, the network and the free disk space of the Hugging Face cache",
+        }[source.kind]
+        raise ModelLoadError(f"model.{key} '{getattr(config.model, key)}' could not be loaded: {_reasons(err)}. To fix: "
+                             f"{advice}; or set model.{key} in {config.source or 'config.yaml'} to another model") from err
+
+
+def _reasons(err: BaseException) -> str:
+    """The error and its causes in one line, without library hints pointing at a traceback."""
+    parts: list[str] = []
+    while err is not None and len(parts) < 4:
+        text = re.sub(r"\s*Please check out the root cause in the stacktrace above\.?", "", str(err)).strip()
+        if text and not any(text in p for p in parts):
+            parts.append(text)
+        err = err.__cause__ or err.__context__
+    return ": ".join(parts) or "unknown error"
+
+
+def _check_hub_model(config: Config, key: str, repo_id: str) -> None:
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    marker = "config.json" if key == "vae" else "model_index.json"
+    if isinstance(try_to_load_from_cache(repo_id, marker), str):
+        return
+    where = config.source or "config.yaml"
+    if constants.HF_HUB_OFFLINE:
+        reason = "downloads are switched off here (HF_HUB_OFFLINE is set; unset it to download)"
+    else:
+        try:
+            model_info(repo_id, timeout=15)
+            return  # reachable: diffusers downloads it (once; an SDXL model is about 7 GB)
+        except GatedRepoError:
+            raise ModelLoadError(
+                f"model.{key} '{repo_id}' is a gated model: accept its terms on https://huggingface.co/{repo_id} "
+                "and log in on this machine with `hf auth login`") from None
+        except RepositoryNotFoundError:
+            raise ModelLoadError(
+                f"model.{key} '{repo_id}' does not exist on the Hugging Face Hub (or is private: then log in with "
+                f"`hf auth login`). Check the spelling in {where}, or set it to a local .safetensors checkpoint "
+                "or diffusers folder") from None
+        except Exception as err:  # noqa: BLE001 - any network failure means the same to the user
+            reason = f"the Hub cannot be reached ({type(err).__name__}: {_reasons(err)[:200]})"
+    raise ModelLoadError(
+        f"model.{key} '{repo_id}' is a Hugging Face Hub id that is not in this machine's model cache "
+        f"({constants.HF_HUB_CACHE}), and {reason}. To fix: connect this machine to the internet once so sdxld "
+        f"can download it (an SDXL model is about 7 GB), or set model.{key} in {where} to a local .safetensors "
+        "checkpoint or diffusers folder. To try sdxld without any model, add --demo (the built-in tiny model)"
+    )
+
+
 def load_models(config: Config) -> ModelBank:
     """Load everything the stages need, honouring device, dtype and memory strategy."""
     import torch
@@ -187,22 +254,18 @@ def load_models(config: Config) -> ModelBank:
     dtype = getattr(torch, DTYPES[dtype_name])
 
     base_source = model_source(config, config.model.base)
-    try:
+    with explained_load_failure(config, "base", base_source):
         base = _from_source(StableDiffusionXLPipeline, base_source, config.model.config, config, torch_dtype=dtype)
-    except Exception as err:  # noqa: BLE001 - turned into one actionable message
-        raise ModelLoadError(f"model.base '{config.model.base}' could not be loaded: {err}") from err
     if config.model.vae:
-        try:
+        with explained_load_failure(config, "vae", model_source(config, config.model.vae)):
             base.vae = _load_vae(config.model.vae, config, dtype)
-        except Exception as err:  # noqa: BLE001
-            raise ModelLoadError(f"model.vae '{config.model.vae}' could not be loaded: {err}") from err
     base.scheduler = make_scheduler(config.generation.sampler, base.scheduler.config)
 
     refiner = None
     refiner_id = None
     if config.refiner_wanted():
         refiner_source = model_source(config, config.model.refiner)
-        try:
+        with explained_load_failure(config, "refiner", refiner_source):
             # The SDXL refiner uses the base's second text encoder and VAE unchanged: share them.
             refiner = _from_source(
                 StableDiffusionXLImg2ImgPipeline,
@@ -213,8 +276,6 @@ def load_models(config: Config) -> ModelBank:
                 text_encoder_2=base.text_encoder_2,
                 vae=base.vae,
             )
-        except Exception as err:  # noqa: BLE001
-            raise ModelLoadError(f"model.refiner '{config.model.refiner}' could not be loaded: {err}") from err
         refiner.scheduler = make_scheduler(config.generation.sampler, refiner.scheduler.config)
         refiner_id = config.model.refiner
 

@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -196,8 +197,10 @@ DEFAULT_VENV_BIN = "/opt/sdxld/.venv/bin"
 DEFAULT_ROOT = "/var/lib/sdxld"
 
 
-def render_unit(name: str, *, exec_start: str, root: Path | str, user: str = "sdxld", path: str | None = None) -> str:
-    environment = f"Environment=PATH={path}\n" if path else ""
+def render_unit(name: str, *, exec_start: str, root: Path | str, user: str = "sdxld", path: str | None = None,
+                environment: dict | None = None) -> str:
+    variables = ({"PATH": path} if path else {}) | (environment or {})
+    environment = "".join(f"Environment={key}={value}\n" for key, value in variables.items())
     return (
         UNIT_TEMPLATES[name]
         .replace("@EXEC_START@", exec_start)
@@ -215,6 +218,7 @@ def render_default(name: str) -> str:
         exec_start=f"/usr/bin/env sdxld run --root {root}",
         root=root,
         path=f"{DEFAULT_VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
+        environment=None if name == "sdxld-user.service" else {"XDG_CACHE_HOME": f"{root}/.cache"},
     )
 
 
@@ -226,18 +230,113 @@ def sdxld_executable() -> str:
     return f"{Path(sys.executable).absolute()} -m sdxld.cli"
 
 
-def install_unit(root: Path, *, user_unit: bool, target_dir: Path | None = None, service_user: str = "sdxld") -> Path:
-    """Write sdxld.service for this installation and root; returns its path."""
+class ServiceError(Exception):
+    """The unit cannot be installed; the message says why and what to do."""
+
+
+@dataclass
+class Host:
+    """Where this machine's systemd state is read from (tests point these at their own folders)."""
+
+    booted_marker: Path = Path("/run/systemd/system")  # exists iff systemd is PID 1 (sd_booted)
+    linger_dir: Path = Path("/var/lib/systemd/linger")
+    env: dict = field(default_factory=lambda: dict(os.environ))
+
+
+@dataclass
+class Installed:
+    path: Path
+    warnings: list[str]
+    next_steps: str
+
+
+def install_unit(root: Path, *, user_unit: bool, target_dir: Path | None = None, service_user: str = "sdxld",
+                 demo: bool = False, host: Host | None = None) -> Installed:
+    """Write sdxld.service for this installation and root, saying what will stop it from working."""
     from .store import atomic_write
 
+    host = host or Host()
     root = Path(root).resolve()
     name = "sdxld-user.service" if user_unit else "sdxld.service"
-    text = render_unit(name, exec_start=f"{sdxld_executable()} run --root {root}", root=root, user=service_user)
+    executable = sdxld_executable()
+    exec_start = f"{executable} run {'--demo ' if demo else ''}--root {root}"
+    # A system account's home is rarely writable under ProtectSystem=strict: keep the Hugging Face
+    # downloads and the demo model's cache inside the root, the one folder the unit may write.
+    environment = None if user_unit else {"XDG_CACHE_HOME": str(root / ".cache")}
+    text = render_unit(name, exec_start=exec_start, root=root, user=service_user, environment=environment)
     if target_dir is None:
         if user_unit:
-            base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+            base = host.env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
             target_dir = Path(base) / "systemd" / "user"
         else:
             target_dir = Path("/etc/systemd/system")
-    target_dir.mkdir(parents=True, exist_ok=True)
-    return atomic_write(target_dir / "sdxld.service", text.encode())
+    try:
+        target_dir.mkdir(parents=True, exist_ok=True)
+        path = atomic_write(target_dir / "sdxld.service", text.encode())
+    except PermissionError:
+        raise ServiceError(
+            f"cannot write {target_dir / 'sdxld.service'}: permission denied. A system unit needs root: "
+            f"`sudo {executable} service install --root {root}`; or install one for your own account with --user"
+        ) from None
+    if user_unit:
+        warnings, steps = _user_unit_checks(host)
+    else:
+        warnings, steps = _system_unit_checks(host, root, service_user, executable)
+    if not host.booted_marker.is_dir():
+        warnings.append(
+            f"systemd is not running on this machine (no {host.booted_marker}; a container, or WSL without "
+            f"systemd): the unit is written but nothing will start it. Run `{executable} run "
+            f"{'--demo ' if demo else ''}--root {root}` in a terminal instead (inside tmux or screen it keeps "
+            "going after you log out)"
+        )
+    return Installed(path, warnings, steps)
+
+
+def _system_unit_checks(host: Host, root: Path, service_user: str, executable: str) -> tuple[list[str], str]:
+    import pwd
+
+    warnings = []
+    try:
+        account = pwd.getpwnam(service_user)
+    except KeyError:
+        warnings.append(
+            f"the unit runs as user '{service_user}', which does not exist on this machine: create it with "
+            f"`sudo useradd --system --home-dir {root} --shell /usr/sbin/nologin {service_user}` and "
+            f"`sudo chown -R {service_user}: {root}`, or pass --service-user NAME for an existing account"
+        )
+    else:
+        if root.exists() and root.stat().st_uid != account.pw_uid:
+            warnings.append(
+                f"{root} is not owned by '{service_user}', the account the service runs as, which must write there: "
+                f"`sudo chown -R {service_user}: {root}`"
+            )
+    hidden = [str(p) for p in (Path(executable.split()[0]), root) if p.is_relative_to("/home") or p.is_relative_to("/root")]
+    if hidden:
+        warnings.append(
+            f"{' and '.join(hidden)} {'is' if len(hidden) == 1 else 'are'} under /home or /root, which a system "
+            "unit cannot see (ProtectHome=yes): install sdxld under /opt and the root under /var/lib (README, "
+            "\"Run it as a service\"), or install a unit for your own account with --user"
+        )
+    steps = "sudo systemctl daemon-reload && sudo systemctl enable --now sdxld; then `sdxld status --root " \
+        f"{root}` or `journalctl -u sdxld -f`"
+    return warnings, steps
+
+
+def _user_unit_checks(host: Host) -> tuple[list[str], str]:
+    import getpass
+
+    warnings = []
+    user = getpass.getuser()
+    runtime = host.env.get("XDG_RUNTIME_DIR")
+    manager = runtime and any((Path(runtime) / p).exists() for p in ("systemd/private", "bus"))
+    if not manager:
+        why = "XDG_RUNTIME_DIR is not set" if not runtime else f"no user manager answers in {runtime}"
+        warnings.append(
+            f"no systemd user session here ({why}), so `systemctl --user` will fail with \"Failed to connect to "
+            f"bus\". Log in as {user} directly (a desktop or ssh session, not su or sudo -u), or run "
+            f"`sudo loginctl enable-linger {user}` once and then `export XDG_RUNTIME_DIR=/run/user/{os.getuid()}`"
+        )
+    steps = "systemctl --user daemon-reload && systemctl --user enable --now sdxld; logs: journalctl --user -u sdxld -f"
+    if not (host.linger_dir / user).exists():
+        steps += f"; to keep it running after you log out (and start at boot): sudo loginctl enable-linger {user}"
+    return warnings, steps

@@ -31,15 +31,21 @@ class Hooks:
     on_step: Callable[[str, int, int], None] = lambda phase, step, total: None
 
 
-def _step_callback(hooks: Hooks, phase: str):
+def _step_callback(hooks: Hooks, phase: str, stage_total: int, done_before: int = 0):
+    """Progress over the whole stage: the refiner's steps continue the base's count, so a user sees
+    step 7/8 where the refiner runs the last two of eight, not "step 1/2"."""
     def callback(pipe, step, timestep, kwargs):
-        # num_timesteps is what the pipeline really runs after a denoising_start/end cut.
-        hooks.on_step(phase, step + 1, pipe.num_timesteps)
+        hooks.on_step(phase, min(done_before + step + 1, stage_total), stage_total)
         if hooks.should_stop():
             pipe._interrupt = True
         return kwargs
 
     return callback
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """Denoising steps an img2img pass runs: diffusers skips the first (1 - strength) of the schedule."""
+    return min(int(steps * strength), steps)
 
 
 def _generator(device, seed: int):
@@ -81,7 +87,7 @@ def stage1(models, record: Record, hooks: Hooks | None = None):
         generator=generator,
         denoising_end=record.refiner_split if use_refiner else None,
         output_type="latent" if use_refiner else "np",
-        callback_on_step_end=_step_callback(hooks, "stage1"),
+        callback_on_step_end=_step_callback(hooks, "stage1", record.steps),
     )
     if hooks.should_stop():
         raise Interrupted("stage 1 interrupted")
@@ -92,7 +98,7 @@ def stage1(models, record: Record, hooks: Hooks | None = None):
             generator=generator,
             denoising_start=record.refiner_split,
             output_type="np",
-            callback_on_step_end=_step_callback(hooks, "stage1 refiner"),
+            callback_on_step_end=_step_callback(hooks, "stage1 refiner", record.steps, models.base.num_timesteps),
         )
         if hooks.should_stop():
             raise Interrupted("stage 1 interrupted")
@@ -117,12 +123,13 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
     generator = _generator(models.device, seed)
     common = dict(prompt=record.prompt, negative_prompt=record.negative, num_inference_steps=steps, guidance_scale=cfg)
     micro = micro or {}
+    total = img2img_steps(steps, strength)
     # The refiner's time ids carry an aesthetic score instead of a target size.
     refiner_micro = {k: v for k, v in micro.items() if k != "target_size"}
     if use_refiner and 1 - strength >= split:
         result = models.refiner(
             **common, image=image, strength=strength, generator=generator, output_type="np",
-            callback_on_step_end=_step_callback(hooks, f"{phase} refiner"),
+            callback_on_step_end=_step_callback(hooks, f"{phase} refiner", total),
             **refiner_micro,
         )
         if hooks.should_stop():
@@ -135,7 +142,7 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
         generator=generator,
         denoising_end=split if use_refiner else None,
         output_type="latent" if use_refiner else "np",
-        callback_on_step_end=_step_callback(hooks, phase),
+        callback_on_step_end=_step_callback(hooks, phase, total),
         **micro,
     )
     if hooks.should_stop():
@@ -147,7 +154,7 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
             generator=generator,
             denoising_start=split,
             output_type="np",
-            callback_on_step_end=_step_callback(hooks, f"{phase} refiner"),
+            callback_on_step_end=_step_callback(hooks, f"{phase} refiner", total, models.img2img.num_timesteps),
             **refiner_micro,
         )
         if hooks.should_stop():

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,11 +26,10 @@ def tiny_cache(tmp_path_factory):
 
 @pytest.fixture
 def root(tmp_path) -> Path:
-    """An sdxld root like a fresh checkout: the repo's config.yaml and prompts, empty LoRA folders."""
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    shutil.copytree(REPO / "prompts", tmp_path / "prompts")
-    (tmp_path / "loras" / "character").mkdir(parents=True)
-    (tmp_path / "loras" / "style").mkdir(parents=True)
+    """A fresh root as `sdxld init` makes it: config.yaml, prompts, empty LoRA folders, inbox, outputs."""
+    from sdxld.init import init_root
+
+    init_root(tmp_path)
     return tmp_path
 
 

@@ -26,9 +26,9 @@ from helpers import run_sdxld
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sdxld.init import init_root
 from sdxld.tiny import write_sd15_shaped_lora, write_tiny_lora
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def png_bomb(path: Path) -> None:
@@ -115,12 +115,8 @@ def more_stage1(daemon, root: Path, what: str, count: int = 2, timeout: float = 
 
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory, tiny_cache):
-    root = tmp_path_factory.mktemp("hostile")
-    shutil.copy(REPO / "config.yaml", root / "config.yaml")
-    shutil.copytree(REPO / "prompts", root / "prompts")
+    root = init_root(tmp_path_factory.mktemp("hostile")).root
     loras = {kind: root / "loras" / kind for kind in ("character", "style")}
-    for folder in loras.values():
-        folder.mkdir(parents=True)
     result = run_sdxld("generate", "--demo", "--stage1", "--count", "2", "--seed", "900", cwd=root)
     assert result.returncode == 0, result.stderr
     source, other = files(root / "outputs" / "stage1", "*.png")

@@ -1,11 +1,13 @@
 """The command line, as a user runs it: real processes, the tiny model, real signals."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pytest
 from helpers import run_sdxld
 from PIL import Image
 
@@ -46,11 +48,32 @@ def test_generate_with_seed_and_count(root):
     assert sorted(json.loads(p.read_text())["seed"] for p in jsons) == [77, 78]
 
 
-def test_demo_runs_without_a_config_file(tmp_path):
-    result = run_sdxld("generate", "--demo", "--stage1", "--once", cwd=tmp_path)
+def test_a_root_without_prompt_files_falls_back_to_the_built_in_prompts(root):
+    for prompt in (root / "prompts").iterdir():
+        prompt.unlink()
+    result = run_sdxld("generate", "--demo", "--stage1", "--once", cwd=root)
     assert result.returncode == 0, result.stderr
-    assert len(outputs(tmp_path)[0]) == 1
-    assert "not found; using the built-in default" in result.stderr  # no prompt files here
+    assert len(outputs(root)[0]) == 1
+    assert "not found; using the built-in default" in result.stderr
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable Hub"])
+def test_check_on_a_hub_model_that_cannot_be_fetched_says_why_and_what_to_do(root, tmp_path, offline):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # an empty model cache
+    if offline == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        env.pop("HF_HUB_OFFLINE", None)
+        env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # nothing listens there: connection refused at once
+    started = time.monotonic()
+    result = run_sdxld("check", cwd=root, env=env)
+    assert result.returncode == 1
+    assert time.monotonic() - started < 60
+    out = result.stdout
+    assert "model.base 'WhiteAiZ/Illustrious-xl-v1.0' is a Hugging Face Hub id that is not in this machine's model cache" in out
+    assert ("HF_HUB_OFFLINE is set" if offline == "HF_HUB_OFFLINE" else "the Hub cannot be reached") in out
+    assert f"set model.base in {root / 'config.yaml'}" in out and "add --demo" in out
+    assert "stacktrace above" not in out + result.stderr and "Traceback" not in result.stderr
 
 
 def test_check_demo_prints_the_lora_table_with_reasons(root):

@@ -1,18 +1,19 @@
 """config.yaml: the seed's sections and defaults, typed; every mistake named by key, exit 78."""
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from helpers import run_sdxld
 
-from sdxld.config import EX_CONFIG, Config, ConfigError, from_dict, load
+from sdxld.config import EX_CONFIG, Config, ConfigError, from_dict, load, to_dict
 
-REPO = Path(__file__).resolve().parents[1]
+SHIPPED = Path(__file__).resolve().parents[1] / "sdxld" / "skeleton" / "config.yaml"
 
 
 def test_shipped_config_is_valid_and_matches_the_seed_defaults():
-    config = load(REPO / "config.yaml")
+    config = load(SHIPPED)
     gen = config.generation
     assert (gen.base_width, gen.base_height, gen.seed) == (768, 1344, -1)
     assert (gen.t2i.steps, gen.t2i.cfg, gen.t2i.denoise_split) == (30, 8.0, 0.8)
@@ -30,7 +31,7 @@ def test_shipped_config_spells_out_every_default():
     """The file users edit lists every key, with the same values the code defaults to."""
     from sdxld.config import to_dict
 
-    assert yaml.safe_load((REPO / "config.yaml").read_text()) == to_dict(from_dict({}, REPO))
+    assert yaml.safe_load(SHIPPED.read_text()) == to_dict(from_dict({}, SHIPPED.parent))
 
 
 def test_empty_file_means_all_defaults(tmp_path):
@@ -116,10 +117,50 @@ def test_cli_exits_78_naming_file_and_key(root):
     assert not (root / "outputs" / "stage1").exists()
 
 
-def test_cli_exits_78_when_config_is_missing(tmp_path):
-    result = run_sdxld("check", cwd=tmp_path)
-    assert result.returncode == EX_CONFIG
-    assert "config.yaml" in result.stderr and "not found" in result.stderr
+def test_cli_exits_78_when_config_is_missing_and_says_how_to_make_a_root(tmp_path):
+    for command in (["check"], ["run", "--demo"], ["generate", "--demo", "--once"]):
+        result = run_sdxld(*command, cwd=tmp_path)
+        assert result.returncode == EX_CONFIG
+        assert f"{tmp_path} is not an sdxld root" in result.stderr
+        assert f"sdxld init {tmp_path}" in result.stderr and "--demo" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written where no root is
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"prompts": {"max_extra": 3}}, "prompts.max_extra: unknown key (did you mean 'max_extras'?)"),
+        ({"genration": {}}, "genration: unknown key (did you mean 'generation'?)"),
+        ({"lora": {"Style-Dir": "x"}}, "lora.Style-Dir: unknown key (did you mean 'style_dir'?)"),
+        ({"generation": {"sampler": "euler a"}}, "(did you mean 'Euler a'?)"),
+        ({"generation": {"sampler": "DPM++ 2M karas"}}, "(did you mean 'DPM++ 2M Karras'?)"),
+        ({"memory": {"strategy": "model-offload"}}, "(did you mean 'model_offload'?)"),
+        ({"performance": {"compile": "regonal"}}, "(did you mean 'regional'?)"),
+        ({"generation": {"stage3": {"mode": "Latent"}}}, "(did you mean 'latent'?)"),
+    ],
+)
+def test_unknown_keys_and_values_get_the_closest_match(tmp_path, data, message):
+    with pytest.raises(ConfigError) as caught:
+        from_dict(data, tmp_path)
+    assert message in str(caught.value)
+
+
+def test_an_unknown_key_with_no_close_match_lists_the_sections_keys(tmp_path):
+    with pytest.raises(ConfigError, match="lora.xyz: unknown key; the keys of lora are: character_dir, style_dir, "):
+        from_dict({"lora": {"xyz": 1}}, tmp_path)
+
+
+def _leaf_count(section: dict) -> int:
+    return sum(_leaf_count(v) if isinstance(v, dict) else 1 for v in section.values())
+
+
+def test_every_key_of_the_shipped_config_has_a_comment():
+    """A new root's config.yaml explains every setting where the user edits it."""
+    lines = SHIPPED.read_text().splitlines()
+    keys = [line for line in lines if re.match(r"\s*[a-z_0-9]+: *[^#\s]", line)]  # leaf keys, not sections
+    assert len(keys) == _leaf_count(to_dict(from_dict({}, SHIPPED.parent)))
+    for line in keys:
+        assert "#" in line, f"config.yaml key without a comment: {line!r}"
 
 
 def test_defaults_are_a_config():

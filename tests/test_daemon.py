@@ -1,5 +1,6 @@
 """`sdxld run` as users run it: a real process, the tiny model, real watchdog events, real signals."""
 
+import re
 import shutil
 import signal
 import socket
@@ -66,12 +67,19 @@ def test_the_daemon_generates_upscales_and_follows_live_edits(root, tmp_path):
         (root / "config.yaml").write_text(good.replace("base_width: 768", "base_width: 770"))
         wait_for(lambda: "config change not applied" in daemon.log, 30, what="the config error in the log")
         assert "generation.base_width: 770 is not a multiple of 8" in daemon.log
+        # sdxld status needs no valid config: exactly now the user needs it.
+        status = wait_for(lambda: (r := run_sdxld("status", "--root", str(root), cwd=root.parent)).returncode == 0
+                          and "running on the last good config" in r.stdout and r, 30, interval=0.5, what="status")
+        assert "config.yaml invalid:" in status.stdout and "base_width: 770 is not a multiple of 8" in status.stdout
         count = len(stage1_images(root))
         wait_for(lambda: len(stage1_images(root)) >= count + 2, 60, what="generation going on")
 
         # Deleting config.yaml is just another bad edit: the last good config stays.
         (root / "config.yaml").unlink()
-        wait_for(lambda: "file not found" in daemon.log, 30, what="the missing config in the log")
+        wait_for(lambda: "not found" in daemon.log, 30, what="the missing config in the log")
+        status = run_sdxld("status", "--config", str(root / "config.yaml"), cwd=root.parent)
+        assert status.returncode == 0 and "not found" in status.stdout
+        assert re.search(r"sdxld pid \d+ on \S+: (running|generating)", status.stdout), status.stdout
         count = len(stage1_images(root))
         wait_for(lambda: len(stage1_images(root)) >= count + 2, 60, what="generation going on without config.yaml")
 
@@ -229,6 +237,7 @@ def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monke
     from sdxld.engine import Engine
     from sdxld.foreground import StopFlag
     from sdxld.service import Notifier
+    from sdxld.status import read_status
 
     def broken(self, *args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")
@@ -239,5 +248,5 @@ def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monke
     runner = daemon_module.Daemon(root / "config.yaml", demo_config(root), demo=True, stop=StopFlag(), notifier=Notifier())
     with pytest.raises(RuntimeError, match="5 stage-1 images failed in a row"):
         runner.run()
-    status = daemon_module.read_status(root)[0]
+    status = read_status(root)[0]
     assert "device-side assert" in status["last_error"] and status["state"] == "stopped"

@@ -18,7 +18,7 @@ import pytest
 from daemons import DaemonProcess, files, partial_files, set_config, wait_for
 from helpers import run_sdxld
 
-from sdxld.daemon import read_status
+from sdxld.status import read_status
 
 FAULTSITE = Path(__file__).resolve().parent / "faultsite"
 

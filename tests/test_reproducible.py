@@ -22,16 +22,12 @@ SCHEDULERS = {
 
 @pytest.fixture(scope="module")
 def engine(tiny_cache, tmp_path_factory):
-    import shutil
-
-    from conftest import REPO
     from helpers import demo_config
 
     from sdxld.engine import Engine
+    from sdxld.init import init_root
 
-    root = tmp_path_factory.mktemp("root")
-    shutil.copy(REPO / "config.yaml", root / "config.yaml")
-    shutil.copytree(REPO / "prompts", root / "prompts")
+    root = init_root(tmp_path_factory.mktemp("root")).root
     return Engine.load(demo_config(root, generation__base_width=64, generation__base_height=64,
                                    generation__stage2__strength=0.5, generation__stage3__strength=0.5,
                                    generation__stage3__tile_size=96, generation__stage3__tile_overlap=32))

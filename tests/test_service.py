@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sdxld.service import UNIT_TEMPLATES, install_unit, render_default
+from sdxld.service import UNIT_TEMPLATES, Host, install_unit, render_default
 
 REPO = Path(__file__).resolve().parents[1]
 needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
@@ -48,7 +48,7 @@ def test_units_keep_what_the_gpu_needs_and_stop_restart_loops():
 def test_service_install_writes_absolute_paths_of_this_installation(tmp_path, user_unit):
     root = tmp_path / "factory"
     root.mkdir()
-    path = install_unit(root, user_unit=user_unit, target_dir=tmp_path / "units")
+    path = install_unit(root, user_unit=user_unit, target_dir=tmp_path / "units").path
     text = path.read_text()
     exec_start = re.search(r"^ExecStart=(\S+) run --root (\S+)$", text, re.M)
     assert Path(exec_start.group(1)).is_absolute() and Path(exec_start.group(1)).exists()
@@ -67,3 +67,70 @@ def test_cli_service_install(root, tmp_path):
     assert result.returncode == 0, result.stderr
     assert f"--root {root.resolve()}" in (tmp_path / "sdxld.service").read_text()
     assert "systemctl --user daemon-reload" in result.stdout
+
+
+# --- service install checks what would stop the unit from working, and says what to do ---------
+
+
+def test_service_install_on_a_folder_that_is_no_root_offers_sdxld_init(tmp_path):
+    from helpers import run_sdxld
+
+    new = tmp_path / "new"
+    new.mkdir()
+    result = run_sdxld("service", "install", "--user", "--root", str(new), "--target-dir", str(tmp_path / "units"), cwd=tmp_path)
+    assert result.returncode == 78
+    assert f"sdxld init {new}" in result.stderr and "--demo" in result.stderr
+    assert not (tmp_path / "units" / "sdxld.service").exists()
+
+
+@pytest.mark.parametrize("user_unit", [False, True])
+def test_service_install_carries_demo_into_the_unit(tmp_path, user_unit):
+    root = tmp_path / "demo-root"
+    root.mkdir()
+    text = install_unit(root, user_unit=user_unit, target_dir=tmp_path / "units", demo=True).path.read_text()
+    assert re.search(rf"^ExecStart=\S+ run --demo --root {re.escape(str(root.resolve()))}$", text, re.M)
+
+
+def test_a_system_unit_keeps_model_caches_inside_the_root_it_may_write(tmp_path):
+    text = install_unit(tmp_path, user_unit=False, target_dir=tmp_path / "units").path.read_text()
+    assert f"Environment=XDG_CACHE_HOME={tmp_path.resolve()}/.cache" in text
+    assert f"ReadWritePaths={tmp_path.resolve()}" in text
+
+
+def test_service_install_warns_when_the_units_user_does_not_exist(tmp_path):
+    result = install_unit(tmp_path, user_unit=False, target_dir=tmp_path / "units", service_user="no-such-user-sdxld")
+    assert result.path.exists()
+    warning = next(w for w in result.warnings if "no-such-user-sdxld" in w)
+    assert "does not exist" in warning and "useradd" in warning and "--service-user" in warning
+
+
+def test_service_install_warns_when_systemd_is_not_running(tmp_path):
+    host = Host(booted_marker=tmp_path / "no-systemd-here", linger_dir=tmp_path, env={})
+    result = install_unit(tmp_path, user_unit=False, target_dir=tmp_path / "units", service_user="root", host=host)
+    warning = next(w for w in result.warnings if "systemd is not running" in w)
+    assert f"run --root {tmp_path.resolve()}" in warning and "tmux" in warning
+
+
+def test_a_user_unit_without_a_session_bus_says_how_to_get_one(tmp_path):
+    booted = tmp_path / "run-systemd-system"
+    booted.mkdir()
+    host = Host(booted_marker=booted, linger_dir=tmp_path / "linger", env={"XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    result = install_unit(tmp_path, user_unit=True, host=host)
+    assert result.path == tmp_path / "cfg" / "systemd" / "user" / "sdxld.service"
+    warning = next(w for w in result.warnings if "systemctl --user" in w)
+    assert "XDG_RUNTIME_DIR is not set" in warning and "loginctl enable-linger" in warning
+    assert "enable-linger" in result.next_steps  # or it stops when the user logs out
+
+    runtime = tmp_path / "runtime"
+    (runtime / "systemd").mkdir(parents=True)
+    (runtime / "systemd" / "private").touch()
+    (tmp_path / "linger").mkdir()
+    (tmp_path / "linger" / __import__("getpass").getuser()).touch()
+    fine = install_unit(tmp_path, user_unit=True, host=Host(booted, tmp_path / "linger", {"XDG_RUNTIME_DIR": str(runtime),
+                                                                                        "XDG_CONFIG_HOME": str(tmp_path / "cfg")}))
+    assert fine.warnings == [] and "enable-linger" not in fine.next_steps
+
+
+def test_a_system_unit_for_a_root_under_home_says_protecthome_hides_it(tmp_path):
+    result = install_unit(Path("/home/someone/sdxld"), user_unit=False, target_dir=tmp_path, service_user="root")
+    assert any("ProtectHome=yes" in w and "--user" in w for w in result.warnings)

@@ -203,3 +203,23 @@ def test_an_out_of_memory_retry_is_written_into_the_final_record(make_engine, ro
     record = read_png_record(result.path)
     assert record.stages["stage3"]["tile_batch"] == 1
     assert any("ran out of GPU memory at tile_batch 2" in note for note in record.stages["notes"])
+
+
+def test_progress_counts_the_whole_stage_with_the_refiners_steps_following_the_bases(make_engine):
+    """Status shows "step 7/8 (refiner)" for an 8-step record, never the refiner's own "1/2"."""
+    engine = make_engine(generation__stage2__steps=10, generation__stage2__strength=0.5)
+    assert engine.models.refiner is not None
+    seen = []
+    first = engine.stage1_once(seed=5, hooks=Hooks(on_step=lambda phase, step, total: seen.append((phase, step, total))))
+    assert first.record.steps == 8
+    assert [step for _, step, _ in seen] == list(range(1, 9))
+    assert {total for _, _, total in seen} == {8}
+    assert seen[0][0] == "stage1" and seen[-1][0] == "stage1 refiner"
+
+    seen.clear()
+    settings = engine.config.generation.stage2
+    stage2(engine.models, first.record, first.image, settings, (256, 448),
+           Hooks(on_step=lambda phase, step, total: seen.append((phase, step, total))))
+    assert [step for _, step, _ in seen] == [1, 2, 3, 4, 5]  # 10 steps at strength 0.5
+    assert {total for _, _, total in seen} == {5}
+    assert seen[-1][0] == "stage2 refiner"

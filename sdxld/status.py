@@ -1,0 +1,170 @@
+"""What each daemon is doing: written by the daemon, read by `sdxld status`.
+
+The status files live under `<root>/.sdxld/status/`, one per daemon process, written atomically
+at most once a second (and on every state change). `sdxld status` reads them without loading or
+even parsing config.yaml, so it answers exactly when the config is broken and the user needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections import deque
+from pathlib import Path
+
+from . import store
+
+
+def status_dir(root: Path) -> Path:
+    return Path(root) / ".sdxld" / "status"
+
+
+class StatusBoard:
+    """What the daemon is doing, written atomically for `sdxld status` (and mirrored to systemd)."""
+
+    def __init__(self, root: Path, notifier):
+        self.path = status_dir(root) / f"{socket.gethostname()}.{os.getpid()}.json"
+        self.notifier = notifier
+        self.data = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.time(),
+            "state": "starting",
+            "current": None,
+            "approved_queued": 0,
+            "stage1_made": 0,
+            "finals_made": 0,
+            "failed": 0,
+            "seconds_per_image": None,
+            "images_per_hour": None,
+            "loras": {"loaded": 0, "rejected": []},
+            "paused": None,
+            "last_error": None,
+            # Set while the config file on disk is invalid and the daemon runs on its last good one.
+            "config_error": None,
+            "restart_needed": [],
+            "watch": None,
+        }
+        self._written = 0.0
+        self._durations: deque[float] = deque(maxlen=20)
+
+    def update(self, force: bool = False, **changes) -> None:
+        self.data.update(changes)
+        self.data["updated"] = time.time()
+        self.notifier.status(self.line())
+        if force or time.monotonic() - self._written >= 1.0:
+            store.write_json(self.path, self.data)
+            self._written = time.monotonic()
+
+    def image_done(self, seconds: float, kind: str) -> None:
+        self._durations.append(seconds)
+        key = "stage1_made" if kind == "stage1" else "finals_made"
+        self.data[key] += 1
+        self.data["seconds_per_image"] = round(sum(self._durations) / len(self._durations), 2)
+        hours = (time.time() - self.data["started"]) / 3600
+        self.data["images_per_hour"] = round(self.data["stage1_made"] / hours, 1) if hours > 0 else None
+
+    def line(self) -> str:
+        d = self.data
+        parts = [d["state"]]
+        if d["paused"]:
+            parts[0] = f"paused: {d['paused']}"
+        parts.append(f"stage1 #{d['stage1_made']}")
+        if d["seconds_per_image"] is not None:
+            parts.append(f"{d['seconds_per_image']:.1f} s/img")
+        parts.append(f"{d['approved_queued']} approved queued")
+        rejected = len(d["loras"]["rejected"])
+        parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected)")
+        if d.get("config_error"):
+            parts.append("config.yaml invalid, running on the last good one")
+        return " · ".join(parts)
+
+    def finish(self) -> None:
+        self.update(force=True, state="stopped", current=None)
+
+
+def read_status(root: Path) -> list[dict]:
+    """Status of every daemon on this root (stale files of dead processes are marked)."""
+    from .owners import pid_alive_since
+
+    folder = status_dir(root)
+    found = []
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if data.get("host") == socket.gethostname() and data.get("state") != "stopped" and not pid_alive_since(
+            int(data.get("pid", 0)), float(data.get("started", 0))
+        ):
+            data["state"] = "dead (stale status)"
+        found.append(data)
+    return found
+
+
+def config_health(config_file: Path) -> str | None:
+    """None when the config file loads; else what is wrong with it, in one line."""
+    from .config import ConfigError, load
+
+    if not config_file.exists():
+        return f"{config_file}: not found (make a root with `sdxld init {config_file.parent}`)"
+    try:
+        load(config_file)
+    except ConfigError as err:
+        return str(err)
+    return None
+
+
+def describe_job(current: dict) -> str:
+    """'stage 1, step 6/8 (refiner)' or 'upscaling a.png: stage 3 tile 2/6, step 3/5'."""
+    job = current.get("job")
+    phase = str(current.get("phase") or "")
+    refiner = phase.endswith(" refiner")
+    phase = phase.removesuffix(" refiner").replace("stage1", "stage 1").replace("stage2", "stage 2")
+    phase = phase.replace("stage3 latent", "stage 3").replace("stage3", "stage 3")
+    if job == "stage1":
+        head, phase = "stage 1", phase.removeprefix("stage 1").strip()
+    else:
+        head = f"upscaling {current['file']}" if current.get("file") else str(job)
+    parts = [phase] if phase else []
+    if current.get("step"):
+        parts.append(f"step {current['step']}/{current['total']}" + (" (refiner)" if refiner else ""))
+    return head + (": " if job != "stage1" and parts else ", " if parts else "") + ", ".join(parts)
+
+
+def format_status(entries: list[dict], config_problem: str | None = None) -> str:
+    lines = []
+    if config_problem:
+        running = any(d.get("state") not in ("stopped", "dead (stale status)") for d in entries)
+        lines.append(f"config.yaml invalid: {config_problem}")
+        lines.append(
+            "  a running daemon keeps its last good config; fix the file and it applies at once"
+            if running else "  fix it before starting sdxld (it would stop with exit status 78)"
+        )
+    if not entries:
+        lines.append("no sdxld daemon has run on this root (no status files); start one with `sdxld run`")
+        return "\n".join(lines)
+    for d in entries:
+        uptime = time.time() - d.get("started", time.time())
+        lines.append(f"sdxld pid {d['pid']} on {d['host']}: {d['state']}" + (f" (paused: {d['paused']})" if d.get("paused") else ""))
+        if d.get("current"):
+            lines.append(f"  now:        {describe_job(d['current'])}")
+        lines.append(f"  uptime:     {uptime / 3600:.1f} h; stage-1 images {d['stage1_made']}, finals {d['finals_made']}, failed {d['failed']}")
+        if d.get("seconds_per_image") is not None:
+            lines.append(f"  rate:       {d['seconds_per_image']} s/img, {d.get('images_per_hour')} stage-1 images/hour")
+        lines.append(f"  queue:      {d['approved_queued']} approved waiting")
+        rejected = d["loras"]["rejected"]
+        lines.append(f"  LoRAs:      {d['loras']['loaded']} loaded, {len(rejected)} rejected")
+        for item in rejected:
+            lines.append(f"              {Path(item['file']).name}: {item['reason']}")
+        if d.get("config_error"):
+            lines.append(f"  config:     {d['config_error']}; running on the last good config")
+        if d.get("restart_needed"):
+            lines.append(f"  restart needed for: {', '.join(d['restart_needed'])}")
+        if d.get("last_error"):
+            lines.append(f"  last error: {d['last_error']}")
+    return "\n".join(lines)
