@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import EX_CONFIG, Config, ConfigError, from_dict, load
+from .config import EX_CONFIG, Config, ConfigError, load
 
 
 def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
@@ -74,11 +74,6 @@ def config_path(args) -> Path:
     if args.config:
         return args.config
     return (args.root or Path.cwd()) / "config.yaml"
-
-
-def root_folder(args) -> Path:
-    """The root without reading the config: --root, the config file's folder, or the current folder."""
-    return (args.root or (args.config.parent if args.config else None) or Path.cwd()).absolute()
 
 
 def load_config(args) -> Config:
@@ -188,6 +183,11 @@ def run_command(args, log) -> int:
     if args.command == "upscale" and args.files and args.stage1:
         log.error("give files or --stage1, not both")
         return 2
+    missing = [str(f) for f in getattr(args, "files", None) or [] if not f.is_file()]
+    if missing:
+        # Before minutes of model loading: a typo in a path should fail at once.
+        log.error("not found (or not a file): %s; give paths of stage-1 images, relative to %s", ", ".join(missing), Path.cwd())
+        return 2
     if args.command == "generate" and args.count is not None and args.count < 1:
         log.error("--count must be at least 1")
         return 2
@@ -230,9 +230,11 @@ def _status(args) -> int:
 
     from .status import config_health, format_status, read_status
 
-    root = root_folder(args)
+    # The root is the config file's folder, whether or not the file parses (or exists).
+    config_file = config_path(args).absolute()
+    root = config_file.parent
     entries = read_status(root)
-    problem = config_health(config_path(args).absolute())
+    problem = config_health(config_file)
     if args.json:
         print(json.dumps({"root": str(root), "config_error": problem, "daemons": entries}, indent=2))
     else:

@@ -160,7 +160,7 @@ class Stage3Config:
     tile_size: int = 2048
     tile_overlap: int = 256
     blend_mode: Literal["cosine", "linear"] = "cosine"
-    # latent: per-step fusion of tile predictions (no seams, no tile divergence); pixel: the seed's
+    # latent: per-step fusion of tile predictions (no seams, no tile divergence); pixel: generate.py's
     # independent tiles blended afterwards.
     mode: Literal["latent", "pixel"] = "latent"
     # Latent mode: tiles per UNet call. auto: 2 (faster than 1, no slower than 4 on an H200),

@@ -270,5 +270,5 @@ class Engine:
 
 
 def scaled(width: int, height: int, scale: float) -> tuple[int, int]:
-    """A size `scale` times larger, rounded down to multiples of 8 (the seed's rule)."""
+    """A size `scale` times larger, rounded down to multiples of 8 (generate.py's rule)."""
     return int(width * scale) // 8 * 8, int(height * scale) // 8 * 8

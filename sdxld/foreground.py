@@ -70,7 +70,7 @@ class StepProgress:
 
 
 def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: int | None, stop: StopFlag) -> int:
-    """The seed's modes 1 (stage 1 -> 2 -> 3) and 2 (`--stage1`): one image, `count`, or until stopped."""
+    """generate.py's modes 1 (stage 1 -> 2 -> 3) and 2 (`--stage1`): one image, `count`, or until stopped."""
     progress = StepProgress()
     hooks = Hooks(should_stop=stop, on_step=progress.on_step)
     made = 0
@@ -120,7 +120,7 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
 
 
 def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
-    """The seed's mode 3: approved images (claimed and moved), given files, or the stage-1 backlog."""
+    """generate.py's mode 3: approved images (claimed and moved), given files, or the stage-1 backlog."""
     from .inbox import Claim, Inbox
     from .upscaling import stage1_backlog, upscale_claimed, upscale_in_place
 

@@ -52,7 +52,7 @@ class Layout:
         )
 
     def intermediate(self, kind: str) -> Path:
-        """One of the seed's intermediate folders: stage2_up, stage2, stage3_up, tiles."""
+        """One of generate.py's intermediate folders: stage2_up, stage2, stage3_up, tiles."""
         return self.intermediates / kind
 
     def ensure_output_dirs(self) -> None:

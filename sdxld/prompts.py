@@ -1,7 +1,7 @@
 """Prompt files -> prompt parts; compose(rng, triggers) -> the prompt for one image.
 
 Files are re-read whenever their mtime or size changes, so an edit applies to the next image
-without a restart. A missing or empty file falls back to the seed's text with one warning per
+without a restart. A missing or empty file falls back to generate.py's text with one warning per
 state of the file (not one per image).
 """
 
@@ -105,7 +105,7 @@ class PromptSource:
         return parse_options(self._options.read())
 
     def compose(self, rng: random.Random, triggers: list[str]) -> Composed:
-        """Trigger words, then the manual prompt, then 0..max_extras sampled options (the seed's order)."""
+        """Trigger words, then the manual prompt, then 0..max_extras sampled options (generate.py's order)."""
         manual = normalize_phrases(self._manual.read()) or FALLBACK_PROMPT
         negative = normalize_phrases(self._negative.read()) or FALLBACK_NEGATIVE
         pool = self.options()

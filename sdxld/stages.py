@@ -163,7 +163,7 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
 
 
 def stage2(models, record: Record, stage1_image, settings, size: tuple[int, int], hooks: Hooks | None = None):
-    """Lanczos to the mid size, then img2img (the seed's stage 2). Returns (upscaled, refined)."""
+    """Lanczos to the mid size, then img2img (generate.py's stage 2). Returns (upscaled, refined)."""
     from PIL import Image
 
     hooks = hooks or Hooks()
@@ -181,7 +181,7 @@ def stage2(models, record: Record, stage1_image, settings, size: tuple[int, int]
 
 
 def stage3_pixel(models, record: Record, image, settings, hooks: Hooks | None = None, on_tile=None):
-    """The seed's stage 3: img2img each tile on its own, blend with ramps over the overlap."""
+    """generate.py's stage 3: img2img each tile on its own, blend with ramps over the overlap."""
     from .tiling import blend, tile_grid
 
     hooks = hooks or Hooks()

@@ -1,4 +1,4 @@
-"""The only writer of outputs: atomic writes, unique tags, the seed's file names.
+"""The only writer of outputs: atomic writes, unique tags, generate.py's file names.
 
 A reader (the user's file manager, another daemon, a crash-recovery pass) must never see a
 half-written file, so everything is written to a hidden temporary name in the destination folder,
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import owners
 
-# 20260207_143022 is the seed's tag; sdxld adds microseconds and the process id so that many
+# 20260207_143022 is generate.py's tag; sdxld adds microseconds and the process id so that many
 # images per second, from several processes, never share a tag, and tags still sort by time.
 TAG_PATTERN = r"\d{8}_\d{6}(?:_\d{6}_[0-9a-f]+)?"
 _NAME = re.compile(rf"^(?P<tag>{TAG_PATTERN})_(?P<kind>stage1|stage2_up|stage2|stage3_up|final)_(?P<w>\d+)x(?P<h>\d+)\.png$")

@@ -2,7 +2,7 @@
 
 Two designs (docs/costs.md says what each costs):
 - pixel: each tile is img2img'd on its own and the results are blended with ramps over the
-  overlap (the seed's algorithm). Cheap in memory, but neighbours may draw different things
+  overlap (generate.py's algorithm). Cheap in memory, but neighbours may draw different things
   where they overlap.
 - latent: at every denoising step the UNet predicts noise for each latent tile, the predictions
   are fused with per-tile weights, and ONE scheduler step runs over the whole latent (Mixture of

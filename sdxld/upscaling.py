@@ -85,7 +85,7 @@ def _young(path: Path, seconds: float) -> bool:
 
 
 def upscale_in_place(engine, path: Path, hooks: Hooks | None = None) -> Outcome:
-    """Upscale a file without moving it (the seed's `--upscale` over outputs/stage1/)."""
+    """Upscale a file without moving it (generate.py's `--upscale` over outputs/stage1/)."""
     try:
         image, record = _load(path, engine.layout)
         existing = engine.final_exists(record.tag)

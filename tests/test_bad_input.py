@@ -139,7 +139,7 @@ def hostile(tmp_path_factory, tiny_cache):
     # Upscaler weights that would run code if unpickled.
     run.marker = root / "PAYLOAD_RAN"
     PicklePayload.marker = str(run.marker)
-    (root / "weights").mkdir()
+    (root / "weights").mkdir(exist_ok=True)
     with open(root / "weights" / "payload.pth", "wb") as handle:
         pickle.dump({"params_ema": PicklePayload()}, handle)
     set_config(root, upscaler={"weights": "weights/payload.pth"})

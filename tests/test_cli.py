@@ -136,3 +136,11 @@ def test_generate_demo_once_runs_the_full_pipeline(root):
         assert image.size == (512, 896)
     assert result.stdout.split() == [str(pngs[0]), str(finals[0])]
     assert json.loads(jsons[0].read_text())["files"]["final"] == finals[0].name
+
+
+def test_upscale_of_a_path_that_does_not_exist_fails_at_once_naming_it(root):
+    started = time.monotonic()
+    result = run_sdxld("upscale", "--demo", "outputs/stage1/no_such_image.png", cwd=root)
+    assert result.returncode == 2
+    assert "outputs/stage1/no_such_image.png" in result.stderr and f"relative to {root}" in result.stderr
+    assert time.monotonic() - started < 20  # no model was loaded first

@@ -83,9 +83,9 @@ def test_config_migrate_rewrites_the_file_and_keeps_the_original(tmp_path):
 
 def test_only_keys_neither_program_knows_are_errors(tmp_path):
     (tmp_path / "config.yaml").write_text(SEED_CONFIG + "\nlora:\n  character_strenght: 0.9\n")
-    result = run_sdxld("status", cwd=tmp_path)
+    result = run_sdxld("check", cwd=tmp_path)
     assert result.returncode == EX_CONFIG
-    assert "lora.character_strenght: unknown key" in result.stderr
+    assert "lora.character_strenght: unknown key (did you mean 'character_strength'?)" in result.stderr
 
 
 def test_an_image_with_generate_py_metadata_is_approved_and_upscaled(make_engine, root):
@@ -95,7 +95,7 @@ def test_an_image_with_generate_py_metadata_is_approved_and_upscaled(make_engine
     # As generate.py left it: a plain PNG, its metadata in outputs/metadata/<timestamp>.json.
     tag = "20260207_143022"
     approved = engine.layout.approved
-    approved.mkdir(parents=True)
+    approved.mkdir(parents=True, exist_ok=True)
     Image.open(made.path).save(approved / f"{tag}_stage1_128x224.png")
     (engine.layout.metadata / f"{tag}.json").write_text(json.dumps({
         "timestamp": tag, "prompt": "hero, a lighthouse at dusk", "negative_prompt": "blurry", "seed": 1234,

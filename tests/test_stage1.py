@@ -62,7 +62,9 @@ def test_refiner_handoff_runs_and_shapes_the_image(make_engine):
     # 8 steps split at 0.8: the base runs the noisy part, the refiner the rest, nothing twice.
     assert base_steps and refiner_steps
     assert len(base_steps) + len(refiner_steps) == record.steps
-    assert base_steps[-1][1] == base_steps[-1][2] and refiner_steps[-1][1] == refiner_steps[-1][2]
+    # Progress counts the whole stage: the refiner's steps continue the base's.
+    assert [s[1] for s in base_steps + refiner_steps] == list(range(1, record.steps + 1))
+    assert {s[2] for s in steps} == {record.steps}
 
     plain = make_engine(model__refiner=None)
     assert plain.models.refiner is None
