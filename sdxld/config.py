@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -22,7 +22,17 @@ EX_CONFIG = 78
 
 log = logging.getLogger(__name__)
 
-SAMPLERS = ("UniPC", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras")
+# A1111's sampler names -> the diffusers scheduler class and its options (models.make_scheduler).
+SAMPLERS = {
+    "UniPC": ("UniPCMultistepScheduler", {}),
+    "Euler": ("EulerDiscreteScheduler", {}),
+    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler",
+                        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),
+}
+# performance.dtype -> the torch dtype's name.
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -70,7 +80,7 @@ class ModelConfig:
 
 @dataclass
 class PerformanceConfig:
-    dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
+    dtype: Literal[tuple(DTYPES)] = "fp16"  # type: ignore[valid-type]
     # off; regional: torch.compile each repeated transformer block (fast to compile, most of the
     # gain); full: the whole UNet. LoRAs are merged into the weights in place, so neither recompiles per LoRA.
     compile: Literal["off", "regional", "full"] = "off"
@@ -136,7 +146,11 @@ class TextToImageConfig:
 
 
 @dataclass
-class Stage2Config:
+class Img2ImgConfig:
+    """What stages 2 and 3 share: an img2img pass at `strength`, the refiner after `denoise_split`."""
+
+    key: ClassVar[str] = ""  # the section's dotted name, for error messages
+
     enabled: bool = True
     steps: int = 22
     cfg: float = 4.5
@@ -145,18 +159,21 @@ class Stage2Config:
     denoise_split: float = 0.8
 
     def validate(self) -> None:
-        TextToImageConfig(self.steps, self.cfg, self.denoise_split).validate("generation.stage2")
-        _unit_strength(self.strength, "generation.stage2.strength")
+        TextToImageConfig(self.steps, self.cfg, self.denoise_split).validate(self.key)
+        _unit_strength(self.strength, f"{self.key}.strength")
 
 
 @dataclass
-class Stage3Config:
-    enabled: bool = True
+class Stage2Config(Img2ImgConfig):
+    key: ClassVar[str] = "generation.stage2"
+
+
+@dataclass
+class Stage3Config(Img2ImgConfig):
+    key: ClassVar[str] = "generation.stage3"
+
     steps: int = 18
-    cfg: float = 4.5
     strength: float = 0.4
-    use_refiner: bool = True
-    denoise_split: float = 0.8
     tile_size: int = 2048
     tile_overlap: int = 256
     blend_mode: Literal["cosine", "linear"] = "cosine"
@@ -168,10 +185,9 @@ class Stage3Config:
     tile_batch: int | Literal["auto"] = "auto"
 
     def validate(self) -> None:
-        TextToImageConfig(self.steps, self.cfg, self.denoise_split).validate("generation.stage3")
+        super().validate()
         if self.tile_batch != "auto":
             _check(1 <= self.tile_batch <= 64, "generation.stage3.tile_batch", f"{self.tile_batch} is outside 1..64")
-        _unit_strength(self.strength, "generation.stage3.strength")
         _multiple_of_8(self.tile_size, "generation.stage3.tile_size")
         _multiple_of_8(self.tile_overlap, "generation.stage3.tile_overlap")
         _check(self.tile_size >= 64, "generation.stage3.tile_size", f"{self.tile_size} is below 64")
@@ -190,7 +206,7 @@ class GenerationConfig:
     base_height: int = 1344
     mid_scale: float = 2.0
     final_scale: float = 4.0
-    sampler: Literal[SAMPLERS] = "UniPC"  # type: ignore[valid-type]
+    sampler: Literal[tuple(SAMPLERS)] = "UniPC"  # type: ignore[valid-type]
     t2i: TextToImageConfig = field(default_factory=TextToImageConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
@@ -268,9 +284,11 @@ class DaemonConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
-    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    # "reload": changing the section means loading the models again, so a running daemon reports
+    # "restart needed" and keeps the loaded settings instead of half-applying them.
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"reload": True})
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig, metadata={"reload": True})
+    memory: MemoryConfig = field(default_factory=MemoryConfig, metadata={"reload": True})
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
@@ -472,6 +490,19 @@ def load(path: Path) -> Config:
             "with the new names", path, "; ".join(mapped),
         )
     return from_dict(data, path.parent, path)
+
+
+def keep_loaded_settings(new: Config, loaded: Config) -> list[str]:
+    """Put back into `new` the sections that only a model reload could apply; return the dotted
+    keys that changed in them (what a restart would apply)."""
+    changed = []
+    for f in dataclasses.fields(Config):
+        if not f.metadata.get("reload"):
+            continue
+        before, after = dataclasses.asdict(getattr(loaded, f.name)), dataclasses.asdict(getattr(new, f.name))
+        changed += [f"{f.name}.{key}" for key in after if after[key] != before[key]]
+        setattr(new, f.name, getattr(loaded, f.name))
+    return changed
 
 
 def to_dict(config: Config) -> dict:

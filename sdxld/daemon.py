@@ -8,14 +8,14 @@ images, or low disk). Status goes to a file (`sdxld status`) and to systemd.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import shutil
 import time
 from collections import deque
 from pathlib import Path
 
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, keep_loaded_settings, load
+from . import store
 from .arrivals import Arrivals
 from .engine import MAX_FAILURES_IN_A_ROW, Engine
 from .inbox import Claim, Inbox
@@ -27,10 +27,6 @@ from .watch import Watcher
 log = logging.getLogger(__name__)
 
 FAILURE_BACKOFF_S = 2.0  # after n failures in a row, wait FAILURE_BACKOFF_S ** n (at most 30 s)
-
-# Changing these means reloading the models: reported as "restart needed", never half-applied.
-RESTART_SECTIONS = ("model", "performance", "memory")
-
 
 class Daemon:
     def __init__(self, config_path: Path, config: Config, *, demo: bool, stop, notifier):
@@ -154,12 +150,7 @@ class Daemon:
             from .tiny import apply_demo
 
             apply_demo(new)
-        restart = []
-        for section in RESTART_SECTIONS:
-            if getattr(new, section) != getattr(self.config, section):
-                old, current = dataclasses.asdict(getattr(self.config, section)), dataclasses.asdict(getattr(new, section))
-                restart += [f"{section}.{key}" for key in current if current[key] != old[key]]
-                setattr(new, section, getattr(self.config, section))
+        restart = keep_loaded_settings(new, self.config)
         if restart:
             log.warning("config: %s changed; restart sdxld to apply (the models stay as they are)", ", ".join(restart))
         watched_before = (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options)
@@ -201,7 +192,7 @@ class Daemon:
         outcome = upscale_claimed(self.engine, self.inbox, claim, self._hooks(claim.name), young_s=young_s)
         if outcome.status == "final":
             self.status.image_done(time.monotonic() - started, "final")
-            log.info("approved %s -> %s", claim.name, outcome.final.name, extra={"sdxld_tag": outcome.final.name.split("_final_")[0], "sdxld_stage": "final"})
+            log.info("approved %s -> %s", claim.name, outcome.final.name, extra={"sdxld_tag": store.tag_of(outcome.final.name), "sdxld_stage": "final"})
         elif outcome.status == "skipped":
             log.info("approved %s: %s (%s); moved to done/", claim.name, outcome.detail, outcome.final.name)
         elif outcome.status == "failed":
@@ -224,7 +215,7 @@ class Daemon:
         if time.monotonic() < self._stage1_paused_until:
             return f"saving failed ({self._save_error}); retrying every {daemon.save_retry_s:g} s"
         if daemon.max_pending:
-            pending = sum(1 for _ in stage1.glob("*_stage1_*.png")) if stage1.is_dir() else 0
+            pending = len(store.images_of_kind(stage1, "stage1"))
             writer = self.engine.writer
             pending += writer.in_flight if writer is not None else 0  # saved soon, already made
             if pending >= daemon.max_pending:

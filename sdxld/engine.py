@@ -85,7 +85,7 @@ class Engine:
 
     def remove_leftovers(self) -> None:
         """Temporary files that killed writers left in the folders sdxld writes to."""
-        folders = [self.layout.outputs, self.layout.failed, self.layout.root / ".sdxld"]
+        folders = [self.layout.outputs, self.layout.failed, self.layout.state]
         removed = store.remove_stale_temporaries(folders)
         if removed:
             log.info("removed %d temporary file(s) left by sdxld processes that no longer run: %s",
@@ -204,7 +204,7 @@ class Engine:
         return notes
 
     def final_exists(self, tag: str) -> Path | None:
-        return next(iter(sorted(self.layout.final.glob(f"{tag}_final_*.png"))), None) if self.layout.final.is_dir() else None
+        return store.find_final(self.layout, tag)
 
     def upscale(self, record: Record, stage1_image, hooks: Hooks | None = None) -> FinalResult:
         """Stage 2 then stage 3 for one image, with the prompt, seed and LoRAs of its record;

@@ -108,7 +108,7 @@ class Inbox:
         self.layout = layout
         self.max_attempts = max_attempts
         self.approved = layout.approved
-        self.processing = layout.inbox / "processing"
+        self.processing = layout.processing
         self.done_dir = layout.done
         self.failed_dir = layout.failed
 

@@ -8,6 +8,16 @@ from pathlib import Path
 from .config import Config
 
 
+def state_folder(root: Path) -> Path:
+    return Path(root) / ".sdxld"
+
+
+def status_folder(root: Path) -> Path:
+    """Where daemons write their status; a function of the root alone, so `sdxld status` finds it
+    without reading (or even being able to parse) config.yaml."""
+    return state_folder(root) / "status"
+
+
 @dataclass(frozen=True)
 class Layout:
     root: Path
@@ -18,8 +28,11 @@ class Layout:
     intermediates: Path
     inbox: Path
     approved: Path
+    processing: Path
     done: Path
     failed: Path
+    state: Path  # sdxld's own files: status of each daemon, nothing the user edits
+    status: Path
     manual_prompt: Path
     negative_prompt: Path
     prompt_options: Path
@@ -39,8 +52,11 @@ class Layout:
             intermediates=outputs / "intermediates",
             inbox=inbox,
             approved=inbox / "approved",
+            processing=inbox / "processing",
             done=inbox / "done",
             failed=inbox / "failed",
+            state=state_folder(config.root),
+            status=status_folder(config.root),
             manual_prompt=config.path(config.prompts.manual_prompt),
             negative_prompt=config.path(config.prompts.negative_prompt),
             prompt_options=config.path(config.prompts.options),

@@ -25,6 +25,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from . import diffusers_private
+
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -185,20 +187,18 @@ def offload_paused(pipe):
     meta device between calls, with the real ones inside its hooks."""
     import torch
 
-    model_offload, sequential, group = pipe._optionally_disable_offloading(pipe)
+    model_offload, sequential, group = diffusers_private.disable_offloading(pipe)
     try:
         yield
     finally:
         if model_offload:
-            pipe.enable_model_cpu_offload(device=getattr(pipe, "_offload_device", "cuda"))
+            pipe.enable_model_cpu_offload(device=diffusers_private.offload_device(pipe))
         elif sequential:
-            pipe.enable_sequential_cpu_offload(device=getattr(pipe, "_offload_device", "cuda"))
+            pipe.enable_sequential_cpu_offload(device=diffusers_private.offload_device(pipe))
         elif group:
-            from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
-
             for component in pipe.components.values():
                 if isinstance(component, torch.nn.Module):
-                    _maybe_remove_and_reapply_group_offloading(component)
+                    diffusers_private.reapply_group_offloading(component)
 
 
 def _weights_on_meta(model) -> bool:
@@ -291,7 +291,7 @@ class LoraMerger:
         layers as they are started (what a rollback must restore)."""
         import torch
 
-        device = self.pipe._execution_device
+        device = diffusers_private.execution_device(self.pipe)
         pin = torch.cuda.is_available()
         # Inference mode: group offload may have turned the weights into inference tensors.
         with torch.inference_mode():

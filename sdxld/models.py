@@ -16,13 +16,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import offload
-from .config import Config, ModelSource, model_source
+from . import diffusers_private, offload
+from .config import DTYPES, SAMPLERS, Config, ModelSource, model_source
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message says which setting and what to do."""
@@ -41,27 +38,10 @@ def quiet_libraries() -> None:
 
 def make_scheduler(sampler: str, scheduler_config):
     """The scheduler for an A1111-style sampler name, configured from the model's own schedule."""
-    from diffusers import (
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
+    import diffusers
 
-    if sampler == "UniPC":
-        return UniPCMultistepScheduler.from_config(scheduler_config)
-    if sampler == "Euler":
-        return EulerDiscreteScheduler.from_config(scheduler_config)
-    if sampler == "Euler a":
-        return EulerAncestralDiscreteScheduler.from_config(scheduler_config)
-    if sampler in ("DPM++ 2M", "DPM++ 2M Karras"):
-        return DPMSolverMultistepScheduler.from_config(
-            scheduler_config,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            use_karras_sigmas=sampler.endswith("Karras"),
-        )
-    raise ValueError(f"unknown sampler {sampler!r}")
+    class_name, options = SAMPLERS[sampler]
+    return getattr(diffusers, class_name).from_config(scheduler_config, **options)
 
 
 def pick_device(setting: str) -> str:
@@ -107,7 +87,7 @@ class ModelBank:
 
     @property
     def execution_device(self):
-        return self.base._execution_device
+        return diffusers_private.execution_device(self.base)
 
     def set_sampler(self, sampler: str) -> None:
         """Give every pipeline a fresh scheduler of this kind (cheap: built from config)."""

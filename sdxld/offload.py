@@ -19,9 +19,9 @@ import logging
 
 from accelerate.hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
 
-log = logging.getLogger(__name__)
+from . import diffusers_private
 
-STRATEGIES = ("gpu", "model_offload", "group_offload", "sequential_offload")
+log = logging.getLogger(__name__)
 
 
 def distinct_modules(pipes: list) -> list:
@@ -123,8 +123,8 @@ def place(strategy: str, device: str, base, refiner) -> OneModelOnDevice | None:
             # hooked (offloading them twice would hook weights that already live on 'meta').
             from accelerate import cpu_offload
 
-            cpu_offload(refiner.unet, device, offload_buffers=len(refiner.unet._parameters) > 0)
-            refiner._offload_device = base._offload_device
+            cpu_offload(refiner.unet, device, offload_buffers=diffusers_private.has_own_parameters(refiner.unet))
+            diffusers_private.share_offload_device(refiner, base)
         return None
     raise ValueError(f"unknown memory strategy {strategy!r}")
 

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from . import diffusers_private
 from .records import Record
 
 
@@ -37,7 +38,7 @@ def _step_callback(hooks: Hooks, phase: str, stage_total: int, done_before: int 
     def callback(pipe, step, timestep, kwargs):
         hooks.on_step(phase, min(done_before + step + 1, stage_total), stage_total)
         if hooks.should_stop():
-            pipe._interrupt = True
+            diffusers_private.interrupt(pipe)
         return kwargs
 
     return callback
@@ -285,14 +286,10 @@ def _conditioning(pipe, record: Record, cfg: float, original_size, device):
         prompt=record.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
         negative_prompt=record.negative,
     )
-    projection_dim = pipe.text_encoder_2.config.projection_dim
 
     def time_ids(tile):
-        positive, negative_ids = pipe._get_add_time_ids(
-            original_size, (tile.y, tile.x), (tile.height, tile.width), 6.0, 2.5,
-            original_size, (tile.y, tile.x), (tile.height, tile.width),
-            dtype=embeds.dtype, text_encoder_projection_dim=projection_dim,
-        )
+        positive, negative_ids = diffusers_private.img2img_time_ids(
+            pipe, original_size, (tile.y, tile.x), (tile.height, tile.width), embeds.dtype)
         return torch.cat([negative_ids, positive]).to(device)
 
     return Conditioning(

@@ -15,17 +15,14 @@ from collections import deque
 from pathlib import Path
 
 from . import store
-
-
-def status_dir(root: Path) -> Path:
-    return Path(root) / ".sdxld" / "status"
+from .layout import status_folder
 
 
 class StatusBoard:
     """What the daemon is doing, written atomically for `sdxld status` (and mirrored to systemd)."""
 
     def __init__(self, root: Path, notifier):
-        self.path = status_dir(root) / f"{socket.gethostname()}.{os.getpid()}.json"
+        self.path = status_folder(root) / f"{socket.gethostname()}.{os.getpid()}.json"
         self.notifier = notifier
         self.data = {
             "pid": os.getpid(),
@@ -89,7 +86,7 @@ def read_status(root: Path) -> list[dict]:
     """Status of every daemon on this root (stale files of dead processes are marked)."""
     from .owners import pid_alive_since
 
-    folder = status_dir(root)
+    folder = status_folder(root)
     found = []
     if not folder.is_dir():
         return found

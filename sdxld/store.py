@@ -67,6 +67,17 @@ def tag_of(name: str) -> str | None:
     return match[1] if match else None
 
 
+def images_of_kind(folder: Path, kind: str, tag: str = "*") -> list[Path]:
+    """Images named `<tag>_<kind>_...png` in a folder (stage1 or final), sorted by name: by tag.
+    A name the user edited around the kind still counts, as a stage-1 image waiting to be curated."""
+    return sorted(folder.glob(f"{tag}_{kind}_*.png")) if folder.is_dir() else []
+
+
+def find_final(layout, tag: str) -> Path | None:
+    """The final made from the image tagged `tag`, if one exists."""
+    return next(iter(images_of_kind(layout.final, "final", tag)), None)
+
+
 def is_temporary(name: str) -> bool:
     return name.startswith(".") and name.endswith(".tmp")
 

@@ -106,10 +106,8 @@ def stage1_backlog(engine) -> list[Path]:
     from . import store
 
     layout = engine.layout
-    if not layout.stage1.is_dir():
-        return []
     found = []
-    for path in sorted(layout.stage1.glob("*_stage1_*.png")):
+    for path in store.images_of_kind(layout.stage1, "stage1"):
         tag = store.tag_of(path.name)
         if tag and (layout.metadata / f"{tag}.json").is_file() and engine.final_exists(tag) is None:
             found.append(path)

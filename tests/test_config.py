@@ -174,3 +174,14 @@ def test_yaml_off_and_auto_spellings_are_understood(tmp_path):
     assert config.generation.stage3.tile_batch == "auto"
     (tmp_path / "config.yaml").write_text("generation:\n  stage3:\n    tile_batch: 3\n")
     assert load(tmp_path / "config.yaml").generation.stage3.tile_batch == 3
+
+
+def test_a_live_edit_keeps_the_loaded_model_settings_and_names_what_a_restart_would_apply(tmp_path):
+    from sdxld.config import keep_loaded_settings
+
+    loaded = from_dict({}, tmp_path)
+    edited = from_dict({"model": {"base": "other/model"}, "performance": {"dtype": "bf16"},
+                        "lora": {"style_strength": 0.5}}, tmp_path)
+    assert keep_loaded_settings(edited, loaded) == ["model.base", "performance.dtype"]
+    assert edited.model == loaded.model and edited.performance == loaded.performance
+    assert edited.lora.style_strength == 0.5  # everything else applies at once

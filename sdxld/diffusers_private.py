@@ -1,0 +1,62 @@
+"""Every use of diffusers' (and accelerate's) private API, in one place.
+
+sdxld needs a few things the libraries do not expose publicly. Each is wrapped here, so a
+diffusers upgrade that changes one breaks this file and its test (tests/test_diffusers_private.py
+has one per shim), not a stage or the LoRA merger. Written against diffusers 0.35-0.42.
+"""
+
+from __future__ import annotations
+
+# SDXL's aesthetic-score micro-conditioning for img2img and the refiner: diffusers' defaults
+# (`aesthetic_score`, `negative_aesthetic_score` of StableDiffusionXLImg2ImgPipeline.__call__),
+# which the pipeline calls in stages 2 and 3 use too.
+AESTHETIC_SCORE = 6.0
+NEGATIVE_AESTHETIC_SCORE = 2.5
+
+
+def execution_device(pipe):
+    """The device a pipeline computes on, offload hooks included (where its modules are moved to)."""
+    return pipe._execution_device
+
+
+def interrupt(pipe) -> None:
+    """Make a running pipeline call stop after the current denoising step (from its step callback)."""
+    pipe._interrupt = True
+
+
+def img2img_time_ids(pipe, original_size, crop_top_left, target_size, dtype):
+    """The (positive, negative) SDXL time ids an img2img or refiner pipeline conditions on: sizes and
+    crop for the base, sizes, crop and aesthetic score for the refiner."""
+    return pipe._get_add_time_ids(
+        original_size, crop_top_left, target_size, AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE,
+        original_size, crop_top_left, target_size,
+        dtype=dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+    )
+
+
+def disable_offloading(pipe) -> tuple[bool, bool, bool]:
+    """Remove the pipeline's offload hooks; returns which were on: (model, sequential, group)."""
+    return pipe._optionally_disable_offloading(pipe)
+
+
+def reapply_group_offloading(module) -> None:
+    """Put a module's group-offload hooks back after its weights were rewritten (no-op without)."""
+    from diffusers.hooks.group_offloading import _maybe_remove_and_reapply_group_offloading
+
+    _maybe_remove_and_reapply_group_offloading(module)
+
+
+def offload_device(pipe, default: str = "cuda"):
+    """The device enable_*_cpu_offload was given for this pipeline."""
+    return getattr(pipe, "_offload_device", default)
+
+
+def share_offload_device(target, source) -> None:
+    """Record on `target` the offload device of `source` (a refiner whose UNet was hooked by hand)."""
+    target._offload_device = source._offload_device
+
+
+def has_own_parameters(module) -> bool:
+    """Whether a module holds parameters itself (not only in submodules): accelerate's
+    `offload_buffers` must then be set for its buffers to follow it."""
+    return len(module._parameters) > 0
