@@ -24,7 +24,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # SDXL 1.0's published architecture (unet/vae/text_encoder configs of the base and refiner).
 SDXL_UNET = dict(
@@ -326,6 +325,27 @@ class Bench:
         return diffusers.__version__
 
 
+@dataclass
+class Run:
+    """What every section of the benchmark works with; the offload sections replace the models."""
+
+    args: argparse.Namespace
+    device: str
+    dtype: object
+    dtype_name: str
+    geometry: Geometry
+    bench: Bench
+    base: object
+    refiner: object
+    models: object
+    unets: dict
+    plain: object
+    refined: object
+    stage1_image: object
+    mid_image: object
+    library: object = None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: proves the script works")
@@ -335,11 +355,33 @@ def main() -> None:
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
-    import torch
+    run = setup(args)
+    bench_stages(run, skip)
+    if "esrgan" not in skip:
+        bench_esrgan(run)
+    if "loras" not in skip:
+        run.library = bench_loras(run.bench, run.base, run.models, run.plain, run.unets, args, quick=args.tiny)
+    if "switches" not in skip:
+        bench_switches(run)
+    if "compile" not in skip:
+        bench_compile(run)
+    if run.device == "cuda" and "offload" not in skip:
+        bench_offload(run)
+    if run.device == "cuda" and "sequential" not in skip:
+        bench_sequential(run)
+    shutil.rmtree(args.out / ".loras", ignore_errors=True)
+    run.bench.write()
+    print(f"wrote {args.out}", flush=True)
 
-    from esrgan import Upscaler
+
+def setup(args) -> Run:
+    """The models on the device (full-size random SDXL on CUDA, the tiny model with --tiny), the
+    records and the input images every section uses."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
     from sdxld.models import quiet_libraries
-    from sdxld.stages import stage1, stage2, stage3_latent, stage3_pixel
 
     quiet_libraries()
     if args.tiny:
@@ -359,24 +401,35 @@ def main() -> None:
         print(f"built full-size SDXL base + refiner on {card} in {time.perf_counter() - started:.1f} s", flush=True)
     base.to(device)
     refiner.to(device)
-    bench = Bench(device, args.out, card)
-    models = make_bank(base, refiner, device, dtype_name)
-    from PIL import Image
-    import numpy as np
-
     unets = {"unet": base.unet, "refiner": refiner.unet, "vae_dec": base.vae.decoder, "vae_enc": base.vae.encoder,
              "te1": base.text_encoder, "te2": base.text_encoder_2}
-    plain, refined = make_record(geometry, False), make_record(geometry, True)
+    rng = np.random.default_rng(0)
+    return Run(
+        args=args, device=device, dtype=dtype, dtype_name=dtype_name, geometry=geometry,
+        bench=Bench(device, args.out, card), base=base, refiner=refiner,
+        models=make_bank(base, refiner, device, dtype_name), unets=unets,
+        plain=make_record(geometry, False), refined=make_record(geometry, True),
+        stage1_image=Image.fromarray(rng.integers(0, 256, (*geometry.base[::-1], 3), dtype=np.uint8)),
+        mid_image=Image.fromarray(rng.integers(0, 256, (*geometry.mid[::-1], 3), dtype=np.uint8)),
+    )
+
+
+def bench_stages(run: Run, skip: set) -> None:
+    """Stage 1 (and the bare UNet's ceiling on CUDA), stage 1 + refiner, stage 2, stage 3 both modes."""
+    import torch
+
+    from sdxld.stages import stage1, stage2, stage3_latent, stage3_pixel
+
+    bench, models, geometry, unets = run.bench, run.models, run.geometry, run.unets
+    plain, refined = run.plain, run.refined
     stage2_settings, latent_settings = stage_settings(geometry, "latent", 2, True)
     _, pixel_settings = stage_settings(geometry, "pixel", 2, True)
-    rng = np.random.default_rng(0)
-    stage1_image = Image.fromarray(rng.integers(0, 256, (*geometry.base[::-1], 3), dtype=np.uint8))
-    mid_image = Image.fromarray(rng.integers(0, 256, (*geometry.mid[::-1], 3), dtype=np.uint8))
-    final_image = mid_image.resize(geometry.final)
+    final_image = run.mid_image.resize(geometry.final)
 
     bench.measure("warm-up: stage 1, 4 steps", lambda: stage1(models, _steps(plain, 4)))
-    if device == "cuda":
+    if run.device == "cuda":
         # The UNet alone at stage 1's shape (CFG batch 2): the ceiling the pipeline runs against.
+        device, dtype = run.device, run.dtype
         latent = torch.randn(2, 4, geometry.base[1] // 8, geometry.base[0] // 8, device=device, dtype=dtype)
         text = torch.randn(2, 77, 2048, device=device, dtype=dtype)
         cond = {"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype),
@@ -386,15 +439,15 @@ def main() -> None:
         def unet_steps():
             with torch.inference_mode():
                 for _ in range(10):
-                    base.unet(latent, t, encoder_hidden_states=text, added_cond_kwargs=cond)
+                    run.base.unet(latent, t, encoder_hidden_states=text, added_cond_kwargs=cond)
 
-        bench.measure("UNet alone, stage-1 shape, 10 CFG steps", unet_steps, {"unet": base.unet},
+        bench.measure("UNet alone, stage-1 shape, 10 CFG steps", unet_steps, {"unet": run.base.unet},
                       note=f"flash SDPA {torch.backends.cuda.flash_sdp_enabled()}")
     bench.measure(f"stage 1 {geometry.base[0]}x{geometry.base[1]}, {geometry.steps} steps", lambda: stage1(models, plain), unets)
     if "stages" not in skip:
         bench.measure("stage 1 + refiner (split 0.8)", lambda: stage1(models, refined), unets)
         bench.measure(f"stage 2 {geometry.mid[0]}x{geometry.mid[1]} (strength 0.25, refiner)",
-                      lambda: stage2(models, refined, stage1_image, stage2_settings, geometry.mid), unets)
+                      lambda: stage2(models, refined, run.stage1_image, stage2_settings, geometry.mid), unets)
         for batch in (2, 4):
             latent_settings.tile_batch = batch
             bench.measure(f"stage 3 latent {geometry.final[0]}x{geometry.final[1]}, tile_batch {batch}",
@@ -403,117 +456,140 @@ def main() -> None:
         bench.measure(f"stage 3 pixel {geometry.final[0]}x{geometry.final[1]}",
                       lambda: stage3_pixel(models, refined, final_image, pixel_settings), unets)
 
-    if "esrgan" not in skip:
-        from spandrel.architectures.ESRGAN import ESRGAN
 
-        for name, blocks, filters in (("anime_6B", 6, 64), ("x4plus", 23, 64)) if not args.tiny else (("tiny", 1, 8),):
-            net = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4)
-            path = args.out / f".esrgan-{name}.safetensors"
-            args.out.mkdir(parents=True, exist_ok=True)
-            from safetensors.torch import save_file
+def bench_esrgan(run: Run) -> None:
+    """ESRGAN-shaped networks (anime 6-block and x4plus; one tiny one with --tiny) at stage 3's input size."""
+    import numpy as np
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
 
-            save_file(net.state_dict(), str(path))
-            upscaler = Upscaler.load(path, device=device, dtype="fp16" if device == "cuda" else "fp32")
-            path.unlink()
-            pixels = np.asarray(mid_image.resize(geometry.esrgan_input))
-            upscaler.run(pixels[:64, :64])
-            bench.measure(f"ESRGAN {name}-shaped x4 on {geometry.esrgan_input[0]}x{geometry.esrgan_input[1]} ({upscaler.dtype_name}, tile 512)",
+    from esrgan import Upscaler
+
+    args, geometry = run.args, run.geometry
+    for name, blocks, filters in (("anime_6B", 6, 64), ("x4plus", 23, 64)) if not args.tiny else (("tiny", 1, 8),):
+        net = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4)
+        path = args.out / f".esrgan-{name}.safetensors"
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_file(net.state_dict(), str(path))
+        upscaler = Upscaler.load(path, device=run.device, dtype="fp16" if run.device == "cuda" else "fp32")
+        path.unlink()
+        pixels = np.asarray(run.mid_image.resize(geometry.esrgan_input))
+        upscaler.run(pixels[:64, :64])
+        run.bench.measure(f"ESRGAN {name}-shaped x4 on {geometry.esrgan_input[0]}x{geometry.esrgan_input[1]} ({upscaler.dtype_name}, tile 512)",
                           lambda: upscaler.run(pixels), {"esrgan": upscaler.model.model})
-            del upscaler
+        del upscaler
 
-    library = None
-    if "loras" not in skip:
-        library = bench_loras(bench, base, models, plain, unets, args, quick=args.tiny)
 
-    if "switches" not in skip:
-        bench.measure("stage 1, performance.fuse_qkv (UNet + VAE)",
-                      lambda: (base.fuse_qkv_projections(), stage1(models, plain)), unets)
-        base.unfuse_qkv_projections()
-        base.unet.to(memory_format=torch.channels_last)
-        base.vae.to(memory_format=torch.channels_last)
-        bench.measure("stage 1, performance.channels_last", lambda: stage1(models, plain), unets)
-        base.unet.to(memory_format=torch.contiguous_format)
-        base.vae.to(memory_format=torch.contiguous_format)
-        from sdxld.stages import auto_tile_batch
+def bench_switches(run: Run) -> None:
+    """performance.fuse_qkv and channels_last on stage 1; what tile_batch auto picks on this card."""
+    import torch
 
-        _, auto_settings = stage_settings(geometry, "latent", 2, True)
-        auto_settings.tile_batch = "auto"
-        bench.rows.append(Row(f"generation.stage3.tile_batch auto on this card: {auto_tile_batch(auto_settings, torch.device(device))}", 0.0))
+    from sdxld.stages import auto_tile_batch, stage1
 
-    if "compile" not in skip and (device == "cuda" or args.tiny):
-        backend = "inductor" if device == "cuda" else "eager"
-        try:
-            torch._dynamo.reset()
-            base.unet.compile_repeated_blocks(backend=backend)
-            bench.measure("stage 1, regional compile: first image (compiles)", lambda: stage1(models, plain))
-            bench.measure("stage 1, regional compile: next image", lambda: stage1(models, plain), unets)
-            if library is not None:
-                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                rng = random.Random(5)
-                bench.measure("stage 1, regional compile, 2 LoRAs: first image", lambda: (library.activate(library.pick(rng)), stage1(models, plain)))
-                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-                for i in range(3):
-                    bench.measure(f"stage 1, regional compile, LoRAs rotated ({i + 1})",
-                                  lambda: (library.activate(library.pick(rng)), stage1(models, plain)), unets)
-                added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
-                bench.rows.append(Row(f"graphs compiled while rotating LoRAs over 3 images: {added}", 0.0))
-        except Exception as err:  # noqa: BLE001 - a bench reports what failed and goes on
-            print(f"compile failed: {type(err).__name__}: {err}", flush=True)
-            bench.rows.append(Row("stage 1, regional compile", 0.0, note=f"failed: {type(err).__name__}: {str(err)[:120]}"))
-        finally:
-            for module in base.unet.modules():
-                if getattr(module, "_compiled_call_impl", None) is not None:
-                    module._compiled_call_impl = None
-            torch._dynamo.reset()
+    base, models, plain = run.base, run.models, run.plain
+    run.bench.measure("stage 1, performance.fuse_qkv (UNet + VAE)",
+                      lambda: (base.fuse_qkv_projections(), stage1(models, plain)), run.unets)
+    base.unfuse_qkv_projections()
+    base.unet.to(memory_format=torch.channels_last)
+    base.vae.to(memory_format=torch.channels_last)
+    run.bench.measure("stage 1, performance.channels_last", lambda: stage1(models, plain), run.unets)
+    base.unet.to(memory_format=torch.contiguous_format)
+    base.vae.to(memory_format=torch.contiguous_format)
+    _, auto_settings = stage_settings(run.geometry, "latent", 2, True)
+    auto_settings.tile_batch = "auto"
+    run.bench.rows.append(Row(f"generation.stage3.tile_batch auto on this card: {auto_tile_batch(auto_settings, torch.device(run.device))}", 0.0))
 
-    def fresh_base():
-        gc.collect()
-        torch.cuda.empty_cache()
-        fresh, _ = build_full("cuda", dtype, with_refiner=False)
-        fresh.to("cpu")
-        return fresh, make_bank(fresh, None, "cuda", dtype_name)
 
-    def lora_swap(pipe, seed):
-        """A library over the same LoRA files for this pipeline; returns a swap-and-generate step."""
-        from sdxld.loras import LoraLibrary
+def bench_compile(run: Run) -> None:
+    """Regional compile: first and next image, and whether rotating LoRAs recompiles anything."""
+    import torch
 
-        other = LoraLibrary(pipe, library.dirs, library.strengths)
-        other.sync()
-        rng = random.Random(seed)
-        return other, lambda: other.activate(other.pick(rng))
+    from sdxld.stages import stage1
 
-    if device == "cuda" and "offload" not in skip:
-        for pipe in (base, refiner):
-            pipe.to("cpu")
-        models.refiner = None
-        base.enable_model_cpu_offload()
-        bench.measure("stage 1, memory.strategy model_offload", lambda: stage1(models, plain), unets)
+    bench, base, models, plain, library = run.bench, run.base, run.models, run.plain, run.library
+    backend = "inductor" if run.device == "cuda" else "eager"
+    try:
+        torch._dynamo.reset()
+        base.unet.compile_repeated_blocks(backend=backend)
+        bench.measure("stage 1, regional compile: first image (compiles)", lambda: stage1(models, plain))
+        bench.measure("stage 1, regional compile: next image", lambda: stage1(models, plain), run.unets)
         if library is not None:
-            _, swap = lora_swap(base, 3)
-            bench.measure("LoRA swap under model_offload", swap)
-            bench.measure("stage 1, model_offload, 2 LoRAs merged", lambda: stage1(models, plain), unets)
-        del base, refiner, models, unets
-        base, models = fresh_base()
-        # The pipeline-level call also covers the transformers text encoders (no method of their own).
-        base.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+            rng = random.Random(5)
+            bench.measure("stage 1, regional compile, 2 LoRAs: first image", lambda: (library.activate(library.pick(rng)), stage1(models, plain)))
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            for i in range(3):
+                bench.measure(f"stage 1, regional compile, LoRAs rotated ({i + 1})",
+                              lambda: (library.activate(library.pick(rng)), stage1(models, plain)), run.unets)
+            added = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+            bench.rows.append(Row(f"graphs compiled while rotating LoRAs over 3 images: {added}", 0.0))
+    except Exception as err:  # noqa: BLE001 - a bench reports what failed and goes on
+        print(f"compile failed: {type(err).__name__}: {err}", flush=True)
+        bench.rows.append(Row("stage 1, regional compile", 0.0, note=f"failed: {type(err).__name__}: {str(err)[:120]}"))
+    finally:
+        for module in base.unet.modules():
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def _fresh_base(run: Run):
+    """A new full-size base pipeline on the CPU (for an offload strategy), and its ModelBank."""
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    fresh, _ = build_full("cuda", run.dtype, with_refiner=False)
+    fresh.to("cpu")
+    return fresh, make_bank(fresh, None, "cuda", run.dtype_name)
+
+
+def _lora_swap(run: Run, pipe, seed: int):
+    """A library over the same LoRA files for this pipeline; returns a swap step."""
+    from sdxld.loras import LoraLibrary
+
+    other = LoraLibrary(pipe, run.library.dirs, run.library.strengths)
+    other.sync()
+    rng = random.Random(seed)
+    return lambda: other.activate(other.pick(rng))
+
+
+def bench_offload(run: Run) -> None:
+    """model_offload, then group_offload on a fresh pipeline; with LoRAs swapped under each."""
+    import torch
+
+    from sdxld.stages import stage1
+
+    bench, plain = run.bench, run.plain
+    for pipe in (run.base, run.refiner):
+        pipe.to("cpu")
+    run.models.refiner = None
+    run.base.enable_model_cpu_offload()
+    bench.measure("stage 1, memory.strategy model_offload", lambda: stage1(run.models, plain), run.unets)
+    if run.library is not None:
+        bench.measure("LoRA swap under model_offload", _lora_swap(run, run.base, 3))
+        bench.measure("stage 1, model_offload, 2 LoRAs merged", lambda: stage1(run.models, plain), run.unets)
+    run.base = run.refiner = run.models = None
+    run.unets = {}
+    run.base, run.models = _fresh_base(run)
+    # The pipeline-level call also covers the transformers text encoders (no method of their own).
+    run.base.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
                                   offload_type="leaf_level", use_stream=True)
-        bench.measure("stage 1, group_offload (leaf level, streams)", lambda: stage1(models, plain))
-        if library is not None:
-            _, swap = lora_swap(base, 4)
-            bench.measure("LoRA swap under group_offload", swap)
-            bench.measure("stage 1, group_offload, 2 LoRAs merged", lambda: stage1(models, plain))
+    bench.measure("stage 1, group_offload (leaf level, streams)", lambda: stage1(run.models, plain))
+    if run.library is not None:
+        bench.measure("LoRA swap under group_offload", _lora_swap(run, run.base, 4))
+        bench.measure("stage 1, group_offload, 2 LoRAs merged", lambda: stage1(run.models, plain))
 
-    if device == "cuda" and "sequential" not in skip:
-        base, models = None, None
-        base, models = fresh_base()
-        base.enable_sequential_cpu_offload()
-        if library is not None:
-            _, swap = lora_swap(base, 5)
-            bench.measure("LoRA swap under sequential_offload (hooks removed and re-added)", swap)
-        bench.measure("stage 1, sequential_offload, 2 steps only", lambda: stage1(models, _steps(plain, 2)), note="2 steps")
-    shutil.rmtree(args.out / ".loras", ignore_errors=True)
-    bench.write()
-    print(f"wrote {args.out}", flush=True)
+
+def bench_sequential(run: Run) -> None:
+    """sequential_offload on a fresh pipeline: a LoRA swap (hooks removed and re-added), 2 steps."""
+    from sdxld.stages import stage1
+
+    run.base = run.models = None
+    run.base, run.models = _fresh_base(run)
+    run.base.enable_sequential_cpu_offload()
+    if run.library is not None:
+        run.bench.measure("LoRA swap under sequential_offload (hooks removed and re-added)", _lora_swap(run, run.base, 5))
+    run.bench.measure("stage 1, sequential_offload, 2 steps only", lambda: stage1(run.models, _steps(run.plain, 2)), note="2 steps")
 
 
 def bench_loras(bench, base, models, plain, unets, args, quick: bool):

@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 VARIANTS = {
     "model_offload": None,

@@ -19,8 +19,8 @@ from . import store
 from .arrivals import Arrivals
 from .engine import MAX_FAILURES_IN_A_ROW, Engine
 from .inbox import Claim, Inbox
+from .jobs import JobStatus, run_claimed
 from .stages import Hooks, Interrupted, NaNImageError
-from .upscaling import upscale_claimed
 from .status import StatusBoard
 from .watch import Watcher
 
@@ -176,33 +176,29 @@ class Daemon:
         if claim is None:
             pending = self.inbox.pending()
             self.status.update(approved_queued=len(pending))
-            for path in pending:
-                if not self.arrivals.settled(path):
-                    continue
-                complete = self.arrivals.arrived_complete(path)
-                claim = self.inbox.claim(path)
+            claim = self.inbox.claim_next(self.arrivals.settled, candidates=pending)
+            if claim is not None:
+                path = self.engine.layout.approved / claim.name
+                young_s = 0.0 if self.arrivals.arrived_complete(path) else self.config.daemon.copy_wait_s
                 self.arrivals.forget(path)
-                if claim is not None:
-                    young_s = 0.0 if complete else self.config.daemon.copy_wait_s
-                    break
         if claim is None:
             return False
         started = time.monotonic()
         self.status.update(force=True, state="upscaling", current={"job": "upscale", "file": claim.name})
-        outcome = upscale_claimed(self.engine, self.inbox, claim, self._hooks(claim.name), young_s=young_s)
-        if outcome.status == "final":
+        outcome = run_claimed(self.engine, self.inbox, claim, self._hooks(claim.name), young_s=young_s)
+        if outcome.status is JobStatus.FINAL:
             self.status.image_done(time.monotonic() - started, "final")
             log.info("approved %s -> %s", claim.name, outcome.final.name, extra={"sdxld_tag": store.tag_of(outcome.final.name), "sdxld_stage": "final"})
-        elif outcome.status == "skipped":
+        elif outcome.status is JobStatus.SKIPPED:
             log.info("approved %s: %s (%s); moved to done/", claim.name, outcome.detail, outcome.final.name)
-        elif outcome.status == "failed":
+        elif outcome.status is JobStatus.FAILED:
             self.status.data["failed"] += 1
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}")
-        elif outcome.status == "incomplete":
+        elif outcome.status is JobStatus.INCOMPLETE:
             # Put back half-copied: look again once the copy has had time to go on.
             self.arrivals.defer(self.engine.layout.approved / claim.name, max(2.0, 2 * self.config.daemon.settle_s))
             log.info("approved %s looks half-copied (%s); trying again shortly", claim.name, outcome.detail)
-        elif outcome.status == "deferred":
+        elif outcome.status is JobStatus.DEFERRED:
             retry = self.config.daemon.save_retry_s
             self._approved_paused_until = time.monotonic() + retry
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}; retrying in {retry:g} s")

@@ -18,8 +18,8 @@ from .config import Config
 from .layout import Layout
 from .loras import LoraLibrary
 from .prompts import PromptSource
-from .records import Record
-from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3
+from .records import FinalReport, Record, Stage2Report, Stage3Report, StageReports
+from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3, upscale_for_stage3
 
 log = logging.getLogger(__name__)
 
@@ -213,60 +213,66 @@ class Engine:
         gen = self.config.generation
         self.flush()  # the record may still be on its way to disk as a stage-1 image
         self.layout.ensure_output_dirs()
-        notes = self.activate_recorded_loras(record)
         mid_size = scaled(record.width, record.height, gen.mid_scale)
         final_size = scaled(record.width, record.height, gen.final_scale)
-        intermediates = self.config.output.save_intermediates
+        keep = self._intermediate_saver(record)
 
+        # 1. The LoRAs that made the image, at their recorded strengths.
+        notes = self.activate_recorded_loras(record)
+
+        # 2. Stage 2: Lanczos to the mid size, img2img.
         stage2_up, stage2_image = stage2(self.models, record, stage1_image, gen.stage2, mid_size, hooks)
-        if intermediates:
-            store.save_image(self.layout, record, stage2_up, "stage2_up", embed=self.embed)
-            store.save_image(self.layout, record, stage2_image, "stage2", embed=self.embed)
+        keep(stage2_up, "stage2_up")
+        keep(stage2_image, "stage2")
 
-        if self.models.residency is not None:
-            self.models.residency.evict()  # model_offload: the upscaler gets the GPU to itself
-        stage3_up = self.upscaler.upscale(stage2_image, final_size)
-        if intermediates:
-            store.save_image(self.layout, record, stage3_up, "stage3_up", embed=self.embed)
-        settings3 = gen.stage3
-        tiles = 0
-        if not settings3.enabled:
-            final_image = stage3_up
-        else:
-            save_tile = None
-            if intermediates and settings3.mode == "pixel":
-                def save_tile(index, tile_image):
-                    store.save_image(self.layout, record, tile_image, "tiles", name=f"{record.tag}_tile_{index:03d}.png", embed=self.embed)
-            final_image, tiles, settings3, retries = stage3(self.models, record, stage3_up, settings3, hooks, on_tile=save_tile)
-            for note in retries:
-                log.warning("%s: %s", record.tag, note)
-            notes = notes + retries
+        # 3. Stage 3: the upscaler to the final size, then tiled img2img (retried smaller when out of memory).
+        stage3_up = upscale_for_stage3(self.models, self.upscaler, stage2_image, final_size)
+        keep(stage3_up, "stage3_up")
+        def keep_tile(index, tile_image):
+            keep(tile_image, "tiles", f"{record.tag}_tile_{index:03d}.png")
 
-        use_refiner = self.models.refiner is not None
-        record.stages = {
-            "stage2": {
-                "enabled": gen.stage2.enabled, "size": list(mid_size), "steps": gen.stage2.steps,
-                "cfg": gen.stage2.cfg, "strength": gen.stage2.strength,
-                "refiner_split": gen.stage2.denoise_split if use_refiner and gen.stage2.use_refiner else None,
-                "seed": record.seed + STAGE2_SEED_OFFSET, "upscale": "lanczos",
-            },
-            "stage3": {
-                "enabled": settings3.enabled, "size": list(final_size), "mode": settings3.mode,
-                "steps": settings3.steps, "cfg": settings3.cfg, "strength": settings3.strength,
-                "refiner_split": settings3.denoise_split if use_refiner and settings3.use_refiner else None,
-                "tile_size": settings3.tile_size, "tile_overlap": settings3.tile_overlap,
-                "blend_mode": settings3.blend_mode, "tile_batch": settings3.tile_batch, "tiles": tiles,
-                "seed": record.seed + STAGE3_SEED_OFFSET, "upscaler": self.upscaler.method,
-            },
-            "final": {
-                "scale": gen.final_scale, "upscaler": self.upscaler.method,
-                "strength": settings3.strength if settings3.enabled else (gen.stage2.strength if gen.stage2.enabled else 0),
-            },
-            "notes": notes,
-        }
+        final_image, tiles, settings3, retries = stage3(self.models, record, stage3_up, gen.stage3, hooks, on_tile=keep_tile)
+        for note in retries:
+            log.warning("%s: %s", record.tag, note)
+
+        # 4. The record says how the final was made; the final is saved with it.
+        record.stages = self._stage_reports(record, mid_size, final_size, settings3, tiles, notes + retries).to_dict()
         path = store.save_image(self.layout, record, final_image, "final", embed=self.embed)
         log.info("final %s -> %s", record.tag, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "final"})
-        return FinalResult(record, path, notes)
+        return FinalResult(record, path, notes + retries)
+
+    def _intermediate_saver(self, record: Record):
+        """keep(image, kind[, name]): saves an intermediate when output.save_intermediates is on."""
+        def keep(image, kind: str, name: str | None = None) -> None:
+            if self.config.output.save_intermediates:
+                store.save_image(self.layout, record, image, kind, name=name, embed=self.embed)
+
+        return keep
+
+    def _stage_reports(self, record: Record, mid_size, final_size, settings3, tiles: int, notes: list[str]) -> StageReports:
+        gen = self.config.generation
+        use_refiner = self.models.refiner is not None
+        method = self.upscaler.method
+        return StageReports(
+            stage2=Stage2Report(
+                enabled=gen.stage2.enabled, size=list(mid_size), steps=gen.stage2.steps, cfg=gen.stage2.cfg,
+                strength=gen.stage2.strength,
+                refiner_split=gen.stage2.denoise_split if use_refiner and gen.stage2.use_refiner else None,
+                seed=record.seed + STAGE2_SEED_OFFSET,
+            ),
+            stage3=Stage3Report(
+                enabled=settings3.enabled, size=list(final_size), mode=settings3.mode, steps=settings3.steps,
+                cfg=settings3.cfg, strength=settings3.strength,
+                refiner_split=settings3.denoise_split if use_refiner and settings3.use_refiner else None,
+                tile_size=settings3.tile_size, tile_overlap=settings3.tile_overlap, blend_mode=settings3.blend_mode,
+                tile_batch=settings3.tile_batch, tiles=tiles, seed=record.seed + STAGE3_SEED_OFFSET, upscaler=method,
+            ),
+            final=FinalReport(
+                scale=gen.final_scale, upscaler=method,
+                strength=settings3.strength if settings3.enabled else (gen.stage2.strength if gen.stage2.enabled else 0),
+            ),
+            notes=notes,
+        )
 
 
 def scaled(width: int, height: int, scale: float) -> tuple[int, int]:

@@ -121,50 +121,56 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
 
 def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
     """generate.py's mode 3: approved images (claimed and moved), given files, or the stage-1 backlog."""
-    from .inbox import Claim, Inbox
-    from .upscaling import stage1_backlog, upscale_claimed, upscale_in_place
+    from .inbox import Inbox
+    from .jobs import JobStatus, run_claimed, run_in_place, stage1_backlog
 
     progress = StepProgress()
     hooks = Hooks(should_stop=stop, on_step=progress.on_step)
     inbox = Inbox(engine.layout, engine.config.daemon.max_attempts)
     approved = engine.layout.approved.resolve()
-    if backlog:
-        jobs = [(path, False) for path in stage1_backlog(engine)]
-    elif files:
-        jobs = [(Path(f), Path(f).resolve().parent == approved) for f in files]
-    else:
-        jobs = [(claim, True) for claim in inbox.recover()] + [(path, True) for path in inbox.pending()]
-    if not jobs:
-        log.info("nothing to upscale")
-        return 0
+
+    def jobs():
+        """(claim, None) for an inbox job, (None, path) for a file upscaled in place; claims are
+        taken one at a time, only once the previous job is done and no stop was asked for."""
+        if backlog:
+            yield from ((None, path) for path in stage1_backlog(engine))
+        elif files:
+            for path in map(Path, files):
+                yield (inbox.claim(path), path) if path.resolve().parent == approved else (None, path)
+        else:
+            yield from ((claim, None) for claim in inbox.recover())
+            seen: set[str] = set()  # one try per image: a deferred one back in approved/ waits for the next run
+            while not stop() and (claim := inbox.claim_next(lambda path: path.name not in seen)) is not None:
+                seen.add(claim.name)
+                yield claim, None
+
     counts: dict[str, int] = {}
     try:
-        for path, from_inbox in jobs:
+        for claim, path in jobs():
             if stop():
                 break
+            if claim is None and path.resolve().parent == approved:
+                counts["taken"] = counts.get("taken", 0) + 1  # another process claimed it first
+                continue
+            if claim is None and not path.exists():
+                log.error("%s: file not found", path)
+                counts[JobStatus.FAILED] = counts.get(JobStatus.FAILED, 0) + 1
+                continue
             try:
-                if from_inbox:
-                    claim = path if isinstance(path, Claim) else inbox.claim(path)
-                    if claim is None:
-                        counts["taken"] = counts.get("taken", 0) + 1
-                        continue
-                    outcome = upscale_claimed(engine, inbox, claim, hooks)
-                elif not path.exists():
-                    log.error("%s: file not found", path)
-                    counts["failed"] = counts.get("failed", 0) + 1
-                    continue
-                else:
-                    outcome = upscale_in_place(engine, path, hooks)
+                outcome = run_claimed(engine, inbox, claim, hooks) if claim is not None else run_in_place(engine, path, hooks)
             finally:
                 progress.close()
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
-            if outcome.final is not None and outcome.status == "final":
+            if outcome.status is JobStatus.FINAL:
                 print(outcome.final, flush=True)
-            elif outcome.status == "skipped":
+            elif outcome.status is JobStatus.SKIPPED:
                 log.info("%s: skipped, %s (%s)", outcome.name, outcome.detail, outcome.final.name)
-            elif outcome.status == "interrupted":
+            elif outcome.status is JobStatus.INTERRUPTED:
                 break
     except KeyboardInterrupt:
         log.info("stopped at once on the second signal")
-    log.info("upscale: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) or "nothing done")
-    return 1 if counts.get("failed") or counts.get("deferred") else 0
+    if not counts:
+        log.info("nothing to upscale")
+        return 0
+    log.info("upscale: %s", ", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    return 1 if counts.get(JobStatus.FAILED) or counts.get(JobStatus.DEFERRED) else 0

@@ -16,13 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import owners, store
-from .records import Record, RecordError, read_png_record
+from .records import SIDECAR_SUFFIX, sidecar_candidates
 
 log = logging.getLogger(__name__)
 
-# Larger than any SDXL stage-1 image by far; refusing before decoding keeps a PNG bomb harmless.
-MAX_INPUT_PIXELS = 64_000_000
-SIDECAR_SUFFIX = ".json"
 ERROR_SUFFIX = ".error.txt"
 
 
@@ -131,6 +128,14 @@ class Inbox:
             entries.append((mtime, entry.name, entry))
         return [entry for _, _, entry in sorted(entries)]
 
+    def claim_next(self, ready=lambda path: True, candidates: list[Path] | None = None) -> Claim | None:
+        """Claim the oldest waiting file that `ready` accepts; None when there is none, or other
+        processes took each first. The one place that decides which approved file is next."""
+        for path in self.pending() if candidates is None else candidates:
+            if ready(path) and (claim := self.claim(path)) is not None:
+                return claim
+        return None
+
     def claim(self, path: Path) -> Claim | None:
         """Take a file out of approved/ for processing; None if another process took it first."""
         self.ensure_dirs()
@@ -140,7 +145,7 @@ class Inbox:
         except FileNotFoundError:
             return None
         moved_sidecar = None
-        for sidecar in _sidecars(path.parent, path.name):
+        for sidecar in sidecar_candidates(path.parent, path.name):
             moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{sidecar.name}")
             try:
                 os.rename(sidecar, moved)
@@ -212,7 +217,7 @@ class Inbox:
             except FileNotFoundError:
                 continue  # another process recovered it first
             sidecar = None
-            for candidate in _sidecars(self.processing, name, prefix=f"{owner}__"):
+            for candidate in sidecar_candidates(self.processing, name, prefix=f"{owner}__"):
                 moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{candidate.name.split('__', 1)[1]}")
                 try:
                     os.rename(candidate, moved)
@@ -230,108 +235,3 @@ class Inbox:
             log.info("recovered %s (attempt %d), left unfinished by process %d", name, attempt, parsed.pid)
             recovered.append(claim)
         return recovered
-
-
-def _sidecars(folder: Path, name: str, prefix: str = "") -> list[Path]:
-    """Where a record may sit beside an image called `name`: <tag>.json, or <stem>.json."""
-    tag = store.tag_of(name)
-    names = [f"{tag}{SIDECAR_SUFFIX}"] if tag else []
-    names.append(Path(name).with_suffix(SIDECAR_SUFFIX).name)
-    return [folder / f"{prefix}{n}" for n in dict.fromkeys(names) if n != name]
-
-
-def open_image(path: Path):
-    """A fully decoded RGB image, or an InboxError naming what is wrong with the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.is_symlink():
-        raise InboxError("is a symbolic link; sdxld does not follow links out of the inbox", "move the image itself, not a link")
-    if path.is_dir():
-        raise InboxError("is a folder, not an image", "move the images inside it into inbox/approved/ one by one")
-    size = path.stat().st_size
-    if size == 0:
-        raise InboxError("is empty (0 bytes)", "the copy may have failed; approve the original image again", incomplete=True)
-    declared = _png_size(path)
-    try:
-        if declared is not None:
-            _check_pixels(*declared)
-        with Image.open(path) as image:
-            _check_pixels(*image.size)
-            image.load()
-            return image.convert("RGB")
-    except InboxError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise InboxError(f"is refused before decoding: {err}", "approve stage-1 images from outputs/stage1/") from None
-    except UnidentifiedImageError:
-        raise InboxError("is not an image (Pillow cannot identify its format)", "approve PNG images from outputs/stage1/") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InboxError(f"is a truncated or corrupt image ({err})", "approve the original from outputs/stage1/ again",
-                         incomplete=True) from None
-
-
-def _png_size(path: Path) -> tuple[int, int] | None:
-    """Width and height from a PNG's IHDR, read without decoding anything."""
-    with open(path, "rb") as handle:
-        head = handle.read(24)
-    if len(head) == 24 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
-        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-    return None
-
-
-def _check_pixels(width: int, height: int) -> None:
-    if width * height > MAX_INPUT_PIXELS:
-        raise InboxError(
-            f"declares {width}x{height} pixels, over the {MAX_INPUT_PIXELS:,} limit (refused before decoding)",
-            "approve stage-1 images from outputs/stage1/",
-        )
-
-
-def _record_from_json(text: str, name: str, image_size: tuple[int, int] | None) -> Record:
-    """An sdxld record, or the metadata generate.py wrote (mapped to a Record)."""
-    import json
-
-    from .seed_compat import is_seed_metadata, record_from_seed_metadata
-
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise RecordError(f"invalid JSON: {err}") from None
-    if is_seed_metadata(data):
-        return record_from_seed_metadata(data, store.tag_of(name), image_size)
-    return Record.from_dict(data)
-
-
-def find_record(path: Path, layout, sidecar: Path | None = None, name: str | None = None,
-                image_size: tuple[int, int] | None = None) -> Record:
-    """The image's Record: a JSON beside it, else outputs/metadata/<tag>.json, else its PNG chunk.
-    The JSON may be generate.py's metadata (its size defaults to `image_size`)."""
-    name = name or path.name
-    tag = store.tag_of(name)
-    tried = []
-    candidates = []
-    if sidecar is not None:
-        candidates.append(("the JSON beside it", sidecar))
-    else:
-        candidates.extend(("the JSON beside it", c) for c in _sidecars(path.parent, name))
-    if tag:
-        candidates.append(("outputs/metadata", layout.metadata / f"{tag}{SIDECAR_SUFFIX}"))
-    for label, candidate in candidates:
-        if candidate.is_file():
-            try:
-                return _record_from_json(candidate.read_text(encoding="utf-8"), name, image_size)
-            except (RecordError, UnicodeDecodeError) as err:
-                raise InboxError(f"its record {candidate.name} ({label}) is invalid: {err}", "restore the JSON or approve the PNG alone") from None
-        tried.append(f"{label} ({candidate.name})")
-    try:
-        return read_png_record(path)
-    except RecordError as err:
-        if "no 'sdxld' text chunk" not in str(err):
-            raise InboxError(f"its embedded sdxld record is invalid: {err}", "approve the original PNG from outputs/stage1/") from None
-    except OSError:
-        pass
-    tried.append("an sdxld chunk inside the PNG")
-    raise InboxError(
-        "has no record: looked for " + ", ".join(tried),
-        "approve images that sdxld made (outputs/stage1/), or put the image's <tag>.json beside it",
-    )

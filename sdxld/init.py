@@ -9,7 +9,6 @@ again on a root only fills in what is missing.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 

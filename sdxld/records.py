@@ -12,9 +12,11 @@ import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .store import tag_of
 
 PARAMETERS_CHUNK = "parameters"
 RECORD_CHUNK = "sdxld"
@@ -36,6 +38,58 @@ class LoraUse:
 
 
 @dataclass
+class Stage2Report:
+    """How stage 2 ran for a final (written into its record as `stages.stage2`)."""
+
+    enabled: bool
+    size: list[int]
+    steps: int
+    cfg: float
+    strength: float
+    refiner_split: float | None
+    seed: int
+    upscale: str = "lanczos"
+
+
+@dataclass
+class Stage3Report:
+    enabled: bool
+    size: list[int]
+    mode: str
+    steps: int
+    cfg: float
+    strength: float
+    refiner_split: float | None
+    tile_size: int
+    tile_overlap: int
+    blend_mode: str
+    tile_batch: int | str
+    tiles: int
+    seed: int
+    upscaler: str
+
+
+@dataclass
+class FinalReport:
+    """What A1111's hires-fix fields of the final's `parameters` text say."""
+
+    scale: float
+    upscaler: str
+    strength: float
+
+
+@dataclass
+class StageReports:
+    stage2: Stage2Report
+    stage3: Stage3Report
+    final: FinalReport
+    notes: list[str]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
 class Record:
     tag: str
     prompt: str
@@ -51,7 +105,7 @@ class Record:
     parts: dict = field(default_factory=dict)  # triggers, manual, extras
     loras: list[LoraUse] = field(default_factory=list)
     files: dict = field(default_factory=dict)  # stage1, final, ... -> file names
-    stages: dict = field(default_factory=dict)  # stage2 / stage3 settings once they ran
+    stages: dict = field(default_factory=dict)  # StageReports.to_dict() once stages 2-3 ran
     created: str = ""
     demo: bool = False
     version: str = __version__
@@ -260,3 +314,72 @@ def read_png_record(path) -> Record:
     if text is None:
         raise RecordError(f"{path}: no '{RECORD_CHUNK}' text chunk (not written by sdxld?)")
     return Record.from_json(text)
+
+
+# --- where an image's record is -------------------------------------------------------------
+
+SIDECAR_SUFFIX = ".json"
+
+
+class RecordLookupError(Exception):
+    """No usable record for an image: what was looked for or what is wrong, and what to do."""
+
+    def __init__(self, problem: str, advice: str):
+        super().__init__(problem)
+        self.problem, self.advice = problem, advice
+
+
+def sidecar_candidates(folder: Path, name: str, prefix: str = "") -> list[Path]:
+    """Where a record may sit beside an image called `name`: <tag>.json, or <stem>.json."""
+    tag = tag_of(name)
+    names = [f"{tag}{SIDECAR_SUFFIX}"] if tag else []
+    names.append(Path(name).with_suffix(SIDECAR_SUFFIX).name)
+    return [folder / f"{prefix}{n}" for n in dict.fromkeys(names) if n != name]
+
+
+def _record_from_json(text: str, name: str, image_size: tuple[int, int] | None) -> Record:
+    """An sdxld record, or the metadata generate.py wrote (mapped to a Record)."""
+    from .seed_compat import is_seed_metadata, record_from_seed_metadata
+
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RecordError(f"invalid JSON: {err}") from None
+    if is_seed_metadata(data):
+        return record_from_seed_metadata(data, tag_of(name), image_size)
+    return Record.from_dict(data)
+
+
+def find_record(path: Path, layout, sidecar: Path | None = None, name: str | None = None,
+                image_size: tuple[int, int] | None = None) -> Record:
+    """The image's Record: a JSON beside it, else outputs/metadata/<tag>.json, else its PNG chunk.
+    The JSON may be generate.py's metadata (its size defaults to `image_size`)."""
+    name = name or path.name
+    tag = tag_of(name)
+    tried = []
+    candidates = []
+    if sidecar is not None:
+        candidates.append(("the JSON beside it", sidecar))
+    else:
+        candidates.extend(("the JSON beside it", c) for c in sidecar_candidates(path.parent, name))
+    if tag:
+        candidates.append(("outputs/metadata", layout.metadata / f"{tag}{SIDECAR_SUFFIX}"))
+    for label, candidate in candidates:
+        if candidate.is_file():
+            try:
+                return _record_from_json(candidate.read_text(encoding="utf-8"), name, image_size)
+            except (RecordError, UnicodeDecodeError) as err:
+                raise RecordLookupError(f"its record {candidate.name} ({label}) is invalid: {err}", "restore the JSON or approve the PNG alone") from None
+        tried.append(f"{label} ({candidate.name})")
+    try:
+        return read_png_record(path)
+    except RecordError as err:
+        if "no 'sdxld' text chunk" not in str(err):
+            raise RecordLookupError(f"its embedded sdxld record is invalid: {err}", "approve the original PNG from outputs/stage1/") from None
+    except OSError:
+        pass
+    tried.append("an sdxld chunk inside the PNG")
+    raise RecordLookupError(
+        "has no record: looked for " + ", ".join(tried),
+        "approve images that sdxld made (outputs/stage1/), or put the image's <tag>.json beside it",
+    )

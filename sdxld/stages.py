@@ -231,7 +231,7 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
     """Tiled refinement in latent space: one latent, per-step fusion of per-tile UNet predictions."""
     import torch
 
-    from .tiling import Conditioning, tile_grid, tiled_denoise
+    from .tiling import tile_grid, tiled_denoise
 
     hooks = hooks or Hooks()
     models.set_sampler(record.sampler)
@@ -339,14 +339,24 @@ def smaller_stage3(settings):
     return replace(settings, tile_size=size, tile_overlap=overlap)
 
 
+def upscale_for_stage3(models, upscaler, image, size: tuple[int, int]):
+    """Stage 3's first half: the ESRGAN-family upscale (or Lanczos) to the final size. Under
+    model_offload the diffusion models leave the GPU first, so the upscaler has it to itself."""
+    if models.residency is not None:
+        models.residency.evict()
+    return upscaler.upscale(image, size)
+
+
 def stage3(models, record: Record, image, settings, hooks: Hooks | None = None, on_tile=None):
-    """Stage 3 in the configured mode, retried with less work per UNet call when the GPU runs out
+    """Stage 3's second half in the configured mode (disabled: the image as it is), retried with less work per UNet call when the GPU runs out
     of memory (another process took VRAM, a larger image than usual). Returns the image, the tile
     count, the settings that succeeded and a note per retry for the record."""
     import gc
 
     import torch
 
+    if not settings.enabled:
+        return image, 0, settings, []
     attempt = replace(settings, tile_batch=auto_tile_batch(settings, models.execution_device))
     notes: list[str] = []
     while True:

@@ -27,6 +27,11 @@ class Tile:
     width: int
     height: int
 
+    @property
+    def region(self) -> tuple:
+        """Index of this tile in an (N, C, H, W) tensor."""
+        return (slice(None), slice(None), slice(self.y, self.y + self.height), slice(self.x, self.x + self.width))
+
     def scaled(self, factor: int) -> "Tile":
         return Tile(self.x // factor, self.y // factor, self.width // factor, self.height // factor)
 
@@ -109,9 +114,8 @@ def fuse(predictions, latent_tiles: list[Tile], weights, shape):
     total = torch.zeros(shape, dtype=torch.float32, device=first.device)
     norm = torch.zeros((1, 1, *shape[2:]), dtype=torch.float32, device=first.device)
     for prediction, tile, weight in zip(predictions, latent_tiles, weights):
-        region = (slice(None), slice(None), slice(tile.y, tile.y + tile.height), slice(tile.x, tile.x + tile.width))
-        total[region] += prediction.float() * weight
-        norm[region] += weight
+        total[tile.region] += prediction.float() * weight
+        norm[tile.region] += weight
     return total / norm
 
 
@@ -126,6 +130,32 @@ class Conditioning:
     guidance: float
 
 
+def guided_noise(cond: Conditioning, model_input, t, latent_tiles: list[Tile], pixel_tiles: list[Tile]):
+    """Classifier-free-guided noise predictions of a batch of tiles, one UNet call: (N, C, h, w)."""
+    import torch
+
+    n = len(latent_tiles)
+    x = torch.cat([model_input[tile.region] for tile in latent_tiles])
+    x = torch.cat([x, x]).to(cond.unet.dtype)  # all negatives, then all positives
+    embeds = torch.cat([cond.prompt_embeds[0:1].expand(n, -1, -1), cond.prompt_embeds[1:2].expand(n, -1, -1)])
+    pooled = torch.cat([cond.pooled[0:1].expand(n, -1), cond.pooled[1:2].expand(n, -1)])
+    ids = [cond.time_ids(tile) for tile in pixel_tiles]
+    time_ids = torch.cat([torch.cat([i[0:1] for i in ids]), torch.cat([i[1:2] for i in ids])])
+    noise = cond.unet(x, t, encoder_hidden_states=embeds,
+                      added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+    uncond, text = noise.chunk(2)
+    return uncond + cond.guidance * (text - uncond)
+
+
+def whole_latent_noise(cond: Conditioning, model_input, t, latent_tiles, pixel_tiles, weights, tile_batch: int):
+    """The noise prediction of the whole latent, fused from its tiles' (tile_batch tiles per UNet call)."""
+    predictions = []
+    for group in batches(list(range(len(latent_tiles))), tile_batch):
+        guided = guided_noise(cond, model_input, t, [latent_tiles[i] for i in group], [pixel_tiles[i] for i in group])
+        predictions.extend(guided[j : j + 1] for j in range(len(group)))
+    return fuse(predictions, latent_tiles, weights, tuple(model_input.shape))
+
+
 def tiled_denoise(
     latents,
     timesteps: list,
@@ -137,7 +167,8 @@ def tiled_denoise(
     on_step: Callable[[int, int], bool],
     step_kwargs: dict | None = None,
 ):
-    """The MultiDiffusion loop: per step, UNet over every tile (batched), fuse, one scheduler step.
+    """The MultiDiffusion loop: each step, one noise prediction of the whole latent from its tiles,
+    then one scheduler step for the whole latent.
 
     `phases` are (first step index, conditioning): the base UNet, then optionally the refiner's
     from the handoff step on. `on_step(step, total)` returns True to stop early. `step_kwargs`
@@ -145,39 +176,13 @@ def tiled_denoise(
     """
     import torch
 
-    weights = []
-    for tile in latent_tiles:
-        weights.append(torch.from_numpy(gaussian_weights(tile.width, tile.height)).float().to(latents.device))
-    order = list(range(len(latent_tiles)))
-    total = len(timesteps)
+    weights = [torch.from_numpy(gaussian_weights(t.width, t.height)).float().to(latents.device) for t in latent_tiles]
     for index, t in enumerate(timesteps):
         cond = [c for start, c in phases if start <= index][-1]
         model_input = scheduler.scale_model_input(latents, t)
-        predictions = [None] * len(latent_tiles)
-        for group in batches(order, tile_batch):
-            crops = [model_input[:, :, latent_tiles[i].y : latent_tiles[i].y + latent_tiles[i].height,
-                                 latent_tiles[i].x : latent_tiles[i].x + latent_tiles[i].width] for i in group]
-            x = torch.cat(crops, dim=0)
-            x = torch.cat([x, x], dim=0).to(cond.unet.dtype)  # all negatives, then all positives
-            n = len(group)
-            embeds = torch.cat([cond.prompt_embeds[0:1].expand(n, -1, -1), cond.prompt_embeds[1:2].expand(n, -1, -1)])
-            pooled = torch.cat([cond.pooled[0:1].expand(n, -1), cond.pooled[1:2].expand(n, -1)])
-            ids = [cond.time_ids(pixel_tiles[i]) for i in group]
-            time_ids = torch.cat([torch.cat([i[0:1] for i in ids]), torch.cat([i[1:2] for i in ids])])
-            noise = cond.unet(
-                x,
-                t,
-                encoder_hidden_states=embeds,
-                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
-                return_dict=False,
-            )[0]
-            uncond, text = noise.chunk(2)
-            guided = uncond + cond.guidance * (text - uncond)
-            for j, i in enumerate(group):
-                predictions[i] = guided[j : j + 1]
-        fused = fuse(predictions, latent_tiles, weights, tuple(latents.shape)).to(latents.dtype)
-        latents = scheduler.step(fused, t, latents, **(step_kwargs or {}), return_dict=False)[0]
-        if on_step(index + 1, total):
+        noise = whole_latent_noise(cond, model_input, t, latent_tiles, pixel_tiles, weights, tile_batch)
+        latents = scheduler.step(noise.to(latents.dtype), t, latents, **(step_kwargs or {}), return_dict=False)[0]
+        if on_step(index + 1, len(timesteps)):
             break
     return latents
 

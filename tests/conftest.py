@@ -35,7 +35,7 @@ def root(tmp_path) -> Path:
 
 @pytest.fixture
 def make_engine(root):
-    from helpers import demo_config
+    from support.helpers import demo_config
 
     from sdxld.engine import Engine
 

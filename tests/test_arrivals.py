@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from daemons import DaemonProcess, files, set_config, wait_for
-from helpers import run_sdxld
+from support.daemons import DaemonProcess, files, set_config, wait_for
+from support.helpers import run_sdxld
 
 from sdxld.arrivals import Arrivals
 
@@ -93,7 +93,7 @@ def test_a_copy_that_stalls_half_way_with_the_file_open_gets_its_final(root):
 
 def test_a_truncated_young_file_goes_back_to_approved_and_an_old_one_fails(make_engine, root):
     from sdxld.inbox import Inbox
-    from sdxld.upscaling import upscale_claimed
+    from sdxld.jobs import run_claimed
 
     engine = make_engine()
     data = engine.stage1_once(seed=3).path.read_bytes()
@@ -102,10 +102,10 @@ def test_a_truncated_young_file_goes_back_to_approved_and_an_old_one_fails(make_
     half = engine.layout.approved / "half.png"
     half.write_bytes(data[: len(data) // 2])
 
-    outcome = upscale_claimed(engine, inbox, inbox.claim(half), young_s=300)
+    outcome = run_claimed(engine, inbox, inbox.claim(half), young_s=300)
     assert outcome.status == "incomplete" and half.exists() and files(engine.layout.failed) == []
 
     os.utime(half, (time.time() - 400, time.time() - 400))  # nothing came for longer than copy_wait_s
-    outcome = upscale_claimed(engine, inbox, inbox.claim(half), young_s=300)
+    outcome = run_claimed(engine, inbox, inbox.claim(half), young_s=300)
     assert outcome.status == "failed" and "truncated" in outcome.detail
     assert (engine.layout.failed / "half.png").exists()

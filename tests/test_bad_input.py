@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemons import DaemonProcess, files, records, set_config, wait_for
-from helpers import run_sdxld
+from support.daemons import DaemonProcess, files, records, set_config, wait_for
+from support.helpers import run_sdxld
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from helpers import run_sdxld
+from support.helpers import run_sdxld
 from PIL import Image
 
 from sdxld.records import parse_a1111

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import run_sdxld
+from support.helpers import run_sdxld
 
 from sdxld.config import EX_CONFIG, Config, ConfigError, from_dict, load, to_dict
 

@@ -9,8 +9,8 @@ import threading
 import time
 
 import pytest
-from daemons import DaemonProcess, files, partial_files, records, set_config, wait_for
-from helpers import run_sdxld
+from support.daemons import DaemonProcess, files, partial_files, records, set_config, wait_for
+from support.helpers import run_sdxld
 
 from sdxld.tiny import write_tiny_lora
 
@@ -231,7 +231,7 @@ def test_a_bad_config_exits_78_without_starting(root):
 
 def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monkeypatch):
     """In-process: a stage 1 that always fails makes run() raise, so systemd restarts sdxld."""
-    from helpers import demo_config
+    from support.helpers import demo_config
 
     from sdxld import daemon as daemon_module
     from sdxld.engine import Engine

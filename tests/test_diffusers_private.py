@@ -9,7 +9,7 @@ from sdxld import diffusers_private
 
 @pytest.fixture(scope="module")
 def models(tiny_cache, tmp_path_factory):
-    from helpers import demo_config
+    from support.helpers import demo_config
 
     from sdxld.init import init_root
     from sdxld.models import load_models

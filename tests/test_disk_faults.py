@@ -1,6 +1,6 @@
 """Disk faults under a real daemon: disk full, read-only outputs, outputs deleted, kill -9 at random.
 
-The disk faults come from tests/faultsite/sitecustomize.py, which Python loads at the daemon's
+The disk faults come from tests/support/faultsite/sitecustomize.py, which Python loads at the daemon's
 start-up: while a flag file exists, writes under outputs/ fail with ENOSPC (after the temporary
 file was written) or EROFS (nothing can be created). The daemon itself is unmodified.
 """
@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from daemons import DaemonProcess, files, partial_files, set_config, wait_for
-from helpers import run_sdxld
+from support.daemons import DaemonProcess, files, partial_files, set_config, wait_for
+from support.helpers import run_sdxld
 
 from sdxld.status import read_status
 
-FAULTSITE = Path(__file__).resolve().parent / "faultsite"
+FAULTSITE = Path(__file__).resolve().parent / "support" / "faultsite"
 
 
 def stage1_images(root):

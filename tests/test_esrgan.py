@@ -6,7 +6,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from esrgan_weights import write_esrgan
+from support.esrgan_weights import write_esrgan
 from PIL import Image
 
 from esrgan import Upscaler, UpscalerError

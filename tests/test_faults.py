@@ -24,7 +24,7 @@ def no_temp_files(root):
 
 
 def test_disk_full_while_saving_a_final_loses_nothing_and_succeeds_later(root, make_engine, monkeypatch):
-    from sdxld.upscaling import upscale_claimed
+    from sdxld.jobs import run_claimed
 
     engine = make_engine()
     inbox, target, first = approve_one(engine, root)
@@ -42,21 +42,21 @@ def test_disk_full_while_saving_a_final_loses_nothing_and_succeeds_later(root, m
             return real_write(path, data)
 
     monkeypatch.setattr(store, "atomic_write", disk_full_for_images)
-    outcome = upscale_claimed(engine, inbox, inbox.claim(target))
+    outcome = run_claimed(engine, inbox, inbox.claim(target))
     assert outcome.status == "deferred" and "No space left" in outcome.detail
     assert target.exists(), "the approved image is back where the user put it"
     assert not list(engine.layout.final.glob("*.png"))
     assert no_temp_files(root)
 
     monkeypatch.setattr(store, "atomic_write", real_write)
-    outcome = upscale_claimed(engine, inbox, inbox.claim(target))
+    outcome = run_claimed(engine, inbox, inbox.claim(target))
     assert outcome.status == "final" and outcome.final.exists()
     assert (engine.layout.done / target.name).exists()
 
 
 def test_an_unexpected_error_in_a_stage_sends_the_image_aside_with_the_reason(root, make_engine, monkeypatch):
     from sdxld import engine as engine_module
-    from sdxld.upscaling import upscale_claimed
+    from sdxld.jobs import run_claimed
 
     engine = make_engine()
     inbox, target, _ = approve_one(engine, root)
@@ -65,7 +65,7 @@ def test_an_unexpected_error_in_a_stage_sends_the_image_aside_with_the_reason(ro
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     monkeypatch.setattr(engine_module, "stage2", broken_stage2)
-    outcome = upscale_claimed(engine, inbox, inbox.claim(target))
+    outcome = run_claimed(engine, inbox, inbox.claim(target))
     assert outcome.status == "failed"
     report = (engine.layout.failed / f"{target.name}.error.txt").read_text()
     assert "upscaling failed: RuntimeError: CUDA error: an illegal memory access" in report
@@ -83,14 +83,14 @@ def test_the_outputs_folder_is_recreated_when_deleted_while_running(root, make_e
 
 
 def test_an_image_of_another_size_than_its_record_is_refused(root, make_engine):
-    from sdxld.upscaling import upscale_claimed
+    from sdxld.jobs import run_claimed
 
     engine = make_engine()
     inbox, target, first = approve_one(engine, root)
     with Image.open(target) as image:
         info = image.info
         image.resize((64, 112)).save(target, pnginfo=_chunks(info))
-    outcome = upscale_claimed(engine, inbox, inbox.claim(target))
+    outcome = run_claimed(engine, inbox, inbox.claim(target))
     assert outcome.status == "failed"
     assert "is 64x112 but its record" in (engine.layout.failed / f"{target.name}.error.txt").read_text()
 

@@ -7,8 +7,8 @@ import shutil
 import stat
 
 import psutil
-from daemons import DaemonProcess, files, set_config, wait_for
-from helpers import run_sdxld
+from support.daemons import DaemonProcess, files, set_config, wait_for
+from support.helpers import run_sdxld
 
 
 def test_every_file_and_folder_sdxld_creates_respects_the_umask(root):

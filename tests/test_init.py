@@ -4,9 +4,8 @@ LoRAs that fit the built-in tiny model so rotation, live drops and `check` work 
 import shutil
 
 import pytest
-import yaml
-from daemons import DaemonProcess, records, set_config, wait_for
-from helpers import run_sdxld
+from support.daemons import DaemonProcess, records, set_config, wait_for
+from support.helpers import run_sdxld
 
 from sdxld.config import load, to_dict
 from sdxld.init import InitError, init_root, source_checkout

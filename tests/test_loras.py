@@ -161,7 +161,7 @@ def test_pick_covers_every_loaded_lora(root, make_engine):
 
 
 def test_files_still_being_written_wait_for_the_settle_time(root):
-    from helpers import demo_config
+    from support.helpers import demo_config
 
     from sdxld.engine import Engine
 
@@ -275,30 +275,9 @@ def test_a_merged_lora_file_overwritten_in_place_cannot_crash_the_process(root, 
     import subprocess
     import sys
 
-    script = f"""
-import random, sys
-sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
-from pathlib import Path
-from helpers import demo_config
-from sdxld.engine import Engine
-from sdxld.tiny import write_tiny_lora
-root = Path({str(root)!r})
-character = write_tiny_lora(root / "loras/character/c.safetensors", seed=1, rank=8)
-write_tiny_lora(root / "loras/style/s1.safetensors", seed=2)
-write_tiny_lora(root / "loras/style/s2.safetensors", seed=3)
-engine = Engine.load(demo_config(root))
-engine.sync_loras()
-library = engine.loras
-c = library.available("character")[0]
-s1, s2 = library.available("style")
-library.activate([c, s1])
-with open(character, "r+b") as handle:   # what cp does to an existing file
-    handle.truncate(64)
-library.activate([c, s2])                 # recomputes layers from the merged character's weights
-library.activate([])
-print("survived")
-"""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, "-m", "support.overwrite_lora_in_use", str(root)], cwd=tests,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "survived" in result.stdout
 

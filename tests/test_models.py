@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from helpers import demo_config
-from ldm_checkpoint import write_single_file, write_single_file_refiner, write_single_file_vae
+from support.helpers import demo_config
+from support.ldm_checkpoint import write_single_file, write_single_file_refiner, write_single_file_vae
 from PIL import Image
 
 from sdxld.config import ConfigError, from_dict

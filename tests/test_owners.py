@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from daemons import DaemonProcess, files, set_config, wait_for
-from helpers import run_sdxld
+from support.daemons import DaemonProcess, files, set_config, wait_for
+from support.helpers import run_sdxld
 
 from sdxld import owners, store
 from sdxld.inbox import Inbox
@@ -60,7 +60,7 @@ def _claim(inbox: Inbox, token: str, name: str = "20260101_000000_stage1_64x64.p
 
 
 def _config(root):
-    from helpers import demo_config
+    from support.helpers import demo_config
 
     return demo_config(root)
 

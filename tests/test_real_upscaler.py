@@ -24,7 +24,7 @@ except (ImportError, OSError) as err:  # the package, or the libvulkan1/libomp5 
         raise RuntimeError(missing) from err
     pytest.skip(missing, allow_module_level=True)
 
-from ncnn_weights import convert
+from support.ncnn_weights import convert
 
 from esrgan import Upscaler
 

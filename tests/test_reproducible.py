@@ -22,7 +22,7 @@ SCHEDULERS = {
 
 @pytest.fixture(scope="module")
 def engine(tiny_cache, tmp_path_factory):
-    from helpers import demo_config
+    from support.helpers import demo_config
 
     from sdxld.engine import Engine
     from sdxld.init import init_root

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import demo_config, run_sdxld
+from support.helpers import demo_config, run_sdxld
 from PIL import Image
 
 from sdxld.config import EX_CONFIG, load
 from sdxld.inbox import Inbox
 from sdxld.tiny import write_tiny_lora
-from sdxld.upscaling import upscale_claimed
+from sdxld.jobs import run_claimed
 
-FAULTSITE = Path(__file__).resolve().parent / "faultsite"
+FAULTSITE = Path(__file__).resolve().parent / "support" / "faultsite"
 
 SEED_CONFIG = """
 model:
@@ -104,7 +104,7 @@ def test_an_image_with_generate_py_metadata_is_approved_and_upscaled(make_engine
         "use_refiner": True, "denoising_end": 0.8,
     }))
     inbox = Inbox(engine.layout)
-    outcome = upscale_claimed(engine, inbox, inbox.claim(approved / f"{tag}_stage1_128x224.png"))
+    outcome = run_claimed(engine, inbox, inbox.claim(approved / f"{tag}_stage1_128x224.png"))
     assert outcome.status == "final", outcome.detail
     record = json.loads((engine.layout.metadata / f"{tag}.json").read_text())
     assert (record["prompt"], record["negative"], record["seed"]) == ("hero, a lighthouse at dusk", "blurry", 1234)

@@ -61,7 +61,7 @@ def test_service_install_writes_absolute_paths_of_this_installation(tmp_path, us
 
 
 def test_cli_service_install(root, tmp_path):
-    from helpers import run_sdxld
+    from support.helpers import run_sdxld
 
     result = run_sdxld("service", "install", "--user", "--root", str(root), "--target-dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -73,7 +73,7 @@ def test_cli_service_install(root, tmp_path):
 
 
 def test_service_install_on_a_folder_that_is_no_root_offers_sdxld_init(tmp_path):
-    from helpers import run_sdxld
+    from support.helpers import run_sdxld
 
     new = tmp_path / "new"
     new.mkdir()

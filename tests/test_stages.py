@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from esrgan_weights import write_esrgan
+from support.esrgan_weights import write_esrgan
 from PIL import Image
 
 from sdxld.records import parse_a1111, read_png_record

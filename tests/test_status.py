@@ -2,7 +2,7 @@
 
 import json
 
-from helpers import run_sdxld
+from support.helpers import run_sdxld
 
 from sdxld.status import describe_job, format_status
 

@@ -4,6 +4,7 @@ import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,8 +26,9 @@ def test_tags_keep_the_seeds_timestamp_form():
 
 
 def test_tags_from_concurrent_processes_never_collide():
-    code = "from sdxld.store import new_tag\nprint('\\n'.join(new_tag() for _ in range(500)))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    tests = Path(__file__).resolve().parent
+    procs = [subprocess.Popen([sys.executable, "-m", "support.print_tags", "500"], cwd=tests, stdout=subprocess.PIPE, text=True)
+             for _ in range(3)]
     tags = [line for p in procs for line in p.communicate()[0].split()]
     assert len(tags) == 1500 and len(set(tags)) == 1500
 

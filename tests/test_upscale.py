@@ -4,10 +4,12 @@ import shutil
 import threading
 
 import pytest
-from helpers import run_sdxld
+from support.helpers import run_sdxld
 from PIL import Image
 
-from sdxld.inbox import Inbox, InboxError, find_record, open_image
+from sdxld.inbox import Inbox, InboxError
+from sdxld.jobs import open_image
+from sdxld.records import RecordLookupError, find_record
 from sdxld.layout import Layout
 
 
@@ -212,7 +214,7 @@ def test_an_invalid_embedded_record_is_named(root, tmp_path):
     info = PngInfo()
     info.add_text("sdxld", '{"tag": 5}')
     Image.new("RGB", (8, 8)).save(tmp_path / "odd.png", pnginfo=info)
-    with pytest.raises(InboxError, match="embedded sdxld record is invalid"):
+    with pytest.raises(RecordLookupError, match="embedded sdxld record is invalid"):
         find_record(tmp_path / "odd.png", Layout.from_config(load(root / "config.yaml")))
 
 

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests (imported as a plain module; pytest puts tests/ on sys.path)."""
+"""Helpers shared by the tests: a demo config for a root, and `sdxld` run as a process."""
 
 from __future__ import annotations
 
