@@ -183,7 +183,7 @@ def run_command(args, log) -> int:
     if args.command == "upscale" and args.files and args.stage1:
         log.error("give files or --stage1, not both")
         return 2
-    missing = [str(f) for f in getattr(args, "files", None) or [] if not f.is_file()]
+    missing = [str(f) for f in args.files if not f.is_file()] if args.command == "upscale" else []
     if missing:
         # Before minutes of model loading: a typo in a path should fail at once.
         log.error("not found (or not a file): %s; give paths of stage-1 images, relative to %s", ", ".join(missing), Path.cwd())

@@ -129,6 +129,8 @@ def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
     inbox = Inbox(engine.layout, engine.config.daemon.max_attempts)
     approved = engine.layout.approved.resolve()
 
+    counts: dict[str, int] = {}
+
     def jobs():
         """(claim, None) for an inbox job, (None, path) for a file upscaled in place; claims are
         taken one at a time, only once the previous job is done and no stop was asked for."""
@@ -136,7 +138,12 @@ def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
             yield from ((None, path) for path in stage1_backlog(engine))
         elif files:
             for path in map(Path, files):
-                yield (inbox.claim(path), path) if path.resolve().parent == approved else (None, path)
+                if path.resolve().parent != approved:
+                    yield None, path
+                elif (claim := inbox.claim(path)) is not None:
+                    yield claim, None
+                else:
+                    counts["taken"] = counts.get("taken", 0) + 1  # another process claimed it first
         else:
             yield from ((claim, None) for claim in inbox.recover())
             seen: set[str] = set()  # one try per image: a deferred one back in approved/ waits for the next run
@@ -144,14 +151,10 @@ def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
                 seen.add(claim.name)
                 yield claim, None
 
-    counts: dict[str, int] = {}
     try:
         for claim, path in jobs():
             if stop():
                 break
-            if claim is None and path.resolve().parent == approved:
-                counts["taken"] = counts.get("taken", 0) + 1  # another process claimed it first
-                continue
             if claim is None and not path.exists():
                 log.error("%s: file not found", path)
                 counts[JobStatus.FAILED] = counts.get(JobStatus.FAILED, 0) + 1

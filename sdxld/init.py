@@ -96,9 +96,9 @@ def _copy_new(source: Path, target: Path, report: InitReport) -> None:
 
 def _write_new(target: Path, data: bytes) -> None:
     """Write a file that does not exist yet, never visible half-written (a daemon may be watching)."""
-    temporary = target.with_name(f".{target.name}.init.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, target)
+    from .store import atomic_write
+
+    atomic_write(target, data)
 
 
 def _write_demo_loras(folder: Path, report: InitReport) -> None:

@@ -197,9 +197,12 @@ DEFAULT_VENV_BIN = "/opt/sdxld/.venv/bin"
 DEFAULT_ROOT = "/var/lib/sdxld"
 
 
-def render_unit(name: str, *, exec_start: str, root: Path | str, user: str = "sdxld", path: str | None = None,
-                environment: dict | None = None) -> str:
-    variables = ({"PATH": path} if path else {}) | (environment or {})
+def render_unit(name: str, *, exec_start: str, root: Path | str, user: str = "sdxld", path: str | None = None) -> str:
+    variables = {"PATH": path} if path else {}
+    if name != "sdxld-user.service":
+        # A system account's home is rarely writable under ProtectSystem=strict: keep the Hugging
+        # Face downloads and the demo model's cache inside the root, the one folder the unit may write.
+        variables["XDG_CACHE_HOME"] = f"{root}/.cache"
     environment = "".join(f"Environment={key}={value}\n" for key, value in variables.items())
     return (
         UNIT_TEMPLATES[name]
@@ -218,7 +221,6 @@ def render_default(name: str) -> str:
         exec_start=f"/usr/bin/env sdxld run --root {root}",
         root=root,
         path=f"{DEFAULT_VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
-        environment=None if name == "sdxld-user.service" else {"XDG_CACHE_HOME": f"{root}/.cache"},
     )
 
 
@@ -260,10 +262,7 @@ def install_unit(root: Path, *, user_unit: bool, target_dir: Path | None = None,
     name = "sdxld-user.service" if user_unit else "sdxld.service"
     executable = sdxld_executable()
     exec_start = f"{executable} run {'--demo ' if demo else ''}--root {root}"
-    # A system account's home is rarely writable under ProtectSystem=strict: keep the Hugging Face
-    # downloads and the demo model's cache inside the root, the one folder the unit may write.
-    environment = None if user_unit else {"XDG_CACHE_HOME": str(root / ".cache")}
-    text = render_unit(name, exec_start=exec_start, root=root, user=service_user, environment=environment)
+    text = render_unit(name, exec_start=exec_start, root=root, user=service_user)
     if target_dir is None:
         if user_unit:
             base = host.env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
@@ -285,8 +284,7 @@ def install_unit(root: Path, *, user_unit: bool, target_dir: Path | None = None,
     if not host.booted_marker.is_dir():
         warnings.append(
             f"systemd is not running on this machine (no {host.booted_marker}; a container, or WSL without "
-            f"systemd): the unit is written but nothing will start it. Run `{executable} run "
-            f"{'--demo ' if demo else ''}--root {root}` in a terminal instead (inside tmux or screen it keeps "
+            f"systemd): the unit is written but nothing will start it. Run `{exec_start}` in a terminal instead (inside tmux or screen it keeps "
             "going after you log out)"
         )
     return Installed(path, warnings, steps)
