@@ -9,24 +9,24 @@ images, or low disk). Status goes to a file (`sdxld status`) and to systemd.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections import deque
 from pathlib import Path
 
-from .config import Config, ConfigError, keep_loaded_settings, load
 from . import store
 from .arrivals import Arrivals
-from .engine import MAX_FAILURES_IN_A_ROW, Engine
+from .changes import ChangeRouter, ConfigEdit, reread_config
+from .config import Config
+from .engine import Engine
 from .inbox import Claim, Inbox
 from .jobs import JobStatus, run_claimed
+from .pacing import Hold, Stage1Pacing
 from .stages import Hooks, Interrupted, NaNImageError
 from .status import StatusBoard
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
 
-FAILURE_BACKOFF_S = 2.0  # after n failures in a row, wait FAILURE_BACKOFF_S ** n (at most 30 s)
 
 class Daemon:
     def __init__(self, config_path: Path, config: Config, *, demo: bool, stop, notifier):
@@ -41,14 +41,9 @@ class Daemon:
         self.watcher: Watcher | None = None
         self.recovered: deque[Claim] = deque()
         self.arrivals = Arrivals(config.daemon.settle_s, config.daemon.copy_wait_s)
-        self._config_dirty = False
-        self._loras_dirty = False
-        self._last_rescan = 0.0
-        self._progress_at = 0.0
-        self._approved_paused_until = 0.0
-        self._stage1_paused_until = 0.0
-        self._save_error = ""
-        self._failures_in_a_row = 0
+        self.changes = ChangeRouter()
+        self.stage1_pacing = Stage1Pacing(wait=stop.event.wait)
+        self.approved_hold = Hold()  # set while a final cannot be saved
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -73,7 +68,8 @@ class Daemon:
                 self._apply_changes()
                 if self._upscale_next():
                     continue
-                reason = self._pause_reason()
+                writer = self.engine.writer
+                reason = self.stage1_pacing.pause_reason(self.config.daemon, self.engine.layout, writer.in_flight if writer else 0)
                 if reason:
                     self.status.update(state="running", paused=reason, current=None)
                     self.stop.event.wait(0.5)
@@ -110,49 +106,30 @@ class Daemon:
     # --- changes ----------------------------------------------------------------------------
 
     def _apply_changes(self) -> None:
-        for change in self.watcher.drain():
-            area = change.area.split(":")[0]
-            if area == "config":
-                self._config_dirty = True
-            elif area == "loras":
-                self._loras_dirty = True
-            elif area == "approved":
-                self.arrivals.observe(change.kind, change.path, change.src)
-            elif area == "prompts":
-                log.debug("prompt file changed: %s (read again for the next image)", change.path.name)
-        if self._config_dirty:
-            self._config_dirty = False
-            self._reload_config()
-        now = time.monotonic()
-        if self._loras_dirty or now - self._last_rescan >= self.config.daemon.rescan_s:
-            self._loras_dirty = False
-            self._last_rescan = now
+        due = self.changes.route(self.watcher.drain(), self.arrivals, self.config.daemon.rescan_s)
+        if due.config:
+            self._apply_config(reread_config(self.config_path, self.config, demo=self.demo))
+        if due.loras:
             self.arrivals.prune()
             report = self.engine.sync_loras()
             if report.changed:
                 self._refresh_loras(report)
             if any(e.status == "pending" for e in self.engine.loras.entries()):
-                self._loras_dirty = True  # a LoRA still being copied: look again soon
+                self.changes.look_at_loras_again_soon()
 
     def _refresh_loras(self, report) -> None:
         entries = self.engine.loras.entries()
         rejected = [{"file": str(e.path), "reason": e.reason} for e in entries if e.status == "rejected"]
         self.status.update(force=True, loras={"loaded": sum(e.status == "loaded" for e in entries), "rejected": rejected})
 
-    def _reload_config(self) -> None:
-        try:
-            new = load(self.config_path)
-        except ConfigError as err:
-            log.error("config change not applied, keeping the last good config: %s", err)
-            self.status.update(force=True, config_error=str(err))
+    def _apply_config(self, edit: ConfigEdit) -> None:
+        if edit.config is None:
+            log.error("config change not applied, keeping the last good config: %s", edit.error)
+            self.status.update(force=True, config_error=edit.error)
             return
-        if self.demo:
-            from .tiny import apply_demo
-
-            apply_demo(new)
-        restart = keep_loaded_settings(new, self.config)
-        if restart:
-            log.warning("config: %s changed; restart sdxld to apply (the models stay as they are)", ", ".join(restart))
+        if edit.restart_needed:
+            log.warning("config: %s changed; restart sdxld to apply (the models stay as they are)", ", ".join(edit.restart_needed))
+        new = edit.config
         watched_before = (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options)
         self.config = new
         self.engine.reconfigure(new)
@@ -160,29 +137,32 @@ class Daemon:
         self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts)
         if (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
             self._start_watcher()
-        self._loras_dirty = True
-        self.status.update(force=True, restart_needed=restart, config_error=None)
+        self.status.update(force=True, restart_needed=edit.restart_needed, config_error=None)
         log.info("config reloaded from %s", self.config_path)
 
     # --- work -------------------------------------------------------------------------------
 
     def _upscale_next(self) -> bool:
-        if time.monotonic() < self._approved_paused_until:
+        """Run the next approved job, if one is ready; False when there is none."""
+        if self.approved_hold.active():
             return False
-        claim = self.recovered.popleft() if self.recovered else None
+        if self.recovered:
+            self._upscale(self.recovered.popleft(), young_s=0.0)
+            return True
+        pending = self.inbox.pending()
+        self.status.update(approved_queued=len(pending))
+        claim = self.inbox.claim_next(self.arrivals.settled, candidates=pending)
+        if claim is None:
+            return False
         # A file that may still be growing (no close or move seen: polling, lost events) and
         # decodes as truncated goes back to approved/ while it is young; one seen complete fails.
-        young_s = 0.0
-        if claim is None:
-            pending = self.inbox.pending()
-            self.status.update(approved_queued=len(pending))
-            claim = self.inbox.claim_next(self.arrivals.settled, candidates=pending)
-            if claim is not None:
-                path = self.engine.layout.approved / claim.name
-                young_s = 0.0 if self.arrivals.arrived_complete(path) else self.config.daemon.copy_wait_s
-                self.arrivals.forget(path)
-        if claim is None:
-            return False
+        path = self.engine.layout.approved / claim.name
+        young_s = 0.0 if self.arrivals.arrived_complete(path) else self.config.daemon.copy_wait_s
+        self.arrivals.forget(path)
+        self._upscale(claim, young_s)
+        return True
+
+    def _upscale(self, claim: Claim, young_s: float) -> None:
         started = time.monotonic()
         self.status.update(force=True, state="upscaling", current={"job": "upscale", "file": claim.name})
         outcome = run_claimed(self.engine, self.inbox, claim, self._hooks(claim.name), young_s=young_s)
@@ -200,41 +180,15 @@ class Daemon:
             log.info("approved %s looks half-copied (%s); trying again shortly", claim.name, outcome.detail)
         elif outcome.status is JobStatus.DEFERRED:
             retry = self.config.daemon.save_retry_s
-            self._approved_paused_until = time.monotonic() + retry
+            self.approved_hold.hold_for(retry, outcome.detail)
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}; retrying in {retry:g} s")
         self.status.update(force=True, state="running", current=None)
-        return True
-
-    def _pause_reason(self) -> str | None:
-        daemon = self.config.daemon
-        stage1 = self.engine.layout.stage1
-        if time.monotonic() < self._stage1_paused_until:
-            return f"saving failed ({self._save_error}); retrying every {daemon.save_retry_s:g} s"
-        if daemon.max_pending:
-            pending = len(store.images_of_kind(stage1, "stage1"))
-            writer = self.engine.writer
-            pending += writer.in_flight if writer is not None else 0  # saved soon, already made
-            if pending >= daemon.max_pending:
-                return f"{pending} stage-1 images waiting to be curated (daemon.max_pending {daemon.max_pending})"
-        outputs = self.engine.layout.outputs
-        if not outputs.is_dir():
-            log.warning("%s disappeared while running; recreating it", outputs)
-            self.engine.layout.ensure_output_dirs()
-        if daemon.min_free_gb:
-            try:
-                free = shutil.disk_usage(outputs).free / 1e9
-            except OSError as err:  # deleted again, or unmounted: the next save will say more
-                log.warning("cannot measure the free space of %s: %s", outputs, err)
-                free = daemon.min_free_gb
-            if free < daemon.min_free_gb:
-                return f"{free:.1f} GB free on the outputs disk (daemon.min_free_gb {daemon.min_free_gb})"
-        return None
 
     def _stage1(self) -> None:
         started = time.monotonic()
         self.status.update(state="generating", current={"job": "stage1"})
         try:
-            result = self.engine.stage1_once(hooks=self._hooks("stage1"))
+            self.engine.stage1_once(hooks=self._hooks("stage1"))
         except Interrupted:
             return
         except NaNImageError as err:
@@ -242,38 +196,20 @@ class Daemon:
             self.status.update(force=True, last_error=str(err))
             return
         except OSError as err:
-            # A save failed (on the writer thread, reported here): nothing half-written is
-            # visible. A full or read-only disk is not fixed by restarting the process, so this
-            # does not count towards the restart: stage 1 waits and tries again.
+            # A save failed (on the writer thread, reported here): nothing half-written is visible.
             retry = self.config.daemon.save_retry_s
-            self._save_error = str(err)
-            self._stage1_paused_until = time.monotonic() + retry
+            self.stage1_pacing.save_failed(err, retry)
             log.error("saving a stage-1 image failed: %s; stage 1 retries in %g s", err, retry)
             self.status.update(force=True, last_error=f"save failed: {err}; retrying in {retry:g} s")
             return
         except Exception as err:  # noqa: BLE001 - one bad image must not end a week-long run
             log.exception("stage 1 failed")
             self.status.update(force=True, last_error=f"stage 1 failed: {type(err).__name__}: {err}")
-            self._count_failure()
+            self.stage1_pacing.image_failed()
             return
-        self._failures_in_a_row = 0
+        self.stage1_pacing.image_made()
         self.status.image_done(time.monotonic() - started, "stage1")
         self.status.update(force=True, state="running", current=None)
 
-    def _count_failure(self) -> None:
-        """Many failures in a row mean the process itself is broken (e.g. a wedged GPU): exit
-        non-zero so the service manager restarts it, instead of spinning."""
-        self._failures_in_a_row += 1
-        if self._failures_in_a_row >= MAX_FAILURES_IN_A_ROW:
-            raise RuntimeError(f"{self._failures_in_a_row} stage-1 images failed in a row; exiting so that sdxld is restarted")
-        self.stop.event.wait(min(30.0, FAILURE_BACKOFF_S ** self._failures_in_a_row))
-
     def _hooks(self, job: str) -> Hooks:
-        def on_step(phase: str, step: int, total: int) -> None:
-            self.notifier.watchdog()
-            now = time.monotonic()
-            if now - self._progress_at >= 1.0:
-                self._progress_at = now
-                self.status.update(current={"job": job, "phase": phase, "step": step, "total": total})
-
-        return Hooks(should_stop=self.stop, on_step=on_step)
+        return Hooks(should_stop=self.stop, on_step=self.status.step_reporter(job))

@@ -23,11 +23,6 @@ from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage
 
 log = logging.getLogger(__name__)
 
-# This many failed images in a row means something is broken beyond one image (a wedged GPU):
-# the daemon exits for a restart, `generate` stops.
-MAX_FAILURES_IN_A_ROW = 5
-
-
 class SeedSequence:
     """generation.seed -1: a fresh random seed per image; N: N, N+1, N+2, ... (like A1111 batches)."""
 

@@ -9,7 +9,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from .engine import MAX_FAILURES_IN_A_ROW
+from .pacing import MAX_FAILURES_IN_A_ROW
 from .stages import Hooks, Interrupted
 
 log = logging.getLogger(__name__)

@@ -63,6 +63,15 @@ class StatusBoard:
         hours = (time.time() - self.data["started"]) / 3600
         self.data["images_per_hour"] = round(self.data["stage1_made"] / hours, 1) if hours > 0 else None
 
+    def step_reporter(self, job: str):
+        """A stage's per-step callback: keeps systemd's watchdog fed through a long stage and shows
+        the step in the status (written at most once a second: steps can be many per second)."""
+        def on_step(phase: str, step: int, total: int) -> None:
+            self.notifier.watchdog()
+            self.update(current={"job": job, "phase": phase, "step": step, "total": total})
+
+        return on_step
+
     def line(self) -> str:
         d = self.data
         parts = [d["state"]]

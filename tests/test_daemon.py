@@ -233,7 +233,7 @@ def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monke
     """In-process: a stage 1 that always fails makes run() raise, so systemd restarts sdxld."""
     from support.helpers import demo_config
 
-    from sdxld import daemon as daemon_module
+    from sdxld import daemon as daemon_module, pacing
     from sdxld.engine import Engine
     from sdxld.foreground import StopFlag
     from sdxld.service import Notifier
@@ -243,7 +243,7 @@ def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monke
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(Engine, "stage1_once", broken)
-    monkeypatch.setattr(daemon_module, "FAILURE_BACKOFF_S", 0.01)
+    monkeypatch.setattr(pacing, "FAILURE_BACKOFF_S", 0.01)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     runner = daemon_module.Daemon(root / "config.yaml", demo_config(root), demo=True, stop=StopFlag(), notifier=Notifier())
     with pytest.raises(RuntimeError, match="5 stage-1 images failed in a row"):
