@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from .prompt_syntax import Syntax
+
 EX_CONFIG = 78
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,9 @@ class PromptsConfig:
     negative_prompt: str = "prompts/manual_negative_prompt.txt"
     options: str = "prompts/prompt_options.txt"
     max_extras: int = 5
+    # a1111: (word:1.3), (word), [word], BREAK and \( escapes, as A1111/Forge read them; plain: the
+    # text as written. Either way prompts longer than 75 tokens are encoded whole, never cut.
+    syntax: Syntax = "a1111"
 
     def validate(self) -> None:
         _check(0 <= self.max_extras <= 100, "prompts.max_extras", f"{self.max_extras} is outside 0..100")

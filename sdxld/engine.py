@@ -17,6 +17,7 @@ from . import store
 from .config import Config
 from .layout import Layout
 from .loras import LoraLibrary
+from .prompt_syntax import escape
 from .prompts import PromptSource
 from .records import FinalReport, Record, Stage2Report, Stage3Report, StageReports
 from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3, upscale_for_stage3
@@ -119,7 +120,10 @@ class Engine:
         seed = self.seeds.next() if seed is None else seed
         rng = random.Random(seed)
         uses = self.loras.activate(self.loras.pick(rng))
-        composed = self.prompts.compose(rng, [u.triggers for u in uses])
+        syntax = self.config.prompts.syntax
+        # Trigger words are names (danbooru's `miku_(cosplay)`), never emphasis.
+        triggers = [escape(u.triggers) if syntax == "a1111" else u.triggers for u in uses]
+        composed = self.prompts.compose(rng, triggers)
         gen = self.config.generation
         # model.use_refiner decides for stage 1; stages 2 and 3 have their own switches.
         use_refiner = self.models.refiner is not None and self.config.model.use_refiner
@@ -135,6 +139,7 @@ class Engine:
             cfg=gen.t2i.cfg,
             model=self.models.describe(),
             refiner_split=gen.t2i.denoise_split if use_refiner else None,
+            prompt_syntax=syntax,
             parts=composed.parts,
             loras=uses,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

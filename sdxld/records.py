@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .prompt_syntax import SYNTAXES as PROMPT_SYNTAXES
 from .store import tag_of
 
 PARAMETERS_CHUNK = "parameters"
@@ -102,6 +103,9 @@ class Record:
     cfg: float
     model: dict = field(default_factory=dict)  # base, hash, refiner (None when not used)
     refiner_split: float | None = None
+    # How the prompt text is read: "a1111" (weights, BREAK) or "plain". Records written before
+    # prompt syntax existed are plain.
+    prompt_syntax: str = "plain"
     parts: dict = field(default_factory=dict)  # triggers, manual, extras
     loras: list[LoraUse] = field(default_factory=list)
     files: dict = field(default_factory=dict)  # stage1, final, ... -> file names
@@ -133,6 +137,8 @@ class Record:
         _expect(values, "prompt", str)
         _expect(values, "negative", str)
         _expect(values, "sampler", str)
+        if "prompt_syntax" in values:
+            _expect(values, "prompt_syntax", str)
         for key in ("seed", "width", "height", "steps"):
             _expect(values, key, int)
         _expect(values, "cfg", (int, float))
@@ -161,6 +167,8 @@ class Record:
             value = getattr(self, key)
             if not low <= value <= high:
                 raise RecordError(f"field '{key}' {value} is outside {low}..{high}")
+        if self.prompt_syntax not in PROMPT_SYNTAXES:
+            raise RecordError(f"field 'prompt_syntax' {self.prompt_syntax[:40]!r} is not one of {', '.join(PROMPT_SYNTAXES)}")
         if self.width % 8 or self.height % 8:
             raise RecordError(f"size {self.width}x{self.height} is not a multiple of 8")
         if not 0 <= self.seed < 2**64:

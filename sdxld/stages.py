@@ -69,20 +69,23 @@ def to_pil(array: np.ndarray, what: str):
     return Image.fromarray(image)
 
 
+def prompt_embeddings(pipe, record: Record):
+    """The record's prompt as this pipeline's text encoders see it (long prompts and weights included)."""
+    from .conditioning import encode
+
+    return encode(pipe, record.prompt, record.negative, record.prompt_syntax)
+
+
 def stage1(models, record: Record, hooks: Hooks | None = None):
     """Text to image at the base size, with the refiner taking over at `refiner_split` if recorded."""
     hooks = hooks or Hooks()
     models.set_sampler(record.sampler)
     use_refiner = models.refiner is not None and record.refiner_split is not None
-    common = dict(
-        prompt=record.prompt,
-        negative_prompt=record.negative,
-        num_inference_steps=record.steps,
-        guidance_scale=record.cfg,
-    )
+    common = dict(num_inference_steps=record.steps, guidance_scale=record.cfg)
     generator = _generator(models.device, record.seed)
     result = models.base(
         **common,
+        **prompt_embeddings(models.base, record).pipeline_kwargs(),
         width=record.width,
         height=record.height,
         generator=generator,
@@ -95,6 +98,7 @@ def stage1(models, record: Record, hooks: Hooks | None = None):
     if use_refiner:
         result = models.refiner(
             **common,
+            **prompt_embeddings(models.refiner, record).pipeline_kwargs(),
             image=result.images,
             generator=generator,
             denoising_start=record.refiner_split,
@@ -122,14 +126,15 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
     """
     use_refiner = models.refiner is not None and split is not None
     generator = _generator(models.device, seed)
-    common = dict(prompt=record.prompt, negative_prompt=record.negative, num_inference_steps=steps, guidance_scale=cfg)
+    common = dict(num_inference_steps=steps, guidance_scale=cfg)
     micro = micro or {}
     total = img2img_steps(steps, strength)
     # The refiner's time ids carry an aesthetic score instead of a target size.
     refiner_micro = {k: v for k, v in micro.items() if k != "target_size"}
     if use_refiner and 1 - strength >= split:
         result = models.refiner(
-            **common, image=image, strength=strength, generator=generator, output_type="np",
+            **common, **prompt_embeddings(models.refiner, record).pipeline_kwargs(),
+            image=image, strength=strength, generator=generator, output_type="np",
             callback_on_step_end=_step_callback(hooks, f"{phase} refiner", total),
             **refiner_micro,
         )
@@ -138,6 +143,7 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
         return result.images[0]
     result = models.img2img(
         **common,
+        **prompt_embeddings(models.img2img, record).pipeline_kwargs(),
         image=image,
         strength=strength,
         generator=generator,
@@ -151,6 +157,7 @@ def _refine(models, record: Record, image, *, steps, cfg, strength, split, seed,
     if use_refiner:
         result = models.refiner(
             **common,
+            **prompt_embeddings(models.refiner, record).pipeline_kwargs(),
             image=result.images,
             generator=generator,
             denoising_start=split,
@@ -282,10 +289,8 @@ def _conditioning(pipe, record: Record, cfg: float, original_size, device):
 
     from .tiling import Conditioning
 
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=record.prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-        negative_prompt=record.negative,
-    )
+    prompt = prompt_embeddings(pipe, record)
+    embeds, negative, pooled, negative_pooled = prompt.prompt_embeds, prompt.negative_embeds, prompt.pooled, prompt.negative_pooled
 
     def time_ids(tile):
         positive, negative_ids = diffusers_private.img2img_time_ids(

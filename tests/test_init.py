@@ -9,6 +9,7 @@ from support.helpers import run_sdxld
 
 from sdxld.config import load, to_dict
 from sdxld.init import InitError, init_root, source_checkout
+from sdxld.prompt_syntax import escape
 
 
 def test_init_makes_every_folder_and_a_config_with_every_default(tmp_path):
@@ -85,9 +86,10 @@ def test_run_demo_in_a_demo_root_rotates_its_loras_and_takes_a_live_drop(demo_ro
         combos = {tuple(sorted(use["name"] for use in r["loras"])) for r in made}
         assert all(len(r["loras"]) == 2 for r in made)  # one character and one style each
         assert len(combos) >= 2, combos
-        for r in made:
-            for use in r["loras"]:
-                assert r["prompt"].startswith(r["loras"][0]["triggers"]) and use["triggers"] in r["prompt"]
+        for r in made:  # trigger words lead, their brackets escaped: a name, not emphasis
+            assert r["prompt"].startswith(escape(r["loras"][0]["triggers"]))
+            assert all(escape(use["triggers"]) in r["prompt"] for use in r["loras"])
+            assert r["prompt"].startswith(r"alice_\(demo\)") or r["prompt"].startswith(r"kuro_\(demo\)")
         assert "character alice" in daemon.log or "character kuro" in daemon.log  # the log names them
 
         # Dropping a LoRA into the folder while it runs: it joins the rotation; a misfit is rejected.
