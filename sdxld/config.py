@@ -128,6 +128,8 @@ class PromptsConfig:
     manual_prompt: str = "prompts/manual_prompt.txt"
     negative_prompt: str = "prompts/manual_negative_prompt.txt"
     options: str = "prompts/prompt_options.txt"
+    # __name__ in any prompt text draws a line of <wildcards>/name.txt.
+    wildcards: str = "prompts/wildcards"
     max_extras: int = 5
     # a1111: (word:1.3), (word), [word], BREAK and \( escapes, as A1111/Forge read them; plain: the
     # text as written. Either way prompts longer than 75 tokens are encoded whole, never cut.

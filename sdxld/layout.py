@@ -36,6 +36,7 @@ class Layout:
     manual_prompt: Path
     negative_prompt: Path
     prompt_options: Path
+    wildcards: Path
     lora_dirs: dict
     upscaler_weights: Path
 
@@ -60,6 +61,7 @@ class Layout:
             manual_prompt=config.path(config.prompts.manual_prompt),
             negative_prompt=config.path(config.prompts.negative_prompt),
             prompt_options=config.path(config.prompts.options),
+            wildcards=config.path(config.prompts.wildcards),
             lora_dirs={
                 "character": config.path(config.lora.character_dir),
                 "style": config.path(config.lora.style_dir),

@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .wildcards import Wildcards
+
 log = logging.getLogger(__name__)
 
 FALLBACK_PROMPT = "masterpiece, best quality, highly detailed"
@@ -27,13 +29,28 @@ class Composed:
     parts: dict = field(default_factory=dict)
 
 
+def split_phrases(text: str) -> list[str]:
+    """Comma-separated phrases, stripped; a comma inside a {variant|list} does not split."""
+    phrases, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth = max(0, depth - 1)
+        elif char == "," and depth == 0:
+            phrases.append(text[start:i])
+            start = i + 1
+    phrases.append(text[start:])
+    return [p.strip() for p in phrases if p.strip()]
+
+
 def parse_options(text: str) -> list[str]:
     """One or more comma-separated phrases per line, '#' lines are comments; each phrase is one option."""
     options: list[str] = []
     for line in text.splitlines():
         if line.strip().startswith("#"):
             continue
-        options.extend(phrase.strip() for phrase in line.split(",") if phrase.strip())
+        options.extend(split_phrases(line))
     # Repeats would make a phrase more likely and could be sampled twice into one prompt.
     return list(dict.fromkeys(options))
 
@@ -41,8 +58,7 @@ def parse_options(text: str) -> list[str]:
 def normalize_phrases(text: str) -> str:
     """A prompt file's text as one line of ', '-joined phrases (newlines act as commas)."""
     lines = [line for line in text.splitlines() if not line.strip().startswith("#")]
-    phrases = [p.strip() for p in ",".join(lines).split(",")]
-    return ", ".join(p for p in phrases if p)
+    return ", ".join(split_phrases(",".join(lines)))
 
 
 class _WatchedText:
@@ -91,26 +107,38 @@ class _WatchedText:
 
 
 class PromptSource:
-    def __init__(self, manual: Path, negative: Path, options: Path, max_extras: int):
+    def __init__(self, manual: Path, negative: Path, options: Path, max_extras: int, wildcards: Path | None = None):
         self._manual = _WatchedText(manual, "manual prompt")
         self._negative = _WatchedText(negative, "negative prompt")
         self._options = _WatchedText(options, "prompt options")
         self.max_extras = max_extras
+        self._wildcards = Wildcards(wildcards if wildcards is not None else manual.parent / "wildcards")
 
     @classmethod
     def from_layout(cls, layout, max_extras: int) -> "PromptSource":
-        return cls(layout.manual_prompt, layout.negative_prompt, layout.prompt_options, max_extras)
+        return cls(layout.manual_prompt, layout.negative_prompt, layout.prompt_options, max_extras, layout.wildcards)
 
     def options(self) -> list[str]:
         return parse_options(self._options.read())
 
     def compose(self, rng: random.Random, triggers: list[str]) -> Composed:
-        """Trigger words, then the manual prompt, then 0..max_extras sampled options (generate.py's order)."""
+        """Trigger words, then the manual prompt, then 0..max_extras sampled options (generate.py's order);
+        then its {variants} and __wildcards__ drawn, by numbers drawn last from `rng` (the image's seed)."""
         manual = normalize_phrases(self._manual.read()) or FALLBACK_PROMPT
         negative = normalize_phrases(self._negative.read()) or FALLBACK_NEGATIVE
         pool = self.options()
         count = rng.randint(0, min(self.max_extras, len(pool)))
         extras = rng.sample(pool, count)
         triggers = [t for t in triggers if t]
-        prompt = ", ".join([*triggers, manual, *extras])
-        return Composed(prompt, negative, {"triggers": triggers, "manual": manual, "extras": extras})
+        parts = {"triggers": triggers, "manual": manual, "extras": extras}
+        # Each part on its own: in template text `#` starts a comment, which must not eat the next part.
+        resolved_manual = self._wildcards.resolve(manual, rng.getrandbits(32), "manual prompt")
+        resolved_extras = [self._wildcards.resolve(extra, rng.getrandbits(32), "prompt option") for extra in extras]
+        resolved_negative = self._wildcards.resolve(negative, rng.getrandbits(32), "negative prompt")
+        template = ", ".join([*triggers, manual, *extras])
+        prompt = ", ".join(p for p in [*triggers, resolved_manual, *resolved_extras] if p)
+        if prompt != template:
+            parts["template"] = template
+        if resolved_negative != negative:
+            parts["negative_template"] = negative
+        return Composed(prompt, resolved_negative, parts)
