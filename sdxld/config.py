@@ -261,6 +261,13 @@ class OutputConfig:
 
 
 @dataclass
+class UpscaleConfig:
+    # An approved image with no sdxld record, A1111 parameters or caption: manual_prompt upscales
+    # it with the manual prompt and a fresh (recorded) seed; fail sends it to inbox/failed/.
+    unknown_images: Literal["manual_prompt", "fail"] = "manual_prompt"
+
+
+@dataclass
 class DaemonConfig:
     # Stage 1 pauses while outputs/stage1/ holds this many uncurated images (0: never pause).
     max_pending: int = 500
@@ -300,6 +307,7 @@ class Config:
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     upscaler: UpscalerConfig = field(default_factory=UpscalerConfig)
+    upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     # The folder relative paths resolve against: the config file's folder.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import owners, store
-from .records import SIDECAR_SUFFIX, sidecar_candidates
+from .records import CAPTION_SUFFIX, SIDECAR_SUFFIX, is_sidecar, sidecar_candidates
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def is_ignored(name: str) -> bool:
     return (
         name.startswith(".")
         or name.endswith("~")
-        or lowered.endswith((".tmp", ".part", ".crdownload", ".swp", SIDECAR_SUFFIX, ERROR_SUFFIX))
+        or lowered.endswith((".tmp", ".part", ".crdownload", ".swp", SIDECAR_SUFFIX, CAPTION_SUFFIX, ERROR_SUFFIX))
         or name == "4913"
     )
 
@@ -208,7 +208,7 @@ class Inbox:
                 continue
             if parsed.alive(claimed_at):
                 continue
-            if name.endswith(SIDECAR_SUFFIX) and any(n.startswith(owner + "__") and not n.endswith(SIDECAR_SUFFIX) for n in names):
+            if is_sidecar(name) and any(n.startswith(owner + "__") and not is_sidecar(n) for n in names):
                 continue  # travels with its image below
             attempt = parsed.attempt + 1
             target = self.processing / f"{_owner(attempt)}__{name}"

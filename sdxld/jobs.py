@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import store
+from . import foreign, store
 from .inbox import Claim, Inbox, InboxError
 from .records import RecordLookupError, find_record
 from .stages import Hooks, Interrupted, NaNImageError
@@ -88,12 +89,9 @@ def _check_pixels(width: int, height: int) -> None:
         )
 
 
-def _load(path: Path, layout, sidecar=None, name=None):
+def _load(path: Path, engine, sidecar=None, name=None):
     image = open_image(path)
-    try:
-        record = find_record(path, layout, sidecar=sidecar, name=name, image_size=image.size)
-    except RecordLookupError as err:
-        raise InboxError(err.problem, err.advice) from None
+    record = _record_for(path, image.size, engine, sidecar, name)
     if image.size != (record.width, record.height):
         raise InboxError(
             f"is {image.size[0]}x{image.size[1]} but its record {record.tag} says {record.width}x{record.height}",
@@ -102,13 +100,34 @@ def _load(path: Path, layout, sidecar=None, name=None):
     return image, record
 
 
+def _record_for(path: Path, size, engine, sidecar, name):
+    """The image's own record; for an image another tool made, one from what it brings."""
+    try:
+        return find_record(path, engine.layout, sidecar=sidecar, name=name, image_size=size)
+    except RecordLookupError as err:
+        if not err.found_nothing:
+            raise InboxError(err.problem, err.advice) from None
+        lookup = err
+    seed = random.SystemRandom().randrange(2**32)
+    prompts = engine.prompts.manual_only(seed)
+    gen = engine.config.generation
+    defaults = foreign.Defaults(prompts.prompt, prompts.negative, gen.sampler, gen.t2i.steps, gen.t2i.cfg,
+                                engine.models.describe(), seed, engine.config.prompts.syntax)
+    engine.sync_loras()
+    record = foreign.record_for(path, size, sidecar, defaults, engine.loras, engine.config.upscale.unknown_images)
+    if record is None:
+        raise InboxError(f"{lookup.problem}, A1111 parameters in the image, a caption {Path(name or path.name).stem}.txt",
+                         "set upscale.unknown_images: manual_prompt to upscale such images with the manual prompt")
+    return record
+
+
 def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, young_s: float = 0.0) -> JobOutcome:
     """Process one claimed approved image; it always ends in done/, failed/ or (stopped) back in approved/.
 
     A file that looks half-copied (empty, truncated) and changed less than `young_s` ago goes back
     to approved/ (incomplete) for a later try: the daemon waits for copies, a one-shot run does not."""
     try:
-        image, record = _load(claim.path, engine.layout, sidecar=claim.sidecar, name=claim.name)
+        image, record = _load(claim.path, engine, sidecar=claim.sidecar, name=claim.name)
         existing = engine.final_exists(record.tag)
         if existing is not None:
             inbox.done(claim)
@@ -149,7 +168,7 @@ def _young(path: Path, seconds: float) -> bool:
 def run_in_place(engine, path: Path, hooks: Hooks | None = None) -> JobOutcome:
     """Upscale a file without moving it (generate.py's `--upscale` over outputs/stage1/)."""
     try:
-        image, record = _load(path, engine.layout)
+        image, record = _load(path, engine)
         existing = engine.final_exists(record.tag)
         if existing is not None:
             return JobOutcome(path.name, JobStatus.SKIPPED, existing, "a final already exists")

@@ -34,11 +34,15 @@ _TOKEN = re.compile(
 )
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _UNESCAPED_BRACKET = re.compile(r"(?<!\\)([()\[\]])")
+# `<lora:name:weight>` (A1111, Forge; `lyco:` in older A1111 extensions): names a LoRA to apply,
+# never text for the encoder.
+LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
 
 
 def parse(text: str, syntax: Syntax = "a1111") -> list[list[Fragment]]:
     """The chunks of a prompt (one per BREAK-separated part), each a list of (text, weight)
-    with neighbours of equal weight merged."""
+    with neighbours of equal weight merged; `<lora:...>` tags left out."""
+    text = without_lora_tags(text)
     if syntax == "plain":
         return [[(text, 1.0)]]
     chunks: list[list[Fragment]] = [[]]
@@ -89,6 +93,25 @@ def parse(text: str, syntax: Syntax = "a1111") -> list[list[Fragment]]:
         else:
             merged.append((piece, weight))
     return [chunk or [("", 1.0)] for chunk in chunks]
+
+
+def lora_tags(text: str) -> list[tuple[str, float]]:
+    """The `<lora:name:weight>` tags of a prompt as (name, weight); weight 1 when left out."""
+    tags = []
+    for match in LORA_TAG.finditer(text):
+        try:
+            weight = float(match[2]) if match[2] else 1.0
+        except ValueError:
+            weight = 1.0
+        tags.append((match[1].strip(), weight))
+    return tags
+
+
+def without_lora_tags(text: str) -> str:
+    if not LORA_TAG.search(text):
+        return text
+    stripped = LORA_TAG.sub("", text)
+    return ", ".join(p.strip() for p in stripped.split(",") if p.strip())
 
 
 def _is_number(text: str) -> bool:

@@ -106,6 +106,9 @@ class Record:
     # How the prompt text is read: "a1111" (weights, BREAK) or "plain". Records written before
     # prompt syntax existed are plain.
     prompt_syntax: str = "plain"
+    # For an image another tool made: where each field came from (its A1111 parameters, a caption,
+    # sdxld's config). Empty for sdxld's own images.
+    origin: dict = field(default_factory=dict)
     parts: dict = field(default_factory=dict)  # triggers, manual, extras
     loras: list[LoraUse] = field(default_factory=list)
     files: dict = field(default_factory=dict)  # stage1, final, ... -> file names
@@ -142,7 +145,7 @@ class Record:
         for key in ("seed", "width", "height", "steps"):
             _expect(values, key, int)
         _expect(values, "cfg", (int, float))
-        for key in ("model", "parts", "files", "stages"):
+        for key in ("model", "parts", "files", "stages", "origin"):
             if key in values:
                 _expect(values, key, dict)
         loras = values.get("loras", [])
@@ -169,7 +172,8 @@ class Record:
                 raise RecordError(f"field '{key}' {value} is outside {low}..{high}")
         if self.prompt_syntax not in PROMPT_SYNTAXES:
             raise RecordError(f"field 'prompt_syntax' {self.prompt_syntax[:40]!r} is not one of {', '.join(PROMPT_SYNTAXES)}")
-        if self.width % 8 or self.height % 8:
+        # Stage 1 makes multiples of 8; an image from another tool may have any size (stage 2 rounds).
+        if (self.width % 8 or self.height % 8) and not self.origin:
             raise RecordError(f"size {self.width}x{self.height} is not a multiple of 8")
         if not 0 <= self.seed < 2**64:
             raise RecordError(f"field 'seed' {self.seed} is outside 0..2^64-1")
@@ -327,21 +331,29 @@ def read_png_record(path) -> Record:
 # --- where an image's record is -------------------------------------------------------------
 
 SIDECAR_SUFFIX = ".json"
+CAPTION_SUFFIX = ".txt"  # a caption beside an image from another tool: its prompt
 
 
 class RecordLookupError(Exception):
     """No usable record for an image: what was looked for or what is wrong, and what to do."""
 
-    def __init__(self, problem: str, advice: str):
+    def __init__(self, problem: str, advice: str, found_nothing: bool = False):
         super().__init__(problem)
         self.problem, self.advice = problem, advice
+        self.found_nothing = found_nothing  # no record at all (not a broken one): another tool's image?
+
+
+def is_sidecar(name: str) -> bool:
+    return name.lower().endswith((SIDECAR_SUFFIX, CAPTION_SUFFIX))
 
 
 def sidecar_candidates(folder: Path, name: str, prefix: str = "") -> list[Path]:
-    """Where a record may sit beside an image called `name`: <tag>.json, or <stem>.json."""
+    """What may sit beside an image called `name`, best first: its record (<tag>.json or
+    <stem>.json), else a caption (<stem>.txt)."""
     tag = tag_of(name)
     names = [f"{tag}{SIDECAR_SUFFIX}"] if tag else []
     names.append(Path(name).with_suffix(SIDECAR_SUFFIX).name)
+    names.append(Path(name).with_suffix(CAPTION_SUFFIX).name)
     return [folder / f"{prefix}{n}" for n in dict.fromkeys(names) if n != name]
 
 
@@ -373,6 +385,8 @@ def find_record(path: Path, layout, sidecar: Path | None = None, name: str | Non
     if tag:
         candidates.append(("outputs/metadata", layout.metadata / f"{tag}{SIDECAR_SUFFIX}"))
     for label, candidate in candidates:
+        if candidate.suffix != SIDECAR_SUFFIX:
+            continue  # a caption: not a record
         if candidate.is_file():
             try:
                 return _record_from_json(candidate.read_text(encoding="utf-8"), name, image_size)
@@ -390,4 +404,5 @@ def find_record(path: Path, layout, sidecar: Path | None = None, name: str | Non
     raise RecordLookupError(
         "has no record: looked for " + ", ".join(tried),
         "approve images that sdxld made (outputs/stage1/), or put the image's <tag>.json beside it",
+        found_nothing=True,
     )

@@ -142,7 +142,7 @@ def hostile(tmp_path_factory, tiny_cache):
     (root / "weights").mkdir(exist_ok=True)
     with open(root / "weights" / "payload.pth", "wb") as handle:
         pickle.dump({"params_ema": PicklePayload()}, handle)
-    set_config(root, upscaler={"weights": "weights/payload.pth"})
+    set_config(root, upscaler={"weights": "weights/payload.pth"}, upscale={"unknown_images": "fail"})
 
     run.beside_root = sorted(p.name for p in root.parent.iterdir())
     daemon = DaemonProcess(root)

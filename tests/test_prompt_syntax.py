@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdxld.prompt_syntax import escape, parse
+from sdxld.prompt_syntax import escape, lora_tags, parse
 
 E = 1.1
 
@@ -43,3 +43,11 @@ def test_escape_makes_a_danbooru_name_literal_and_leaves_escaped_text_alone():
     assert escape("hatsune_miku_(cosplay), [tag]") == r"hatsune_miku_\(cosplay\), \[tag\]"
     assert escape(r"already_\(escaped\)") == r"already_\(escaped\)"
     assert parse(escape("hatsune_miku_(cosplay)")) == [[("hatsune_miku_(cosplay)", 1.0)]]
+
+
+def test_lora_tags_are_read_and_never_encoded():
+    text = "1girl, <lora:kuro:0.7>, smile <LORA:ink> <lyco:loha_style:0.5:0.4>"
+    assert lora_tags(text) == [("kuro", 0.7), ("ink", 1.0), ("loha_style", 0.5)]
+    assert parse(text) == [[("1girl, smile", 1.0)]]
+    assert parse(text, "plain") == [[("1girl, smile", 1.0)]]
+    assert parse("a <b> c") == [[("a <b> c", 1.0)]]  # not a tag: text

@@ -4,6 +4,7 @@ import shutil
 import threading
 
 import pytest
+from support.daemons import set_config
 from support.helpers import run_sdxld
 from PIL import Image
 
@@ -44,6 +45,7 @@ def test_an_approved_image_gets_its_final_and_moves_to_done(root):
 
 
 def test_bad_files_land_in_failed_with_a_specific_reason_and_the_rest_go_on(root):
+    set_config(root, upscale={"unknown_images": "fail"})  # else a bare image is upscaled with the manual prompt
     good, renamed_source = make_stage1(root, count=2)
     inbox = approved(root)
     shutil.copy(good, inbox / good.name)
@@ -60,6 +62,8 @@ def test_bad_files_land_in_failed_with_a_specific_reason_and_the_rest_go_on(root
     reasons = {p.name[: -len(".error.txt")]: p.read_text() for p in failed.glob("*.error.txt")}
     assert set(reasons) == {"no_record.png", "not_an_image.png", "truncated.png", "empty.png"}
     assert "has no record" in reasons["no_record.png"] and "sdxld chunk" in reasons["no_record.png"]
+    assert "A1111 parameters in the image, a caption no_record.txt" in reasons["no_record.png"]
+    assert "upscale.unknown_images: manual_prompt" in reasons["no_record.png"]
     assert "not an image" in reasons["not_an_image.png"]
     assert "truncated or corrupt" in reasons["truncated.png"]
     assert "empty (0 bytes)" in reasons["empty.png"]
