@@ -1,6 +1,7 @@
 """The command line, as a user runs it: real processes, the tiny model, real signals."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -49,8 +50,7 @@ def test_generate_with_seed_and_count(root):
 
 
 def test_a_root_without_prompt_files_falls_back_to_the_built_in_prompts(root):
-    for prompt in (root / "prompts").iterdir():
-        prompt.unlink()
+    shutil.rmtree(root / "prompts")
     result = run_sdxld("generate", "--demo", "--stage1", "--once", cwd=root)
     assert result.returncode == 0, result.stderr
     assert len(outputs(root)[0]) == 1

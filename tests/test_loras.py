@@ -66,7 +66,7 @@ def test_trigger_words_lead_the_prompt(root, make_engine):
     (root / "loras/style/ink.txt").write_text("ink style")
     engine = make_engine()
     _, record = render(engine)
-    assert record.prompt.startswith("alice_(tiny), ink style, masterpiece")
+    assert record.prompt.startswith(r"alice_\(tiny\), ink style, masterpiece")  # a name, not emphasis
     assert [u.kind for u in record.loras] == ["character", "style"]
     assert [u.strength for u in record.loras] == [1.0, 0.85]
 
