@@ -99,10 +99,7 @@ def lora_tags(text: str) -> list[tuple[str, float]]:
     """The `<lora:name:weight>` tags of a prompt as (name, weight); weight 1 when left out."""
     tags = []
     for match in LORA_TAG.finditer(text):
-        try:
-            weight = float(match[2]) if match[2] else 1.0
-        except ValueError:
-            weight = 1.0
+        weight = float(match[2]) if match[2] and _is_number(match[2]) else 1.0
         tags.append((match[1].strip(), weight))
     return tags
 
@@ -110,8 +107,12 @@ def lora_tags(text: str) -> list[tuple[str, float]]:
 def without_lora_tags(text: str) -> str:
     if not LORA_TAG.search(text):
         return text
-    stripped = LORA_TAG.sub("", text)
-    return ", ".join(p.strip() for p in stripped.split(",") if p.strip())
+    return tidy_commas(LORA_TAG.sub("", text))
+
+
+def tidy_commas(text: str) -> str:
+    """Phrases re-joined by ', ' after something was cut out of them, without empty ones."""
+    return ", ".join(p.strip() for p in text.split(",") if p.strip())
 
 
 def _is_number(text: str) -> bool:

@@ -121,19 +121,21 @@ class PromptSource:
     def options(self) -> list[str]:
         return parse_options(self._options.read())
 
+    def _manual_and_negative(self) -> tuple[str, str]:
+        return (normalize_phrases(self._manual.read()) or FALLBACK_PROMPT,
+                normalize_phrases(self._negative.read()) or FALLBACK_NEGATIVE)
+
     def manual_only(self, seed: int) -> Composed:
         """The manual and negative prompt alone (for an image that brings no prompt of its own)."""
         rng = random.Random(seed)
-        manual = normalize_phrases(self._manual.read()) or FALLBACK_PROMPT
-        negative = normalize_phrases(self._negative.read()) or FALLBACK_NEGATIVE
+        manual, negative = self._manual_and_negative()
         return Composed(self._wildcards.resolve(manual, rng.getrandbits(32), "manual prompt"),
                         self._wildcards.resolve(negative, rng.getrandbits(32), "negative prompt"), {"manual": manual})
 
     def compose(self, rng: random.Random, triggers: list[str]) -> Composed:
         """Trigger words, then the manual prompt, then 0..max_extras sampled options (generate.py's order);
         then its {variants} and __wildcards__ drawn, by numbers drawn last from `rng` (the image's seed)."""
-        manual = normalize_phrases(self._manual.read()) or FALLBACK_PROMPT
-        negative = normalize_phrases(self._negative.read()) or FALLBACK_NEGATIVE
+        manual, negative = self._manual_and_negative()
         pool = self.options()
         count = rng.randint(0, min(self.max_extras, len(pool)))
         extras = rng.sample(pool, count)

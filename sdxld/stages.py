@@ -290,17 +290,16 @@ def _conditioning(pipe, record: Record, cfg: float, original_size, device):
     from .tiling import Conditioning
 
     prompt = prompt_embeddings(pipe, record)
-    embeds, negative, pooled, negative_pooled = prompt.prompt_embeds, prompt.negative_embeds, prompt.pooled, prompt.negative_pooled
 
     def time_ids(tile):
         positive, negative_ids = diffusers_private.img2img_time_ids(
-            pipe, original_size, (tile.y, tile.x), (tile.height, tile.width), embeds.dtype)
+            pipe, original_size, (tile.y, tile.x), (tile.height, tile.width), prompt.prompt_embeds.dtype)
         return torch.cat([negative_ids, positive]).to(device)
 
     return Conditioning(
         unet=pipe.unet,
-        prompt_embeds=torch.cat([negative, embeds]),
-        pooled=torch.cat([negative_pooled, pooled]),
+        prompt_embeds=torch.cat([prompt.negative_embeds, prompt.prompt_embeds]),
+        pooled=torch.cat([prompt.negative_pooled, prompt.pooled]),
         time_ids=time_ids,
         guidance=cfg,
     )

@@ -66,9 +66,15 @@ class StatusBoard:
     def step_reporter(self, job: str):
         """A stage's per-step callback: keeps systemd's watchdog fed through a long stage and shows
         the step in the status (written at most once a second: steps can be many per second)."""
+        shown_at = 0.0
+
         def on_step(phase: str, step: int, total: int) -> None:
+            nonlocal shown_at
             self.notifier.watchdog()
-            self.update(current={"job": job, "phase": phase, "step": step, "total": total})
+            # update() also sends systemd a STATUS line: once a second is plenty.
+            if time.monotonic() - shown_at >= 1.0:
+                shown_at = time.monotonic()
+                self.update(current={"job": job, "phase": phase, "step": step, "total": total})
 
         return on_step
 

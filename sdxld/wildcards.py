@@ -15,6 +15,8 @@ import logging
 import re
 from pathlib import Path
 
+from .prompt_syntax import tidy_commas
+
 log = logging.getLogger(__name__)
 
 _UNRESOLVED = re.compile(r"__([\w./*\- ]+?)__")
@@ -71,8 +73,7 @@ class Wildcards:
                             "left out of the prompt", what, name, expected)
         if not _UNRESOLVED.search(text):
             return text
-        text = _UNRESOLVED.sub("", text)
-        return ", ".join(p.strip() for p in text.split(",") if p.strip())
+        return tidy_commas(_UNRESOLVED.sub("", text))
 
     def _warn_once(self, key: tuple, message: str, *args) -> None:
         if key not in self._warned:
