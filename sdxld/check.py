@@ -54,7 +54,7 @@ def run_check(config: Config, echo=print) -> int:
     if entries:
         rows = []
         for e in entries:
-            detail = e.reason if e.status != "loaded" else (f"hash {e.hash}" + (f"; triggers: {e.triggers}" if e.triggers else ""))
+            detail = e.reason if e.status != "loaded" else (f"{e.format}, hash {e.hash}" + (f"; triggers: {e.triggers}" if e.triggers else ""))
             rows.append([e.kind, e.path.name, e.status, detail])
         echo("")
         for line in _table(rows, ["kind", "file", "status", "detail"]):

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .lora_formats import split_key, unsupported_kind
 from .lora_merge import LoraFileError, LoraMergeError, LoraMerger, LoraWeights, Merged, read_lora_weights
 from .records import LoraUse
 
@@ -43,6 +44,7 @@ class LoraEntry:
     # component -> layer -> rank: what this file adapts (checked against the model at load).
     layout: dict = field(default_factory=dict, repr=False)
     hash: str = ""
+    format: str = ""  # "LoRA", "LoHa", "DoRA (LoKr)"...
     triggers: str = ""
     trigger_signature: tuple | None = field(default=None, repr=False)
 
@@ -99,20 +101,14 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
-# LyCORIS and DoRA variants: not a low-rank pair sdxld can merge.
-_OTHER_ADAPTERS = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
-                   "lora_mid": "LoCon with Tucker decomposition (lora_mid)"}
-
-
 def check_lora_header(header: dict) -> None:
     keys = [k for k in header if k != "__metadata__"]
     if not keys:
         raise LoraFileError("the safetensors file holds no tensors")
-    for marker, kind in _OTHER_ADAPTERS.items():
-        example = next((k for k in keys if marker in k), None)
-        if example:
-            raise LoraFileError(f"a {kind} file (e.g. {example}), not a plain LoRA; sdxld merges plain LoRAs only")
-    if not any("lora" in k.lower() for k in keys):
+    unsupported = unsupported_kind(keys)
+    if unsupported:
+        raise LoraFileError(f"{unsupported}; sdxld merges LoRA, LoCon, LoHa, LoKr, DoRA and full diffs")
+    if not any(split_key(k) for k in keys):
         sample = ", ".join(keys[:3])
         raise LoraFileError(
             f"a safetensors file but not a LoRA: none of its {len(keys)} tensors is a LoRA weight "
@@ -226,14 +222,15 @@ class LoraLibrary:
             # One read serves the hash and the weights, so both describe the same bytes.
             data = entry.path.read_bytes()
             entry.hash = addnet_hash(data)
-            entry.layout = read_lora_weights(self.pipe, data).layout()
+            weights = read_lora_weights(self.pipe, data)
+            entry.layout, entry.format = weights.layout(), weights.formats()
         except Exception as err:  # noqa: BLE001 - any failure of a user file keeps it out of rotation
             entry.status, entry.layout = "rejected", {}
             entry.reason = _explain(err)
             log.warning("LoRA %s rejected: %s", entry.path, entry.reason)
             return
         entry.status, entry.reason = "loaded", ""
-        log.info("LoRA %s/%s loaded (hash %s)", entry.kind, entry.name, entry.hash)
+        log.info("LoRA %s/%s loaded (%s, hash %s)", entry.kind, entry.name, entry.format, entry.hash)
 
     def _unload(self, entry: LoraEntry) -> None:
         entry.layout = {}

@@ -286,14 +286,24 @@ def apply_demo(config, cache: Path | None = None):
 # --- tiny LoRAs, in the two formats users download -------------------------------------------
 
 
+_SGM_RESNET_LAYERS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+                      "time_emb_proj": "emb_layers.1"}
+
+
 def _sgm_unet_name(module: str) -> str | None:
-    """diffusers UNet module name -> the original (SGM) name kohya LoRAs use, for attention layers."""
+    """diffusers UNet module name -> the original (SGM) name kohya LoRAs use, for the layers of
+    attention blocks and resnets (layers_per_block 2, as in SDXL)."""
     import re
 
     patterns = (
         (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.1.{m[3]}"),
         (r"mid_block\.attentions\.0\.(.*)", lambda m: f"middle_block.1.{m[1]}"),
         (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.*)", lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.1.{m[3]}"),
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
+         lambda m: f"input_blocks.{3 * int(m[1]) + int(m[2]) + 1}.0.{_SGM_RESNET_LAYERS[m[3]]}"),
+        (r"mid_block\.resnets\.(\d+)\.(\w+)", lambda m: f"middle_block.{2 * int(m[1])}.{_SGM_RESNET_LAYERS[m[2]]}"),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
+         lambda m: f"output_blocks.{3 * int(m[1]) + int(m[2])}.0.{_SGM_RESNET_LAYERS[m[3]]}"),
     )
     for pattern, rename in patterns:
         match = re.fullmatch(pattern, module)

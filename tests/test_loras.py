@@ -258,17 +258,6 @@ def test_many_loras_rotate_without_adding_a_parameter_or_drifting(root, make_eng
     assert all(torch.equal(pristine[n], p) for n, p in weights(unet).items())
 
 
-def test_a_lokr_file_is_rejected_with_what_it_is(root, make_engine):
-    from safetensors.torch import save_file
-
-    name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{name}.lokr_w1": torch.zeros(4, 4), f"{name}.lokr_w2": torch.zeros(8, 8),
-               f"{name}.alpha": torch.tensor(4.0)}, str(root / "loras/style/lokr.safetensors"))
-    engine = make_engine()
-    assert engine.sync_loras().rejected == ["style/lokr"]
-    assert "LoKr" in engine.loras.entries()[0].reason
-
-
 def test_a_merged_lora_file_overwritten_in_place_cannot_crash_the_process(root, tmp_path):
     """Copying over a LoRA in place truncates the very file sdxld read it from; a memory-mapped
     read would die with SIGBUS later. A separate process, so a crash is a failure, not the end."""
