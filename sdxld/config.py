@@ -114,6 +114,8 @@ class MemoryConfig:
 class LoraConfig:
     character_dir: str = "loras/character"
     style_dir: str = "loras/style"
+    # Never rotated: LoRAs only a `<lora:name:weight>` tag in a prompt asks for.
+    extra_dir: str = "loras/extra"
     character_strength: float = 1.0
     style_strength: float = 0.85
 

@@ -119,11 +119,12 @@ class Engine:
         (given the same files), so a recorded seed re-makes the same image."""
         seed = self.seeds.next() if seed is None else seed
         rng = random.Random(seed)
-        uses = self.loras.activate(self.loras.pick(rng))
+        rotated = self.loras.pick(rng)
         syntax = self.config.prompts.syntax
         # Trigger words are names (danbooru's `miku_(cosplay)`), never emphasis.
-        triggers = [escape(u.triggers) if syntax == "a1111" else u.triggers for u in uses]
+        triggers = [escape(e.triggers) if syntax == "a1111" else e.triggers for e in rotated]
         composed = self.prompts.compose(rng, triggers)
+        uses = self.loras.activate(rotated, tagged=self.loras.tagged_in(composed.prompt, composed.negative))
         gen = self.config.generation
         # model.use_refiner decides for stage 1; stages 2 and 3 have their own switches.
         use_refiner = self.models.refiner is not None and self.config.model.use_refiner
@@ -156,7 +157,8 @@ class Engine:
             self.writer.submit(store.save_image, self.layout, record, image, "stage1", name, self.embed)
         else:
             store.save_image(self.layout, record, image, "stage1", name, self.embed)
-        loras = " + ".join(f"{use.kind} {use.name}" for use in record.loras) or "no LoRA"
+        loras = " + ".join(f"{use.kind} {use.name}" if use.via == "rotation" else f"<lora:{use.name}:{use.strength:g}>"
+                           for use in record.loras) or "no LoRA"
         log.info("stage1 %s seed %d, %s -> %s", record.tag, record.seed, loras, path.name,
                  extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})
         return Stage1Result(record, path, image)
@@ -188,7 +190,7 @@ class Engine:
         A LoRA that left its folder cannot be used: the upscale goes on without it and the note
         says so (it is written into the final's record)."""
         self.sync_loras()
-        chosen, strengths, notes = [], [], []
+        rotated, strengths, tagged, notes = [], [], [], []
         for use in record.loras:
             entry = self.loras.find(use.kind, use.name)
             if entry is None:
@@ -196,9 +198,12 @@ class Engine:
                 continue
             if use.hash and entry.hash != use.hash:
                 notes.append(f"LoRA {use.kind}/{use.name} changed since the image was made (hash {use.hash} -> {entry.hash})")
-            chosen.append(entry)
-            strengths.append(use.strength)
-        self.loras.activate(chosen, strengths)
+            if use.via == "tag":
+                tagged.append((entry, use.strength))
+            else:
+                rotated.append(entry)
+                strengths.append(use.strength)
+        self.loras.activate(rotated, strengths, tagged)
         for note in notes:
             log.warning("%s: %s", record.tag, note)
         return notes

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from . import store
 from .prompt_syntax import lora_tags
-from .records import CAPTION_SUFFIX, LoraUse, Record, parse_a1111
+from .records import CAPTION_SUFFIX, LORA_FOLDERS, ROTATED_KINDS, LoraUse, Record, parse_a1111
 
 PARAMETERS_CHUNK = "parameters"
 EXIF_IFD = 0x8769
@@ -120,7 +120,8 @@ def record_from_parameters(text: str, where: str, size: tuple[int, int], default
         origin["sampler"] = f"config (the image's sampler {values['Sampler']!r} is not one sdxld has)"
     if values.get("Model"):
         record.model = {**record.model, "made_with": values["Model"]}
-    record.loras, origin["loras"] = _match_loras(tags, values.get("Lora hashes", ""), loras, where)
+    rotated = lora_tags(values.get("rotated loras", ""))
+    record.loras, origin["loras"] = _match_loras(rotated, tags, values.get("Lora hashes", ""), loras, where)
     if values.get("Size") and values["Size"] != f"{size[0]}x{size[1]}":
         origin["size"] = f"the image itself (its parameters say {values['Size']}: the size before a hires fix or a resize)"
     record.prompt_syntax = "a1111"  # the text came from A1111 or Forge: its weights mean what they meant there
@@ -159,27 +160,31 @@ def _fresh_record(size: tuple[int, int], defaults: Defaults, origin: dict) -> Re
     )
 
 
-def _match_loras(tags, hashes_text: str, loras, where: str) -> tuple[list[LoraUse], str]:
-    """The image's LoRAs found in our folders (by name, or by A1111's short hash); one per kind,
-    as sdxld merges one character and one style LoRA."""
-    if not tags:
+def _match_loras(rotated, tags, hashes_text: str, loras, where: str) -> tuple[list[LoraUse], str]:
+    """The image's LoRAs found in our folders (by name, or by A1111's short hash): `rotated`, the
+    tag line sdxld writes for its rotated pair, and the prompt's own `<lora:>` tags."""
+    if not rotated and not tags:
         return [], "none"
     hashes = dict(item.split(":", 1) for item in hashes_text.split(",") if ":" in item)
     hashes = {name.strip(): value.strip() for name, value in hashes.items()}
-    available = [entry for kind in ("character", "style") for entry in loras.available(kind)]
-    uses, missing, seen_kinds = [], [], set()
-    for name, weight in tags:
-        wanted_hash = hashes.get(name)
-        entry = next((e for e in available if e.name == name), None) or next(
-            (e for e in available if wanted_hash and e.hash == wanted_hash), None)
-        if entry is None or entry.kind in seen_kinds or not -4 <= weight <= 4:
-            missing.append(name)
-            continue
-        seen_kinds.add(entry.kind)
-        uses.append(LoraUse(entry.kind, entry.name, entry.path.name, weight, entry.hash, entry.triggers))
+    available = [entry for kind in LORA_FOLDERS for entry in loras.available(kind)]
+    uses, missing, rotated_kinds = [], [], set()
+    for came, tag_list in (("rotation", rotated), ("tag", tags)):
+        for name, weight in tag_list:
+            wanted_hash = hashes.get(name)
+            entry = next((e for e in available if e.name == name), None) or next(
+                (e for e in available if wanted_hash and e.hash == wanted_hash), None)
+            if entry is None or not -4 <= weight <= 4:
+                missing.append(name)
+                continue
+            # A rotated LoRA since moved to another folder still applies, as if tagged.
+            via = "rotation" if came == "rotation" and entry.kind in set(ROTATED_KINDS) - rotated_kinds else "tag"
+            if via == "rotation":
+                rotated_kinds.add(entry.kind)
+            uses.append(LoraUse(entry.kind, entry.name, entry.path.name, weight, entry.hash, entry.triggers, via))
     origin = where if uses else "none"
     if missing:
-        origin += f"; not found in loras/ (or a second of its kind): {', '.join(missing)}"
+        origin += f"; not found in loras/: {', '.join(missing)}"
     return uses, origin
 
 

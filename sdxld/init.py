@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SKELETON = Path(__file__).resolve().parent / "skeleton"
-FOLDERS = ("prompts", "prompts/wildcards", "loras/character", "loras/style", "weights", "inbox/approved", "outputs")
+FOLDERS = ("prompts", "prompts/wildcards", "loras/character", "loras/style", "loras/extra", "weights", "inbox/approved", "outputs")
 
 # (kind, name, trigger words, seed). Random deltas on a random model: they change the noise, not
 # draw a character, but they rotate, merge, carry triggers into prompts and records like real ones.

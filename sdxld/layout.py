@@ -65,6 +65,7 @@ class Layout:
             lora_dirs={
                 "character": config.path(config.lora.character_dir),
                 "style": config.path(config.lora.style_dir),
+                "extra": config.path(config.lora.extra_dir),
             },
             upscaler_weights=config.path(config.upscaler.weights),
         )

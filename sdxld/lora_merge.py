@@ -290,11 +290,11 @@ def _weights_on_meta(model) -> bool:
 class LoraMergeError(RuntimeError):
     """Merging failed part-way; every rewritten layer is back to what it was before the merge.
 
-    `kinds` are the kinds whose incoming LoRA touched the layer that failed."""
+    `slots` are the slots whose incoming LoRA touched the layer that failed."""
 
-    def __init__(self, message: str, kinds: list[str]):
+    def __init__(self, message: str, slots: list[str]):
         super().__init__(message)
-        self.kinds = kinds
+        self.slots = slots
 
 
 class Merged(NamedTuple):
@@ -304,38 +304,39 @@ class Merged(NamedTuple):
 
 
 class LoraMerger:
-    """Keeps, per kind, one LoRA merged into the pipeline's weights."""
+    """Keeps LoRAs merged into the pipeline's weights, one per slot ("character", "style", and
+    one for each `<lora:>` tag of the current image)."""
 
-    def __init__(self, pipe, kinds: tuple[str, ...]):
+    def __init__(self, pipe):
         self.pipe = pipe
-        self.kinds = kinds
-        self._merged: dict[str, Merged | None] = {kind: None for kind in kinds}
+        self._merged: dict[str, Merged] = {}
         # (component, layer) -> its original weight, on the CPU: taken the first time a LoRA
         # touches the layer, the base every later merge starts from.
         self._originals: dict[tuple[str, str], object] = {}
 
-    def holds(self, kind: str, key: tuple) -> bool:
-        merged = self._merged[kind]
+    def holds(self, slot: str, key: tuple) -> bool:
+        merged = self._merged.get(slot)
         return merged is not None and merged.key == key
 
-    def current(self, kind: str) -> Merged | None:
-        return self._merged[kind]
+    def current(self, slot: str) -> Merged | None:
+        return self._merged.get(slot)
 
     def saved_layers(self) -> int:
         return len(self._originals)
 
     def apply(self, wanted: dict[str, Merged | None]) -> None:
-        """Make the weights hold exactly `wanted` (kind -> LoRA or None); only the layers the
-        outgoing or incoming LoRAs touch are rewritten."""
-        changed = [kind for kind in self.kinds if _key(wanted.get(kind)) != _key(self._merged[kind])]
+        """Make the weights hold exactly `wanted` (slot -> LoRA; a slot left out or None holds
+        nothing); only the layers the outgoing or incoming LoRAs touch are rewritten."""
+        new_state = {slot: merged for slot, merged in wanted.items() if merged is not None}
+        changed = sorted(slot for slot in set(new_state) | set(self._merged)
+                         if _key(new_state.get(slot)) != _key(self._merged.get(slot)))
         if not changed:
             return
         touched: set[tuple[str, str]] = set()
-        for kind in changed:
-            for merged in (self._merged[kind], wanted.get(kind)):
+        for slot in changed:
+            for merged in (self._merged.get(slot), new_state.get(slot)):
                 if merged is not None:
                     touched.update((c, layer) for c, layers in merged.weights.layers.items() for layer in layers)
-        new_state = {kind: wanted.get(kind) for kind in self.kinds}
         components = {c for c, _ in touched}
         if any(_weights_on_meta(getattr(self.pipe, c)) for c in components):
             context = offload_paused(self.pipe)
@@ -356,8 +357,8 @@ class LoraMerger:
             if not done:
                 raise
             component, name = done[-1]
-            culprits = [kind for kind in changed
-                        if new_state.get(kind) is not None and name in new_state[kind].weights.layers.get(component, {})]
+            culprits = [slot for slot in changed
+                        if new_state.get(slot) is not None and name in new_state[slot].weights.layers.get(component, {})]
             self._rewrite(done, self._merged)
             raise LoraMergeError(f"merging failed at layer {component}.{name}: {type(err).__name__}: {err}",
                                  culprits or changed) from err
@@ -389,14 +390,16 @@ class LoraMerger:
         if original is None:
             original = weight.detach().to("cpu", copy=True)
             self._originals[(component, layer)] = original.pin_memory() if pin else original
-        patches = [(merged.weights.layers[component][layer], merged.strength) for merged in state.values()
-                   if merged is not None and layer in merged.weights.layers.get(component, {})]
+        # Slots in a fixed order: float addition is not associative, and a re-merge must be
+        # bit-identical whatever order the slots were filled in.
+        patches = [(state[slot].weights.layers[component][layer], state[slot].strength) for slot in sorted(state)
+                   if state[slot] is not None and layer in state[slot].weights.layers.get(component, {})]
         if not patches:
             weight.copy_(original)
             return
         base = original.to(device, non_blocking=True).float()
-        # Each LoRA's part is measured from the original weight (DoRA's magnitude too), so the
-        # sum does not depend on the order of the kinds.
+        # Each LoRA's part is measured from the original weight (DoRA's magnitude too), so no
+        # LoRA's part depends on which others are merged.
         total = sum(patch.contribution(base, device) * strength for patch, strength in patches)
         weight.copy_((base + total).to(weight.dtype))
 

@@ -23,12 +23,12 @@ from pathlib import Path
 
 from .lora_formats import split_key, unsupported_kind
 from .lora_merge import LoraFileError, LoraMergeError, LoraMerger, LoraWeights, Merged, read_lora_weights
-from .records import LoraUse
+from .prompt_syntax import lora_tags
+from .records import LORA_FOLDERS, ROTATED_KINDS, LoraUse
 
 log = logging.getLogger(__name__)
 
 LORA_SUFFIXES = (".safetensors", ".safetensor")
-KINDS = ("character", "style")
 MAX_TRIGGER_BYTES = 64_000
 # A safetensors header above this is not a LoRA's (and reading it would be a memory hazard).
 MAX_HEADER_BYTES = 64 * 1024 * 1024
@@ -151,7 +151,8 @@ class LoraLibrary:
         # Files modified less than this long ago may still be copying: wait before loading them.
         self.settle_s = settle_s
         self._entries: dict[Path, LoraEntry] = {}
-        self.merger = LoraMerger(pipe, KINDS)
+        self.merger = LoraMerger(pipe)
+        self._tag_warnings: set[str] = set()
 
     # --- folder state -----------------------------------------------------------------------
 
@@ -173,6 +174,12 @@ class LoraLibrary:
         return found
 
     def sync(self) -> SyncReport:
+        report = self._sync()
+        if report.changed:
+            self._tag_warnings.clear()  # a tag may name a file that just arrived, or left
+        return report
+
+    def _sync(self) -> SyncReport:
         report = SyncReport()
         found = self._scan()
         for path in list(self._entries):
@@ -248,52 +255,88 @@ class LoraLibrary:
         return next((e for e in self.available(kind) if e.name == name), None)
 
     def pick(self, rng: random.Random) -> list[LoraEntry]:
-        """One loaded LoRA of each kind, chosen at random (a kind with none is simply absent)."""
+        """One loaded LoRA of each rotated kind, chosen at random (a kind with none is absent)."""
         chosen = []
-        for kind in KINDS:
+        for kind in ROTATED_KINDS:
             pool = self.available(kind)
             if pool:
                 chosen.append(rng.choice(pool))
         return chosen
 
-    def activate(self, chosen: list[LoraEntry], strengths: list[float] | None = None) -> list[LoraUse]:
-        """Merge exactly these LoRAs into the model (at the kind's configured strength unless
-        `strengths` are given); returns what goes into the Record.
+    def tagged_in(self, prompt: str, negative: str = "") -> list[tuple[LoraEntry, float]]:
+        """The LoRAs the prompt's `<lora:name:weight>` tags ask for. A tag that cannot be used is
+        a warning (once per tag and reason while it stays so) and the image goes on without it;
+        so is a tag in the negative prompt, where A1111 does not read them either."""
+        found, problems = self.for_tags(lora_tags(prompt))
+        if lora_tags(negative):
+            problems.append("<lora:> tags in the negative prompt are left out; put them in the prompt")
+        for problem in problems:
+            if problem not in self._tag_warnings:
+                self._tag_warnings.add(problem)
+                log.warning("LoRA tag %s", problem)
+        return found
+
+    def for_tags(self, tags: list[tuple[str, float]]) -> tuple[list[tuple[LoraEntry, float]], list[str]]:
+        """The LoRAs that `<lora:name:weight>` tags name (searched in loras/character, loras/style
+        and loras/extra, by file name, then ignoring case), and why any tag cannot be used."""
+        found: list[tuple[LoraEntry, float]] = []
+        problems: list[str] = []
+        for name, weight in tags:
+            tag = f"<lora:{name}:{weight:g}>"
+            candidates = [e for e in self.entries() if e.name == name] or [
+                e for e in self.entries() if e.name.casefold() == name.casefold()]
+            usable = [e for e in candidates if e.status == "loaded"]
+            if not -4 <= weight <= 4:
+                problems.append(f"{tag}: weight {weight:g} is outside -4..4")
+            elif not usable:
+                where = ", ".join(f"loras/{kind}" for kind in LORA_FOLDERS)
+                problems.append(f"{tag}: no LoRA named {name} in {where}" if not candidates else
+                                f"{tag}: {candidates[0].kind}/{candidates[0].path.name} is {candidates[0].status}: {candidates[0].reason}")
+            elif any(entry is usable[0] for entry, _ in found):
+                problems.append(f"{tag}: {name} is already tagged in this prompt; the first tag counts")
+            else:
+                found.append((usable[0], weight))
+        return found, problems
+
+    def activate(self, chosen: list[LoraEntry], strengths: list[float] | None = None,
+                 tagged: list[tuple[LoraEntry, float]] = ()) -> list[LoraUse]:
+        """Merge exactly these LoRAs into the model: the rotated ones (at the kind's configured
+        strength unless `strengths` are given) and the tagged ones at their tags' weights;
+        returns what goes into the Record.
 
         A newly chosen file is read from disk now. If it became unreadable since it was checked
         it leaves the rotation and the image goes on without it (the record says what was used)."""
         if strengths is None:
             strengths = [self.strengths[e.kind] for e in chosen]
-        by_kind = {e.kind: (e, float(s)) for e, s in zip(chosen, strengths)}
-        wanted: dict[str, Merged | None] = {}
-        uses = []
-        for kind in KINDS:
-            wanted[kind] = None
-            if kind not in by_kind:
-                continue
-            entry, strength = by_kind[kind]
+        requests = [(entry.kind, entry, float(strength), "rotation") for entry, strength in zip(chosen, strengths)]
+        requests += [(f"tag {entry.kind}/{entry.name}", entry, float(weight), "tag") for entry, weight in tagged]
+        wanted: dict[str, Merged] = {}
+        entries: dict[str, LoraEntry] = {}
+        uses: list[tuple[str, LoraUse]] = []
+        for slot, entry, strength, via in requests:
             key = (entry.path, entry.signature, strength)
-            if self.merger.holds(kind, key):
-                wanted[kind] = self.merger.current(kind)
+            if self.merger.holds(slot, key):
+                wanted[slot] = self.merger.current(slot)
             else:
                 weights = self._read(entry)
                 if weights is None:
                     continue
-                wanted[kind] = Merged(key, weights, strength)
-            uses.append(LoraUse(kind, entry.name, entry.path.name, strength, entry.hash, entry.triggers))
+                wanted[slot] = Merged(key, weights, strength)
+            entries[slot] = entry
+            uses.append((slot, LoraUse(entry.kind, entry.name, entry.path.name, strength, entry.hash, entry.triggers, via)))
         try:
             self.merger.apply(wanted)
         except LoraMergeError as err:
             # The merger restored the previous weights; the file that failed leaves the rotation
             # (until it changes on disk) and this image goes on without it.
-            for kind in err.kinds:
-                entry = by_kind[kind][0]
+            for slot in err.slots:
+                entry = entries[slot]
                 entry.status, entry.layout, entry.reason = "rejected", {}, str(err)
                 log.warning("LoRA %s rejected: %s", entry.path, err)
-                wanted[kind] = None
-            uses = [use for use in uses if use.kind not in err.kinds]
+                del wanted[slot]
+            uses = [(slot, use) for slot, use in uses if slot not in err.slots]
             self.merger.apply(wanted)
-        return uses
+        return [use for _, use in uses]
 
     def _read(self, entry: LoraEntry) -> LoraWeights | None:
         try:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .prompt_syntax import LORA_TAG
 from .prompt_syntax import SYNTAXES as PROMPT_SYNTAXES
 from .store import tag_of
 
@@ -30,12 +31,19 @@ class RecordError(ValueError):
 
 @dataclass
 class LoraUse:
-    kind: str  # "character" or "style"
+    kind: str  # the folder it is in: "character", "style" or "extra"
     name: str  # file stem, the name users see
     file: str  # file name inside its kind's folder
     strength: float
     hash: str  # A1111 "addnet" hash: sha256 of the tensors after the header, 12 hex
     triggers: str = ""
+    # "rotation": the image's random character or style LoRA; "tag": a `<lora:name:weight>` tag
+    # in the prompt asked for it (the tag stays in the prompt text).
+    via: str = "rotation"
+
+
+LORA_FOLDERS = ("character", "style", "extra")
+ROTATED_KINDS = ("character", "style")
 
 
 @dataclass
@@ -179,9 +187,14 @@ class Record:
             raise RecordError(f"field 'seed' {self.seed} is outside 0..2^64-1")
         if not 0 <= self.cfg <= 100:
             raise RecordError(f"field 'cfg' {self.cfg} is outside 0..100")
+        rotated = [use.kind for use in self.loras if use.via == "rotation"]
+        if len(rotated) != len(set(rotated)):
+            raise RecordError(f"more than one rotated LoRA of a kind ({', '.join(rotated)})")
         for use in self.loras:
-            if use.kind not in ("character", "style"):
-                raise RecordError(f"a LoRA has kind {use.kind!r}, not character or style")
+            if use.via not in ("rotation", "tag"):
+                raise RecordError(f"a LoRA came {use.via!r}, not by rotation or tag")
+            if use.kind not in (ROTATED_KINDS if use.via == "rotation" else LORA_FOLDERS):
+                raise RecordError(f"a LoRA has kind {use.kind!r}, not {' or '.join(ROTATED_KINDS if use.via == 'rotation' else LORA_FOLDERS)}")
             if not isinstance(use.name, str) or not re.fullmatch(r"[^/\\\x00]+", use.name) or use.name in (".", ".."):
                 raise RecordError(f"a LoRA name {str(use.name)[:80]!r} is not a plain file name")
             # lora.*_strength allows [-4, 4]; beyond it a LoRA only destroys the image.
@@ -219,13 +232,23 @@ class Record:
             items.append(("Hires upscaler", final["upscaler"]))
             items.append(("Denoising strength", _number(final["strength"])))
         if self.loras:
-            items.append(("Lora hashes", ", ".join(f"{lora.name}: {lora.hash}" for lora in self.loras)))
+            hashes = {lora.name: lora.hash for lora in self.loras}
+            items.append(("Lora hashes", ", ".join(f"{name}: {value}" for name, value in hashes.items())))
         items.append(("Version", f"sdxld {self.version}"))
         lines = [_one_line(self.prompt)]
+        rotated = self.rotated_lora_tags()
+        if rotated:
+            # A1111 and Civitai read <lora:> tags from the prompt; the rotated pair was never in
+            # the text, so it gets a line of its own (sdxld's reader knows it by being the last).
+            lines.append(rotated)
         if self.negative:
             lines.append(f"Negative prompt: {_one_line(self.negative)}")
         lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in items))
         return "\n".join(lines)
+
+    def rotated_lora_tags(self) -> str:
+        """'<lora:alice:1> <lora:ink:0.85>' for the LoRAs rotation chose ('' when none)."""
+        return " ".join(f"<lora:{use.name}:{_number(use.strength)}>" for use in self.loras if use.via == "rotation")
 
     def shareable_dict(self) -> dict:
         """The record as it may leave this machine inside a PNG: models by their configured hub id
@@ -297,7 +320,10 @@ def _quote(value: Any) -> str:
 
 
 def parse_a1111(text: str) -> dict:
-    """Parse an A1111 `parameters` text: {'prompt', 'negative', and each key: value item}."""
+    """Parse an A1111 `parameters` text: {'prompt', 'negative', and each key: value item}.
+
+    In text sdxld wrote, a last prompt line of nothing but `<lora:>` tags is the rotated LoRAs
+    (Record.a1111_parameters): it comes back under 'rotated loras', not in the prompt."""
     lines = text.strip("\n").split("\n")
     settings_line = lines[-1]
     head = lines[:-1]
@@ -314,6 +340,10 @@ def parse_a1111(text: str) -> dict:
         if value.startswith('"'):
             value = json.loads(value)
         result[key] = value
+    prompt_lines = prompt.split("\n")
+    if (len(prompt_lines) > 1 and str(result.get("Version", "")).startswith("sdxld")
+            and LORA_TAG.sub("", prompt_lines[-1]).strip() == ""):
+        result["prompt"], result["rotated loras"] = "\n".join(prompt_lines[:-1]), prompt_lines[-1]
     return result
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -9,7 +11,7 @@ from support.daemons import DaemonProcess, set_config, wait_for
 
 from sdxld.foreign import Defaults, decode_user_comment, embedded_parameters, record_for
 from sdxld.init import init_root
-from sdxld.records import Record, read_png_record
+from sdxld.records import LoraUse, Record, read_png_record
 
 A1111_TEXT = (
     "1girl, (smile:1.2), city street <lora:kuro:0.7>\n"
@@ -23,6 +25,22 @@ DEFAULTS = Defaults("manual prompt text", "manual negative", "UniPC", 8, 7.0, {"
 class NoLoras:
     def available(self, kind):
         return []
+
+
+class FolderEntry:
+    def __init__(self, kind, name, hash):
+        self.kind, self.name, self.hash, self.triggers = kind, name, hash, ""
+        self.path = Path(f"loras/{kind}/{name}.safetensors")
+
+
+class Loras:
+    """What the LoRA library answers about loaded files, for these entries."""
+
+    def __init__(self, *entries):
+        self.entries = entries
+
+    def available(self, kind):
+        return [e for e in self.entries if e.kind == kind]
 
 
 def a1111_png(path, text=A1111_TEXT, size=(120, 200)):
@@ -84,13 +102,21 @@ def test_a_bare_image_takes_the_manual_prompt_or_fails_as_configured(tmp_path):
 
 
 def test_sdxld_parameters_read_back_give_the_same_settings(tmp_path):
-    """An sdxld PNG stripped of its sdxld chunk still upscales with its own prompt, seed and settings."""
-    original = Record(tag="20260101_000000", prompt=r"alice_\(demo\), (smile:1.2), 1girl", negative="lowres",
-                      seed=424242, width=768, height=1344, sampler="Euler a", steps=30, cfg=5.5, prompt_syntax="a1111")
+    """An sdxld PNG stripped of its sdxld chunk still upscales with its own prompt, seed, settings
+    and LoRAs: the rotated pair from the tag line sdxld adds, the tagged one from the prompt."""
+    folders = Loras(FolderEntry("character", "alice", "0123456789ab"), FolderEntry("style", "ink", "ba9876543210"),
+                    FolderEntry("extra", "glow", "00ff00ff00ff"))
+    uses = [LoraUse("character", "alice", "alice.safetensors", 1.0, "0123456789ab"),
+            LoraUse("style", "ink", "ink.safetensors", 0.85, "ba9876543210"),
+            LoraUse("extra", "glow", "glow.safetensors", 0.6, "00ff00ff00ff", via="tag")]
+    original = Record(tag="20260101_000000", prompt=r"alice_\(demo\), (smile:1.2), 1girl, <lora:glow:0.6>",
+                      negative="lowres", seed=424242, width=768, height=1344, sampler="Euler a", steps=30, cfg=5.5,
+                      prompt_syntax="a1111", loras=uses)
     path = a1111_png(tmp_path / "stripped.png", original.a1111_parameters(), size=(768, 1344))
-    back = record_for(path, (768, 1344), None, DEFAULTS, NoLoras(), "fail")
+    back = record_for(path, (768, 1344), None, DEFAULTS, folders, "fail")
     for field in ("prompt", "negative", "seed", "steps", "cfg", "width", "height", "sampler"):
         assert getattr(back, field) == getattr(original, field), field
+    assert [(u.kind, u.name, u.strength, u.via) for u in back.loras] == [(u.kind, u.name, u.strength, u.via) for u in uses]
 
 
 def test_a_real_daemon_upscales_images_from_other_tools_and_says_where_each_field_came_from(tmp_path):

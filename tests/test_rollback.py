@@ -73,7 +73,7 @@ def test_a_merge_that_fails_part_way_restores_every_layer_and_takes_the_file_out
               "style": Merged((broken.path, broken.signature, 0.85), library._read(broken), 0.85)}
     with pytest.raises(LoraMergeError, match="merging failed at layer") as failure:
         library.merger.apply(wanted)
-    assert failure.value.kinds == ["style"]
+    assert failure.value.slots == ["style"]
     assert _changed(before, _weights(engine.models.base)) == []  # hero + ink, exactly as before
 
     seen.clear()
