@@ -75,7 +75,6 @@ class LayerPatch:
     factors: tuple
     gamma: float = 1.0
     dora_scale: object = None
-    rank: int = 0
 
     @property
     def label(self) -> str:
@@ -172,7 +171,7 @@ def patch_from_tensors(tensors: dict, alpha: float | None) -> LayerPatch:
         w1a, w1b, w2a, w2b = parts
         rank = w1b.shape[0]
         t1, t2 = tensors.get("hada_t1"), tensors.get("hada_t2")
-        return LayerPatch("LoHa", (w1b, w1a, w2b, w2a, t1, t2), _scale(alpha, rank), dora, rank)
+        return LayerPatch("LoHa", (w1b, w1a, w2b, w2a, t1, t2), _scale(alpha, rank), dora)
     if any(k.startswith("lokr_") for k in tensors):
         w1 = tensors.get("lokr_w1")
         w1a, w1b = tensors.get("lokr_w1_a"), tensors.get("lokr_w1_b")
@@ -184,16 +183,16 @@ def patch_from_tensors(tensors: dict, alpha: float | None) -> LayerPatch:
         # lycoris.functional.lokr divides gamma by the rank itself; full halves on both sides
         # are unscaled whatever the file says (gamma / gamma).
         gamma = float(alpha) if alpha and rank else float(rank or 1)
-        return LayerPatch("LoKr", (w1, w1a, w1b, w2, w2a, w2b, tensors.get("lokr_t2")), gamma, dora, rank)
+        return LayerPatch("LoKr", (w1, w1a, w1b, w2, w2a, w2b, tensors.get("lokr_t2")), gamma, dora)
     if down is not None or up is not None:
         if down is None or up is None:
             raise LayerFormatError("a LoRA layer with a down but no up matrix (or the reverse)")
         mid = tensors.get("lora_mid.weight")
         rank = down.shape[0]
         algorithm = "LoCon" if mid is not None or down.dim() > 2 and down.shape[2:].numel() > 1 else "LoRA"
-        return LayerPatch(algorithm, (down, up, mid), _scale(alpha, rank), dora, rank)
+        return LayerPatch(algorithm, (down, up, mid), _scale(alpha, rank), dora)
     if "diff" in tensors:
-        return LayerPatch("full", (tensors["diff"],), 1.0, dora, 0)
+        return LayerPatch("full", (tensors["diff"],), 1.0, dora)
     raise LayerFormatError(f"no weights of a known format (it has {', '.join(sorted(tensors))})")
 
 
