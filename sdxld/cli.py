@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("check", "validate config, load the model, list LoRAs and why any were rejected")
 
+    review = command("review", "a local web page to approve and reject stage-1 images with a keypress")
+    review.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default review.listen, 127.0.0.1:8765)")
+
     init = command("init", "make a root of your own: config.yaml, prompts/, loras/, weights/, inbox/, outputs/")
     init.add_argument("folder", nargs="?", type=Path, help="where (default: --root, else the current folder)")
 
@@ -164,6 +167,17 @@ def run_command(args, log) -> int:
 
     if args.command == "service":
         return _service(args, config, log)
+
+    if args.command == "review":
+        from .config import listen_address
+        from .review import serve
+
+        try:
+            listen_address(args.listen or config.review.listen)
+        except ValueError as err:
+            log.error("--listen %s", err)
+            return 2
+        return serve(config, args.listen)
 
     if args.command == "run":
         from . import foreground

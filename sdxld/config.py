@@ -299,6 +299,35 @@ class DaemonConfig:
 
 
 @dataclass
+class ReviewConfig:
+    # Where `sdxld review` listens. Any address but loopback (127.0.0.1, ::1, localhost) asks
+    # every request for the token.
+    listen: str = "127.0.0.1:8765"
+    # The review page's token; empty: a new one is made at each start and printed in the URL
+    # (only used when listening beyond loopback, or when set here).
+    token: str = ""
+    # Extra host names the page may be reached by (comma-separated), e.g. a VPN name; the machine's
+    # own names and addresses are always allowed.
+    hosts: str = ""
+
+    def validate(self) -> None:
+        try:
+            listen_address(self.listen)
+        except ValueError as err:
+            _check(False, "review.listen", str(err))
+        _check(not self.token or len(self.token) >= 16, "review.token", "is shorter than 16 characters; use a long random one")
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """'127.0.0.1:8765', '[::1]:8765', ':8765' (all addresses) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r} is not HOST:PORT (e.g. 127.0.0.1:8765)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+@dataclass
 class Config:
     # "reload": changing the section means loading the models again, so a running daemon reports
     # "restart needed" and keeps the loaded settings instead of half-applying them.
@@ -312,6 +341,7 @@ class Config:
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    review: ReviewConfig = field(default_factory=ReviewConfig)
     # The folder relative paths resolve against: the config file's folder.
     root: Path = field(default_factory=Path.cwd, metadata={"internal": True})
     source: Path | None = field(default=None, metadata={"internal": True})

@@ -77,7 +77,7 @@ def _parse_owner(owner: str) -> ClaimOwner | None:
     return None
 
 
-def _unique(folder: Path, name: str) -> Path:
+def unique_path(folder: Path, name: str) -> Path:
     """folder/name, or 'stem (2).ext' ... if that is taken: done/ and failed/ never overwrite."""
     candidate = folder / name
     stem, suffix = os.path.splitext(name)
@@ -158,10 +158,10 @@ class Inbox:
     def _move(self, claim: Claim, folder: Path) -> Path:
         """Move a claimed file (and its record sidecar) to `folder` under the user's names."""
         self.ensure_dirs()
-        destination = _unique(folder, claim.name)
+        destination = unique_path(folder, claim.name)
         os.rename(claim.path, destination)
         if claim.sidecar is not None and claim.sidecar.exists():
-            os.rename(claim.sidecar, _unique(folder, claim.sidecar.name.rsplit("__", 1)[1]))
+            os.rename(claim.sidecar, unique_path(folder, claim.sidecar.name.rsplit("__", 1)[1]))
         return destination
 
     def done(self, claim: Claim) -> Path:
@@ -170,7 +170,7 @@ class Inbox:
     def fail(self, claim: Claim, error: InboxError) -> Path:
         """Move to failed/ with NAME.error.txt beside it (written first, so it is never missing)."""
         self.ensure_dirs()
-        report = _unique(self.failed_dir, claim.name)
+        report = unique_path(self.failed_dir, claim.name)
         text = f"{claim.name}: {error.problem}\n"
         if error.advice:
             text += f"\nWhat to do: {error.advice}\n"

@@ -79,22 +79,26 @@ class StatusBoard:
         return on_step
 
     def line(self) -> str:
-        d = self.data
-        parts = [d["state"]]
-        if d["paused"]:
-            parts[0] = f"paused: {d['paused']}"
-        parts.append(f"stage1 #{d['stage1_made']}")
-        if d["seconds_per_image"] is not None:
-            parts.append(f"{d['seconds_per_image']:.1f} s/img")
-        parts.append(f"{d['approved_queued']} approved queued")
-        rejected = len(d["loras"]["rejected"])
-        parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected)")
-        if d.get("config_error"):
-            parts.append("config.yaml invalid, running on the last good one")
-        return " · ".join(parts)
+        return status_line(self.data)
 
     def finish(self) -> None:
         self.update(force=True, state="stopped", current=None)
+
+
+def status_line(d: dict) -> str:
+    """One daemon's state in a line: systemd's STATUS and the review page's header."""
+    parts = [d["state"]]
+    if d.get("paused"):
+        parts[0] = f"paused: {d['paused']}"
+    parts.append(f"stage1 #{d['stage1_made']}")
+    if d.get("seconds_per_image") is not None:
+        parts.append(f"{d['seconds_per_image']:.1f} s/img")
+    parts.append(f"{d['approved_queued']} approved queued")
+    rejected = len(d["loras"]["rejected"])
+    parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected)")
+    if d.get("config_error"):
+        parts.append("config.yaml invalid, running on the last good one")
+    return " · ".join(parts)
 
 
 def read_status(root: Path) -> list[dict]:

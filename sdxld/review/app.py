@@ -1,0 +1,237 @@
+"""The review page's HTTP side: a Starlette app over Piles (what is where, the moves).
+
+Security, in the order a request meets it: the Host header must name this machine (a DNS
+rebinding page cannot reach it under its own name); beyond loopback every request carries the
+token (a query parameter once, then an HttpOnly cookie); every state change is a POST with the
+page's CSRF value in a header (a cross-site form cannot set one) and, when the browser sends an
+Origin, one that matches the Host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import secrets
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from ..status import read_status, status_line
+from .piles import Piles, ReviewError
+
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE_SIZE_LIMIT = 500
+THUMBNAIL_SIZE = 320
+TOKEN_COOKIE = "sdxld_review_token"
+MAX_BODY = 1_000_000
+
+
+class Guard:
+    """Host, token and CSRF checks around the app (pure ASGI, so it also guards static files)."""
+
+    def __init__(self, app, allowed_hosts: set[str], token: str | None, csrf: str):
+        self.app = app
+        self.allowed_hosts = {h.lower() for h in allowed_hosts}
+        self.token = token
+        self.csrf = csrf
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request = Request(scope)
+        problem = self._problem(request)
+        if problem:
+            return await PlainTextResponse(problem[1], status_code=problem[0])(scope, receive, send)
+        if self.token and request.query_params.get("token"):
+            # The token came in the printed URL: keep it in a cookie and drop it from the address bar.
+            response = RedirectResponse(request.url.remove_query_params("token"), status_code=303)
+            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="strict")
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+    def _problem(self, request: Request) -> tuple[int, str] | None:
+        host = _host_name(request.headers.get("host", ""))
+        if host not in self.allowed_hosts:
+            return 421, (f"this review page does not answer to the host name {host[:100]!r}; open it by this "
+                         "machine's name or address, or add the name to review.hosts in config.yaml")
+        if self.token:
+            offered = (request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
+                       or request.headers.get("x-review-token") or "")
+            if not hmac.compare_digest(offered.encode(), self.token.encode()):
+                return 401, "this review page needs its token: open the URL `sdxld review` printed (…/?token=…)"
+        if request.method not in ("GET", "HEAD"):
+            if request.method != "POST":
+                return 405, "only GET and POST"
+            if not hmac.compare_digest(request.headers.get("x-csrf-token", "").encode(), self.csrf.encode()):
+                return 403, "refused: a change must come from the review page itself (no CSRF value)"
+            origin = request.headers.get("origin")
+            if origin and _host_name(origin.split("://", 1)[-1]) != host:
+                return 403, f"refused: a request from another site ({origin[:100]})"
+        return None
+
+
+def _host_name(host: str) -> str:
+    """'127.0.0.1:8765' -> '127.0.0.1', '[::1]:8765' -> '::1', 'Example.org' -> 'example.org'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def create_app(layout, *, allowed_hosts: set[str], token: str | None = None) -> Starlette:
+    piles = Piles(layout)
+    csrf = secrets.token_urlsafe(24)
+    thumbnails = layout.state / "thumbnails"
+
+    def page(request: Request) -> Response:
+        html = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{CSRF}}", csrf)
+        return HTMLResponse(html, headers={"Cache-Control": "no-store", "Content-Security-Policy": "default-src 'self'; img-src 'self' data:"})
+
+    def pile(request: Request) -> Response:
+        name = request.path_params["pile"]
+        items = piles.items(name)
+        if request.query_params.get("order") == "oldest":
+            items.reverse()
+        character, style = request.query_params.get("character", ""), request.query_params.get("style", "")
+        text = request.query_params.get("q", "").casefold()
+        loras_seen: dict[str, set[str]] = {"character": set(), "style": set()}
+        if character or style or text or request.query_params.get("facets"):
+            kept = []
+            for item in items:
+                record = piles.record(piles.folder(name) / item.name) or {}
+                rotated = {u["kind"]: u["name"] for u in record.get("loras", []) if u.get("via") == "rotation"}
+                for kind in loras_seen:
+                    if kind in rotated:
+                        loras_seen[kind].add(rotated[kind])
+                if character and rotated.get("character") != character or style and rotated.get("style") != style:
+                    continue
+                if text and text not in record.get("prompt", "").casefold():
+                    continue
+                kept.append(item)
+            items = kept
+        offset = max(0, _int(request.query_params.get("offset"), 0))
+        limit = min(PAGE_SIZE_LIMIT, max(1, _int(request.query_params.get("limit"), 100)))
+        shown = items[offset:offset + limit]
+        # Where each final's stage-1 image is now, for the before/after view.
+        stage1_piles = {source: {i.name for i in piles.items(source)} for source in ("done", "stage1", "approved")} \
+            if name == "final" else {}
+        return JSONResponse({
+            "pile": name, "total": len(items), "offset": offset,
+            "items": [{"name": i.name, "mtime": i.mtime, **_extras(piles, name, i.name, stage1_piles)} for i in shown],
+            "loras": {kind: sorted(names) for kind, names in loras_seen.items()},
+        })
+
+    def record(request: Request) -> Response:
+        path = piles.path(request.path_params["pile"], request.path_params["name"])
+        return JSONResponse({"name": path.name, "record": piles.record(path)})
+
+    def image(request: Request) -> Response:
+        path = piles.path(request.path_params["pile"], request.path_params["name"])
+        return FileResponse(path, headers={"Cache-Control": "no-cache"})
+
+    def thumbnail(request: Request) -> Response:
+        path = piles.path(request.path_params["pile"], request.path_params["name"])
+        return FileResponse(_thumbnail(path, thumbnails), media_type="image/webp", headers={"Cache-Control": "max-age=3600"})
+
+    def status(request: Request) -> Response:
+        daemons = read_status(layout.root)
+        return JSONResponse({
+            "signature": piles.signature(),
+            "daemons": [{"line": status_line(d), "pid": d.get("pid"), "host": d.get("host"), "current": d.get("current")}
+                        for d in daemons],
+            "counts": {name: len(piles.items(name)) for name in piles.folders},
+        })
+
+    async def act(request: Request) -> Response:
+        verb = request.path_params["verb"]
+        actions = {"approve": piles.approve, "reject": piles.reject, "retry": piles.retry}
+        if verb == "undo":
+            action = piles.undo()
+        elif verb in actions:
+            names = await _names(request)
+            action = actions[verb](names)
+        else:
+            raise ReviewError(f"no such action {verb[:40]!r}", 404)
+        return JSONResponse({"verb": action.verb, "names": action.names,
+                             "moved": [[str(s.relative_to(layout.root)), str(d.relative_to(layout.root))] for s, d in action.moves]})
+
+    async def refused(request: Request, err: ReviewError) -> Response:
+        return JSONResponse({"error": str(err)}, status_code=err.status)
+
+    routes = [
+        Route("/", page),
+        Route("/api/pile/{pile}", pile),
+        Route("/api/record/{pile}/{name:path}", record),
+        Route("/api/status", status),
+        Route("/api/{verb}", act, methods=["POST"]),
+        Route("/image/{pile}/{name:path}", image),
+        Route("/thumb/{pile}/{name:path}", thumbnail),
+        Mount("/static", StaticFiles(directory=STATIC, follow_symlink=False), name="static"),
+    ]
+    return Starlette(routes=routes, exception_handlers={ReviewError: refused},
+                     middleware=[Middleware(Guard, allowed_hosts=allowed_hosts, token=token, csrf=csrf)])
+
+
+def _extras(piles: Piles, pile: str, name: str, stage1_piles: dict[str, set[str]]) -> dict:
+    """What a list item needs beyond its name: failed images' error text, the claim's owner."""
+    if pile == "failed":
+        return {"error": piles.error_text(name)}
+    if pile == "processing" and "__" in name:
+        owner, shown = name.split("__", 1)
+        return {"shown": shown, "owner": owner}
+    if pile == "final":
+        record = piles.record(piles.folder(pile) / name) or {}
+        stage1 = (record.get("files") or {}).get("stage1")
+        for source, names in stage1_piles.items():
+            if stage1 in names:
+                return {"before": [source, stage1]}
+    return {}
+
+
+async def _names(request: Request) -> list[str]:
+    body = await request.body()
+    if len(body) > MAX_BODY:
+        raise ReviewError("request too large", 413)
+    try:
+        names = json.loads(body or b"{}").get("names")
+    except (json.JSONDecodeError, AttributeError):
+        raise ReviewError("the request is not JSON {\"names\": [...]}", 400) from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ReviewError("names must be a list of file names", 400)
+    return names
+
+
+def _int(value, default: int) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _thumbnail(path: Path, cache: Path) -> Path:
+    """A small WebP of the image, made with Pillow on first view and kept under .sdxld/."""
+    from PIL import Image
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:32]
+    target = cache / f"{key}.webp"
+    if target.is_file():
+        return target
+    from ..store import atomic_write
+
+    try:
+        with Image.open(path) as image:
+            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, "WEBP", quality=80)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ReviewError(f"{path.name} cannot be shown: {err}", 415) from None
+    cache.mkdir(parents=True, exist_ok=True)
+    return atomic_write(target, buffer.getvalue())
