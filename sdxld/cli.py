@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--user", action="store_true", help="a user unit (~/.config/systemd/user) instead of a system unit")
     install.add_argument("--service-user", default="sdxld", help="system unit: the account it runs as (default sdxld)")
     install.add_argument("--target-dir", type=Path, help="write the unit here instead of the systemd folder")
+    install.add_argument("--review", action="store_true", help="sdxld-review.service: the review page (`sdxld review`)")
 
     command("check", "validate config, load the model, list LoRAs and why any were rejected")
 
@@ -262,7 +263,7 @@ def _service(args, config: Config, log) -> int:
     try:
         result = install_unit(
             config.root, user_unit=args.user, target_dir=args.target_dir, service_user=args.service_user,
-            demo=args.demo,
+            demo=args.demo, review=args.review,
         )
     except ServiceError as err:
         log.error("%s", err)

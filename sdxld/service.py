@@ -153,6 +153,49 @@ DeviceAllow=char-nvidia-frontend rw
 DeviceAllow=char-nvidia-caps rw
 """
 
+# The review page: no GPU, no JIT, nothing to download; only the root's folders are written.
+_REVIEW_SERVICE = """Type=exec
+ExecStart=@EXEC_START@
+WorkingDirectory=@ROOT@
+@ENVIRONMENT@Environment=PYTHONUNBUFFERED=1
+Restart=on-failure
+RestartSec=5
+# 78 = EX_CONFIG, and 2: a bad config.yaml or --listen will not fix itself by restarting.
+RestartPreventExitStatus=78 2
+"""
+
+_REVIEW_HARDENING = """NoNewPrivileges=yes
+CapabilityBoundingSet=
+AmbientCapabilities=
+ProtectSystem=strict
+ReadWritePaths=@ROOT@
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+DevicePolicy=closed
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+ProcSubset=pid
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+MemoryDenyWriteExecute=yes
+LockPersonality=yes
+RemoveIPC=yes
+KeyringMode=private
+UMask=0027
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged
+SystemCallErrorNumber=EPERM
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+"""
+
 UNIT_TEMPLATES = {
     "sdxld.service": """[Unit]
 Description=sdxld SDXL image factory
@@ -191,6 +234,27 @@ UMask=0022
 [Install]
 WantedBy=default.target
 """,
+    "sdxld-review.service": """[Unit]
+Description=sdxld review page
+After=network.target
+
+[Service]
+User=@USER@
+Group=@USER@
+""" + _REVIEW_SERVICE + _REVIEW_HARDENING + """
+[Install]
+WantedBy=multi-user.target
+""",
+    "sdxld-review-user.service": """[Unit]
+Description=sdxld review page (desktop session)
+
+[Service]
+""" + _REVIEW_SERVICE + """NoNewPrivileges=yes
+UMask=0022
+
+[Install]
+WantedBy=default.target
+""",
 }
 
 DEFAULT_VENV_BIN = "/opt/sdxld/.venv/bin"
@@ -199,7 +263,7 @@ DEFAULT_ROOT = "/var/lib/sdxld"
 
 def render_unit(name: str, *, exec_start: str, root: Path | str, user: str = "sdxld", path: str | None = None) -> str:
     variables = {"PATH": path} if path else {}
-    if name != "sdxld-user.service":
+    if not name.endswith("user.service") and "review" not in name:
         # A system account's home is rarely writable under ProtectSystem=strict: keep the Hugging
         # Face downloads and the demo model's cache inside the root, the one folder the unit may write.
         variables["XDG_CACHE_HOME"] = f"{root}/.cache"
@@ -215,10 +279,10 @@ def render_unit(name: str, *, exec_start: str, root: Path | str, user: str = "sd
 
 def render_default(name: str) -> str:
     """The unit as shipped in systemd/: found through PATH so it verifies without an install."""
-    root = "%h/sdxld" if name == "sdxld-user.service" else DEFAULT_ROOT
+    root = "%h/sdxld" if name.endswith("user.service") else DEFAULT_ROOT
     return render_unit(
         name,
-        exec_start=f"/usr/bin/env sdxld run --root {root}",
+        exec_start=f"/usr/bin/env sdxld {'review' if 'review' in name else 'run'} --root {root}",
         root=root,
         path=f"{DEFAULT_VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
     )
@@ -253,15 +317,18 @@ class Installed:
 
 
 def install_unit(root: Path, *, user_unit: bool, target_dir: Path | None = None, service_user: str = "sdxld",
-                 demo: bool = False, host: Host | None = None) -> Installed:
-    """Write sdxld.service for this installation and root, saying what will stop it from working."""
+                 demo: bool = False, host: Host | None = None, review: bool = False) -> Installed:
+    """Write sdxld.service (or, with `review`, sdxld-review.service) for this installation and
+    root, saying what will stop it from working."""
     from .store import atomic_write
 
     host = host or Host()
     root = Path(root).resolve()
-    name = "sdxld-user.service" if user_unit else "sdxld.service"
+    unit = "sdxld-review" if review else "sdxld"
+    name = f"{unit}-user.service" if user_unit else f"{unit}.service"
     executable = sdxld_executable()
-    exec_start = f"{executable} run {'--demo ' if demo else ''}--root {root}"
+    command = "review" if review else "run"
+    exec_start = f"{executable} {command} {'--demo ' if demo else ''}--root {root}"
     text = render_unit(name, exec_start=exec_start, root=root, user=service_user)
     if target_dir is None:
         if user_unit:
@@ -271,16 +338,17 @@ def install_unit(root: Path, *, user_unit: bool, target_dir: Path | None = None,
             target_dir = Path("/etc/systemd/system")
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
-        path = atomic_write(target_dir / "sdxld.service", text.encode())
+        path = atomic_write(target_dir / f"{unit}.service", text.encode())
     except PermissionError:
         raise ServiceError(
-            f"cannot write {target_dir / 'sdxld.service'}: permission denied. A system unit needs root: "
-            f"`sudo {executable} service install --root {root}`; or install one for your own account with --user"
+            f"cannot write {target_dir / f'{unit}.service'}: permission denied. A system unit needs root: "
+            f"`sudo {executable} service install {'--review ' if review else ''}--root {root}`; or install one for your "
+            "own account with --user"
         ) from None
     if user_unit:
-        warnings, steps = _user_unit_checks(host)
+        warnings, steps = _user_unit_checks(host, unit)
     else:
-        warnings, steps = _system_unit_checks(host, root, service_user, executable)
+        warnings, steps = _system_unit_checks(host, root, service_user, executable, unit)
     if not host.booted_marker.is_dir():
         warnings.append(
             f"systemd is not running on this machine (no {host.booted_marker}; a container, or WSL without "
@@ -290,7 +358,7 @@ def install_unit(root: Path, *, user_unit: bool, target_dir: Path | None = None,
     return Installed(path, warnings, steps)
 
 
-def _system_unit_checks(host: Host, root: Path, service_user: str, executable: str) -> tuple[list[str], str]:
+def _system_unit_checks(host: Host, root: Path, service_user: str, executable: str, unit: str) -> tuple[list[str], str]:
     import pwd
 
     warnings = []
@@ -315,12 +383,12 @@ def _system_unit_checks(host: Host, root: Path, service_user: str, executable: s
             "unit cannot see (ProtectHome=yes): install sdxld under /opt and the root under /var/lib (README, "
             "\"Run it as a service\"), or install a unit for your own account with --user"
         )
-    steps = "sudo systemctl daemon-reload && sudo systemctl enable --now sdxld; then `sdxld status --root " \
-        f"{root}` or `journalctl -u sdxld -f`"
+    steps = f"sudo systemctl daemon-reload && sudo systemctl enable --now {unit}; then " + (
+        f"`sdxld status --root {root}` or `journalctl -u sdxld -f`" if unit == "sdxld" else f"`journalctl -u {unit}` shows its URL")
     return warnings, steps
 
 
-def _user_unit_checks(host: Host) -> tuple[list[str], str]:
+def _user_unit_checks(host: Host, unit: str) -> tuple[list[str], str]:
     import getpass
 
     warnings = []
@@ -334,7 +402,7 @@ def _user_unit_checks(host: Host) -> tuple[list[str], str]:
             f"bus\". Log in as {user} directly (a desktop or ssh session, not su or sudo -u), or run "
             f"`sudo loginctl enable-linger {user}` once and then `export XDG_RUNTIME_DIR=/run/user/{os.getuid()}`"
         )
-    steps = "systemctl --user daemon-reload && systemctl --user enable --now sdxld; logs: journalctl --user -u sdxld -f"
+    steps = f"systemctl --user daemon-reload && systemctl --user enable --now {unit}; logs: journalctl --user -u {unit} -f"
     if not (host.linger_dir / user).exists():
         steps += f"; to keep it running after you log out (and start at boot): sudo loginctl enable-linger {user}"
     return warnings, steps

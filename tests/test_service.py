@@ -26,7 +26,7 @@ def test_every_shipped_unit_verifies_without_warnings(name):
 
 
 @needs_systemd_analyze
-@pytest.mark.parametrize("name", ["sdxld.service", "sdxld@.service"])
+@pytest.mark.parametrize("name", ["sdxld.service", "sdxld@.service", "sdxld-review.service"])
 def test_system_units_score_at_most_3_5_in_the_security_analysis(name):
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", str(REPO / "systemd" / name)],
                             capture_output=True, text=True)
@@ -42,6 +42,20 @@ def test_units_keep_what_the_gpu_needs_and_stop_restart_loops():
     assert "DeviceAllow=/dev/nvidiactl rw" in text and "DevicePolicy=closed" in text
     assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
     assert "Environment=CUDA_VISIBLE_DEVICES=%i" in render_default("sdxld@.service")
+
+
+@pytest.mark.parametrize("user_unit", [False, True])
+def test_service_install_review_writes_the_review_pages_unit(tmp_path, user_unit):
+    root = tmp_path / "factory"
+    root.mkdir()
+    result = install_unit(root, user_unit=user_unit, target_dir=tmp_path / "units", review=True)
+    text = result.path.read_text()
+    assert result.path.name == "sdxld-review.service"
+    assert re.search(rf"^ExecStart=\S+ review --root {re.escape(str(root.resolve()))}$", text, re.M)
+    assert "sdxld-review" in result.next_steps
+    if not user_unit:  # no GPU to reach: the strict switches the daemon's unit cannot have
+        assert "PrivateDevices=yes" in text and "MemoryDenyWriteExecute=yes" in text
+        assert f"ReadWritePaths={root.resolve()}" in text
 
 
 @pytest.mark.parametrize("user_unit", [False, True])
