@@ -116,9 +116,8 @@ RestartSec=10
 RestartPreventExitStatus=78
 """
 
-_HARDENING = """# Hardened, but able to reach the GPU: no PrivateDevices (hides /dev/nvidia*), no
-# MemoryDenyWriteExecute (CUDA and torch JIT-compile kernels), network kept for model downloads.
-NoNewPrivileges=yes
+# Both system units: only the root is writable, no privileges, no kernel or host settings.
+_HARDENING_COMMON = """NoNewPrivileges=yes
 CapabilityBoundingSet=
 AmbientCapabilities=
 ProtectSystem=strict
@@ -145,7 +144,11 @@ SystemCallFilter=~@privileged
 SystemCallErrorNumber=EPERM
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
 DevicePolicy=closed
-DeviceAllow=/dev/nvidiactl rw
+"""
+
+_HARDENING = """# Hardened, but able to reach the GPU: no PrivateDevices (hides /dev/nvidia*), no
+# MemoryDenyWriteExecute (CUDA and torch JIT-compile kernels), network kept for model downloads.
+""" + _HARDENING_COMMON + """DeviceAllow=/dev/nvidiactl rw
 DeviceAllow=/dev/nvidia-uvm rw
 DeviceAllow=/dev/nvidia-uvm-tools rw
 DeviceAllow=/dev/nvidia-modeset rw
@@ -164,36 +167,9 @@ RestartSec=5
 RestartPreventExitStatus=78 2
 """
 
-_REVIEW_HARDENING = """NoNewPrivileges=yes
-CapabilityBoundingSet=
-AmbientCapabilities=
-ProtectSystem=strict
-ReadWritePaths=@ROOT@
-ProtectHome=yes
-PrivateTmp=yes
-PrivateDevices=yes
-DevicePolicy=closed
-ProtectKernelTunables=yes
-ProtectKernelModules=yes
-ProtectKernelLogs=yes
-ProtectControlGroups=yes
-ProtectClock=yes
-ProtectHostname=yes
-ProtectProc=invisible
-ProcSubset=pid
-RestrictNamespaces=yes
-RestrictRealtime=yes
-RestrictSUIDSGID=yes
+_REVIEW_HARDENING = _HARDENING_COMMON + """PrivateDevices=yes
 MemoryDenyWriteExecute=yes
-LockPersonality=yes
-RemoveIPC=yes
-KeyringMode=private
-UMask=0027
-SystemCallArchitectures=native
-SystemCallFilter=@system-service
-SystemCallFilter=~@privileged
-SystemCallErrorNumber=EPERM
-RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6
+ProcSubset=pid
 """
 
 UNIT_TEMPLATES = {
