@@ -14,10 +14,29 @@ from sdxld.records import RecordLookupError, find_record
 from sdxld.layout import Layout
 
 
-def make_stage1(root, count=1, seed=40):
-    result = run_sdxld("generate", "--demo", "--stage1", "--count", str(count), "--seed", str(seed), cwd=root)
+@pytest.fixture(scope="module")
+def stage1_pool(tmp_path_factory):
+    """Two stage-1 images with their records, made once for the module (a root like `root`'s)."""
+    from sdxld.init import init_root
+
+    pool = init_root(tmp_path_factory.mktemp("pool")).root
+    result = run_sdxld("generate", "--demo", "--stage1", "--count", "2", "--seed", "40", cwd=pool)
     assert result.returncode == 0, result.stderr
-    return sorted((root / "outputs" / "stage1").glob("*.png"))
+    return pool
+
+
+@pytest.fixture
+def make_stage1(root, stage1_pool):
+    """Put `count` stage-1 images and their records into this test's root, as generate left them."""
+    def make(count=1):
+        for folder in ("stage1", "metadata"):
+            (root / "outputs" / folder).mkdir(parents=True, exist_ok=True)
+        for image in sorted((stage1_pool / "outputs" / "stage1").glob("*.png"))[:count]:
+            shutil.copy2(image, root / "outputs" / "stage1" / image.name)
+            record = image.name.split("_stage1_")[0] + ".json"
+            shutil.copy2(stage1_pool / "outputs" / "metadata" / record, root / "outputs" / "metadata" / record)
+        return sorted((root / "outputs" / "stage1").glob("*.png"))
+    return make
 
 
 def approved(root):
@@ -31,8 +50,8 @@ def finals(root):
     return sorted(folder.glob("*.png")) if folder.exists() else []
 
 
-def test_an_approved_image_gets_its_final_and_moves_to_done(root):
-    [stage1] = make_stage1(root)
+def test_an_approved_image_gets_its_final_and_moves_to_done(root, make_stage1):
+    [stage1] = make_stage1()
     shutil.move(stage1, approved(root) / stage1.name)
     result = run_sdxld("upscale", "--demo", cwd=root)
     assert result.returncode == 0, result.stderr
@@ -44,9 +63,9 @@ def test_an_approved_image_gets_its_final_and_moves_to_done(root):
     assert result.stdout.strip() == str(finals(root)[0])
 
 
-def test_bad_files_land_in_failed_with_a_specific_reason_and_the_rest_go_on(root):
+def test_bad_files_land_in_failed_with_a_specific_reason_and_the_rest_go_on(root, make_stage1):
     set_config(root, upscale={"unknown_images": "fail"})  # else a bare image is upscaled with the manual prompt
-    good, renamed_source = make_stage1(root, count=2)
+    good, renamed_source = make_stage1(count=2)
     inbox = approved(root)
     shutil.copy(good, inbox / good.name)
     # Renamed, no JSON anywhere to match its name: found through the PNG's own sdxld chunk.
@@ -75,8 +94,8 @@ def test_bad_files_land_in_failed_with_a_specific_reason_and_the_rest_go_on(root
     assert len(finals(root)) == 2
 
 
-def test_a_record_beside_the_image_is_preferred_and_travels_with_it(root):
-    [stage1] = make_stage1(root)
+def test_a_record_beside_the_image_is_preferred_and_travels_with_it(root, make_stage1):
+    [stage1] = make_stage1()
     tag = stage1.name.split("_stage1_")[0]
     inbox = approved(root)
     shutil.move(stage1, inbox / stage1.name)
@@ -87,8 +106,8 @@ def test_a_record_beside_the_image_is_preferred_and_travels_with_it(root):
     assert len(finals(root)) == 1
 
 
-def test_an_image_that_already_has_a_final_is_skipped_and_moved_to_done(root):
-    [stage1] = make_stage1(root)
+def test_an_image_that_already_has_a_final_is_skipped_and_moved_to_done(root, make_stage1):
+    [stage1] = make_stage1()
     shutil.copy(stage1, approved(root) / stage1.name)
     assert run_sdxld("upscale", "--demo", cwd=root).returncode == 0
     before = finals(root)[0].stat().st_mtime_ns
@@ -100,8 +119,8 @@ def test_an_image_that_already_has_a_final_is_skipped_and_moved_to_done(root):
     assert sorted(p.name for p in (root / "inbox" / "done").iterdir()) == sorted([stage1.name, stage1.stem + " (2).png"])
 
 
-def test_upscale_stage1_processes_the_backlog_in_place(root):
-    images = make_stage1(root, count=2)
+def test_upscale_stage1_processes_the_backlog_in_place(root, make_stage1):
+    images = make_stage1(count=2)
     (root / "outputs" / "metadata" / (images[1].name.split("_stage1_")[0] + ".json")).unlink()
     result = run_sdxld("upscale", "--demo", "--stage1", cwd=root)
     assert result.returncode == 0, result.stderr
@@ -111,8 +130,8 @@ def test_upscale_stage1_processes_the_backlog_in_place(root):
     assert "nothing to upscale" in again.stderr
 
 
-def test_upscale_given_files(root):
-    [stage1] = make_stage1(root)
+def test_upscale_given_files(root, make_stage1):
+    [stage1] = make_stage1()
     result = run_sdxld("upscale", "--demo", str(stage1), cwd=root)
     assert result.returncode == 0, result.stderr
     assert len(finals(root)) == 1 and stage1.exists()
@@ -222,12 +241,12 @@ def test_an_invalid_embedded_record_is_named(root, tmp_path):
         find_record(tmp_path / "odd.png", Layout.from_config(load(root / "config.yaml")))
 
 
-def test_an_embedded_record_with_a_path_in_its_tag_fails_and_writes_nothing_outside(root):
+def test_an_embedded_record_with_a_path_in_its_tag_fails_and_writes_nothing_outside(root, make_stage1):
     import json
 
     from PIL.PngImagePlugin import PngInfo
 
-    [stage1] = make_stage1(root)
+    [stage1] = make_stage1()
     with Image.open(stage1) as image:
         record = json.loads(image.text["sdxld"])
         pixels = image.convert("RGB")
