@@ -66,8 +66,10 @@ class Piles:
         }
         self._undo: deque[Action] = deque(maxlen=UNDO_DEPTH)
         self._records: OrderedDict[tuple[str, float], dict | None] = OrderedDict()
-        # The server answers requests on several threads; a move and its undo entry go together.
+        # The server answers requests on several threads; a move and its undo entry go together,
+        # and the record cache is one OrderedDict.
         self._lock = threading.Lock()
+        self._records_lock = threading.Lock()
 
     # --- what is where ------------------------------------------------------------------------
 
@@ -127,9 +129,10 @@ class Piles:
             key = (str(path), path.stat().st_mtime)
         except FileNotFoundError:
             return None
-        if key in self._records:
-            self._records.move_to_end(key)
-            return self._records[key]
+        with self._records_lock:
+            if key in self._records:
+                self._records.move_to_end(key)
+                return self._records[key]
         try:
             record = find_record(path, self.layout)
             summary = {
@@ -140,19 +143,20 @@ class Piles:
             }
         except (RecordLookupError, OSError, ValueError):
             summary = None
-        self._records[key] = summary
-        while len(self._records) > RECORD_CACHE_SIZE:
-            self._records.popitem(last=False)
+        with self._records_lock:
+            self._records[key] = summary
+            while len(self._records) > RECORD_CACHE_SIZE:
+                self._records.popitem(last=False)
         return summary
 
     def error_text(self, name: str) -> str:
         """The NAME.error.txt inbox wrote beside a failed image ('' when there is none)."""
-        folder = self.folder("failed")
-        for entry in os.scandir(folder) if folder.is_dir() else ():
-            if entry.name == name + ERROR_SUFFIX and entry.is_file(follow_symlinks=False):
-                with open(entry.path, "rb") as handle:
-                    return handle.read(MAX_ERROR_TEXT).decode("utf-8", "replace")
-        return ""
+        try:
+            report = self.path("failed", name + ERROR_SUFFIX)
+        except ReviewError:
+            return ""
+        with open(report, "rb") as handle:
+            return handle.read(MAX_ERROR_TEXT).decode("utf-8", "replace")
 
     # --- moves --------------------------------------------------------------------------------
 
