@@ -17,7 +17,7 @@ from . import store
 from .config import Config
 from .layout import Layout
 from .loras import LoraLibrary
-from .prompt_syntax import escape
+from .prompt_syntax import escape, lora_tag
 from .prompts import PromptSource
 from .records import FinalReport, Record, Stage2Report, Stage3Report, StageReports
 from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3, upscale_for_stage3
@@ -157,7 +157,7 @@ class Engine:
             self.writer.submit(store.save_image, self.layout, record, image, "stage1", name, self.embed)
         else:
             store.save_image(self.layout, record, image, "stage1", name, self.embed)
-        loras = " + ".join(f"{use.kind} {use.name}" if use.via == "rotation" else f"<lora:{use.name}:{use.strength:g}>"
+        loras = " + ".join(f"{use.kind} {use.name}" if use.via == "rotation" else lora_tag(use.name, use.strength)
                            for use in record.loras) or "no LoRA"
         log.info("stage1 %s seed %d, %s -> %s", record.tag, record.seed, loras, path.name,
                  extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})

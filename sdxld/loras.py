@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .lora_formats import split_key, unsupported_kind
 from .lora_merge import LoraFileError, LoraMergeError, LoraMerger, LoraWeights, Merged, read_lora_weights
-from .prompt_syntax import lora_tags
+from .prompt_syntax import lora_tag, lora_tags
 from .records import LORA_FOLDERS, ROTATED_KINDS, LoraUse
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ class LoraLibrary:
         found: list[tuple[LoraEntry, float]] = []
         problems: list[str] = []
         for name, weight in tags:
-            tag = f"<lora:{name}:{weight:g}>"
+            tag = lora_tag(name, weight)
             candidates = [e for e in self.entries() if e.name == name] or [
                 e for e in self.entries() if e.name.casefold() == name.casefold()]
             usable = [e for e in candidates if e.status == "loaded"]

@@ -104,6 +104,11 @@ def lora_tags(text: str) -> list[tuple[str, float]]:
     return tags
 
 
+def lora_tag(name: str, weight: float) -> str:
+    """`<lora:name:weight>` as A1111 writes it (a whole weight without its .0)."""
+    return f"<lora:{name}:{int(weight) if float(weight).is_integer() else weight}>"
+
+
 def without_lora_tags(text: str) -> str:
     if not LORA_TAG.search(text):
         return text

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .prompt_syntax import LORA_TAG
+from .prompt_syntax import LORA_TAG, lora_tag
 from .prompt_syntax import SYNTAXES as PROMPT_SYNTAXES
 from .store import tag_of
 
@@ -248,7 +248,7 @@ class Record:
 
     def rotated_lora_tags(self) -> str:
         """'<lora:alice:1> <lora:ink:0.85>' for the LoRAs rotation chose ('' when none)."""
-        return " ".join(f"<lora:{use.name}:{_number(use.strength)}>" for use in self.loras if use.via == "rotation")
+        return " ".join(lora_tag(use.name, use.strength) for use in self.loras if use.via == "rotation")
 
     def shareable_dict(self) -> dict:
         """The record as it may leave this machine inside a PNG: models by their configured hub id

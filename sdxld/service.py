@@ -172,65 +172,46 @@ MemoryDenyWriteExecute=yes
 ProcSubset=pid
 """
 
-UNIT_TEMPLATES = {
-    "sdxld.service": """[Unit]
-Description=sdxld SDXL image factory
-After=network-online.target
-Wants=network-online.target
-
+def _system_unit(description: str, after: str, service: str) -> str:
+    """A unit for the system manager, run as the service account."""
+    return f"""[Unit]
+Description={description}
+{after}
 [Service]
 User=@USER@
 Group=@USER@
-""" + _SERVICE_COMMON + _HARDENING + """
+{service}
 [Install]
 WantedBy=multi-user.target
-""",
-    "sdxld@.service": """[Unit]
-Description=sdxld SDXL image factory on GPU %i
-After=network-online.target
-Wants=network-online.target
+"""
+
+
+def _user_unit(description: str, service: str) -> str:
+    """A unit for a desktop session's user manager (it runs as that user, with its umask)."""
+    return f"""[Unit]
+Description={description}
 
 [Service]
-User=@USER@
-Group=@USER@
+{service}NoNewPrivileges=yes
+UMask=0022
+
+[Install]
+WantedBy=default.target
+"""
+
+
+_AFTER_NETWORK = "After=network-online.target\nWants=network-online.target\n"
+
+UNIT_TEMPLATES = {
+    "sdxld.service": _system_unit("sdxld SDXL image factory", _AFTER_NETWORK, _SERVICE_COMMON + _HARDENING),
+    "sdxld@.service": _system_unit("sdxld SDXL image factory on GPU %i", _AFTER_NETWORK, """\
 # One instance per GPU on the same folders: each sees only its GPU; the inbox hands every
 # approved image to exactly one of them.
 Environment=CUDA_VISIBLE_DEVICES=%i
-""" + _SERVICE_COMMON + _HARDENING + """
-[Install]
-WantedBy=multi-user.target
-""",
-    "sdxld-user.service": """[Unit]
-Description=sdxld SDXL image factory (desktop session)
-
-[Service]
-""" + _SERVICE_COMMON + """NoNewPrivileges=yes
-UMask=0022
-
-[Install]
-WantedBy=default.target
-""",
-    "sdxld-review.service": """[Unit]
-Description=sdxld review page
-After=network.target
-
-[Service]
-User=@USER@
-Group=@USER@
-""" + _REVIEW_SERVICE + _REVIEW_HARDENING + """
-[Install]
-WantedBy=multi-user.target
-""",
-    "sdxld-review-user.service": """[Unit]
-Description=sdxld review page (desktop session)
-
-[Service]
-""" + _REVIEW_SERVICE + """NoNewPrivileges=yes
-UMask=0022
-
-[Install]
-WantedBy=default.target
-""",
+""" + _SERVICE_COMMON + _HARDENING),
+    "sdxld-user.service": _user_unit("sdxld SDXL image factory (desktop session)", _SERVICE_COMMON),
+    "sdxld-review.service": _system_unit("sdxld review page", "After=network.target\n", _REVIEW_SERVICE + _REVIEW_HARDENING),
+    "sdxld-review-user.service": _user_unit("sdxld review page (desktop session)", _REVIEW_SERVICE),
 }
 
 DEFAULT_VENV_BIN = "/opt/sdxld/.venv/bin"
