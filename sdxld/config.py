@@ -118,11 +118,20 @@ class LoraConfig:
     extra_dir: str = "loras/extra"
     character_strength: float = 1.0
     style_strength: float = 0.85
+    # uniform: every LoRA of a kind equally often; learned: more often the ones whose images get
+    # approved (Thompson sampling, rotation.py), with `explore` of the draws kept uniform.
+    rotation: Literal["uniform", "learned"] = "learned"
+    explore: float = 0.2
 
     def validate(self) -> None:
         for key in ("character_strength", "style_strength"):
             value = getattr(self, key)
             _check(-4 <= value <= 4, f"lora.{key}", f"{value} is outside [-4, 4]; typical values are 0.5 to 1.2")
+        _explore(self.explore, "lora.explore")
+
+
+def _explore(value: float, key: str) -> None:
+    _check(0 <= value <= 1, key, f"{value} is outside 0..1 (the share of draws kept uniform; 0.2 is a good start)")
 
 
 @dataclass
@@ -136,9 +145,13 @@ class PromptsConfig:
     # a1111: (word:1.3), (word), [word], BREAK and \( escapes, as A1111/Forge read them; plain: the
     # text as written. Either way prompts longer than 75 tokens are encoded whole, never cut.
     syntax: Syntax = "a1111"
+    # uniform or learned, as lora.rotation, for the options drawn from the options file.
+    rotation: Literal["uniform", "learned"] = "learned"
+    explore: float = 0.2
 
     def validate(self) -> None:
         _check(0 <= self.max_extras <= 100, "prompts.max_extras", f"{self.max_extras} is outside 0..100")
+        _explore(self.explore, "prompts.explore")
 
 
 @dataclass
@@ -299,6 +312,25 @@ class DaemonConfig:
 
 
 @dataclass
+class TasteConfig:
+    # Learn only from images made at or after this date or time (YYYY-MM-DD, YYYY-MM-DD HH:MM):
+    # set it to now to start learning over. null: from every image.
+    since: str | None = None
+
+    def since_time(self) -> float | None:
+        """`since` as epoch seconds (None: from the start)."""
+        from .taste import parse_since
+
+        return None if self.since is None else parse_since(self.since)
+
+    def validate(self) -> None:
+        try:
+            self.since_time()
+        except ValueError as err:
+            _check(False, "taste.since", str(err))
+
+
+@dataclass
 class ReviewConfig:
     # Where `sdxld review` listens. Any address but loopback (127.0.0.1, ::1, localhost) asks
     # every request for the token.
@@ -341,6 +373,7 @@ class Config:
     upscale: UpscaleConfig = field(default_factory=UpscaleConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    taste: TasteConfig = field(default_factory=TasteConfig)
     review: ReviewConfig = field(default_factory=ReviewConfig)
     # The folder relative paths resolve against: the config file's folder.
     root: Path = field(default_factory=Path.cwd, metadata={"internal": True})

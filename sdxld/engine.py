@@ -20,7 +20,9 @@ from .loras import LoraLibrary
 from .prompt_syntax import escape, lora_tag
 from .prompts import PromptSource
 from .records import FinalReport, Record, Stage2Report, Stage3Report, StageReports
+from .rotation import Rotation
 from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3, upscale_for_stage3
+from .taste import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ class Engine:
             settle_s=lora_settle_s,
         )
         self.seeds = SeedSequence(config.generation.seed)
+        self._ledger = None
+        self.rotation = Rotation(config)
         self._warned_dirs = False
         self._upscaler = None
         # Long runs save stage-1 images on a writer thread; one-shot callers get the file at once.
@@ -100,6 +104,9 @@ class Engine:
             self.seeds = SeedSequence(config.generation.seed)
         if config.upscaler != old.upscaler:
             self._upscaler = None
+        self.rotation.configure(config)
+        if self._ledger is not None:
+            self._ledger.set_since(config.taste.since_time())
 
     @classmethod
     def load(cls, config: Config, **kwargs) -> "Engine":
@@ -114,16 +121,35 @@ class Engine:
             self._warned_dirs = True
         return self.loras.sync()
 
-    def new_stage1_record(self, seed: int | None = None) -> Record:
-        """Choose LoRAs and prompt for one image. The choice is a function of the seed alone
-        (given the same files), so a recorded seed re-makes the same image."""
+    @property
+    def ledger(self):
+        """What the user approved so far (taste.py): read from the folders on first use."""
+        if self._ledger is None:
+            ledger = Ledger(self.layout, self.config.taste.since_time())
+            report = ledger.load()
+            self.use_ledger(ledger)
+            log.info("taste: %d records read in %.2f s", report.records, report.seconds)
+        return self._ledger
+
+    def use_ledger(self, ledger) -> None:
+        self._ledger = ledger
+        self.rotation.ledger = ledger
+
+    def new_stage1_record(self, seed: int | None = None, replay: dict | None = None) -> Record:
+        """Choose LoRAs and prompt for one image. The choice is a function of the seed (given the
+        same files and, for learned rotation, the same approval counts), so a recorded seed
+        re-makes the same image; `replay` = a record's `rotation` draws with the counts it kept."""
         seed = self.seeds.next() if seed is None else seed
         rng = random.Random(seed)
-        rotated = self.loras.pick(rng)
+        rotation = Rotation(self.config, replay=replay) if replay is not None else self.rotation
+        if rotation.ledger is None and rotation.any_learned and replay is None:
+            self.use_ledger(self.ledger)  # the first learned draw reads the folders
+        drawn: dict = {}
+        rotated = rotation.pick_loras(rng, self.loras, drawn)
         syntax = self.config.prompts.syntax
         # Trigger words are names (danbooru's `miku_(cosplay)`), never emphasis.
         triggers = [escape(e.triggers) if syntax == "a1111" else e.triggers for e in rotated]
-        composed = self.prompts.compose(rng, triggers)
+        composed = self.prompts.compose(rng, triggers, rotation.option_chooser(drawn))
         uses = self.loras.activate(rotated, tagged=self.loras.tagged_in(composed.prompt, composed.negative))
         gen = self.config.generation
         # model.use_refiner decides for stage 1; stages 2 and 3 have their own switches.
@@ -143,6 +169,7 @@ class Engine:
             prompt_syntax=syntax,
             parts=composed.parts,
             loras=uses,
+            rotation=drawn,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             demo=self.config.demo,
         )
@@ -157,6 +184,8 @@ class Engine:
             self.writer.submit(store.save_image, self.layout, record, image, "stage1", name, self.embed)
         else:
             store.save_image(self.layout, record, image, "stage1", name, self.embed)
+        if self._ledger is not None:
+            self._ledger.add(record)
         loras = " + ".join(f"{use.kind} {use.name}" if use.via == "rotation" else lora_tag(use.name, use.strength)
                            for use in record.loras) or "no LoRA"
         log.info("stage1 %s seed %d, %s -> %s", record.tag, record.seed, loras, path.name,

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from .config import Config
 
+# What the piles hold: images another tool made may come as JPEG or WebP.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
 
 def state_folder(root: Path) -> Path:
     return Path(root) / ".sdxld"
@@ -23,6 +26,7 @@ class Layout:
     root: Path
     outputs: Path
     stage1: Path
+    rejected: Path  # stage-1 images the user turned down (the review page's X); kept for learning
     metadata: Path
     final: Path
     intermediates: Path
@@ -48,6 +52,7 @@ class Layout:
             root=config.root,
             outputs=outputs,
             stage1=outputs / "stage1",
+            rejected=outputs / "rejected",
             metadata=outputs / "metadata",
             final=outputs / "final",
             intermediates=outputs / "intermediates",
@@ -69,6 +74,14 @@ class Layout:
             },
             upscaler_weights=config.path(config.upscaler.weights),
         )
+
+    def piles(self) -> dict[str, Path]:
+        """The folders an image can be in, from made to finished: where it is says what the user
+        thought of it (taste.py) and what the review page shows."""
+        return {
+            "stage1": self.stage1, "rejected": self.rejected, "approved": self.approved,
+            "processing": self.processing, "done": self.done, "failed": self.failed, "final": self.final,
+        }
 
     def intermediate(self, kind: str) -> Path:
         """One of generate.py's intermediate folders: stage2_up, stage2, stage3_up, tiles."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 import re
 import struct
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from .lora_formats import split_key, unsupported_kind
 from .lora_merge import LoraFileError, LoraMergeError, LoraMerger, LoraWeights, Merged, read_lora_weights
 from .prompt_syntax import lora_tag, lora_tags
-from .records import LORA_FOLDERS, ROTATED_KINDS, LoraUse
+from .records import LORA_FOLDERS, LoraUse
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +252,6 @@ class LoraLibrary:
 
     def find(self, kind: str, name: str) -> LoraEntry | None:
         return next((e for e in self.available(kind) if e.name == name), None)
-
-    def pick(self, rng: random.Random) -> list[LoraEntry]:
-        """One loaded LoRA of each rotated kind, chosen at random (a kind with none is absent)."""
-        chosen = []
-        for kind in ROTATED_KINDS:
-            pool = self.available(kind)
-            if pool:
-                chosen.append(rng.choice(pool))
-        return chosen
 
     def tagged_in(self, prompt: str, negative: str = "") -> list[tuple[LoraEntry, float]]:
         """The LoRAs the prompt's `<lora:name:weight>` tags ask for. A tag that cannot be used is

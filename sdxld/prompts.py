@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .wildcards import Wildcards
+from .wildcards import Wildcards, has_template
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,14 @@ class PromptSource:
         return Composed(self._wildcards.resolve(manual, rng.getrandbits(32), "manual prompt"),
                         self._wildcards.resolve(negative, rng.getrandbits(32), "negative prompt"), {"manual": manual})
 
-    def compose(self, rng: random.Random, triggers: list[str]) -> Composed:
+    def compose(self, rng: random.Random, triggers: list[str], choose=None) -> Composed:
         """Trigger words, then the manual prompt, then 0..max_extras sampled options (generate.py's order);
-        then its {variants} and __wildcards__ drawn, by numbers drawn last from `rng` (the image's seed)."""
+        then its {variants} and __wildcards__ drawn, by numbers drawn last from `rng` (the image's seed).
+        `choose(rng, pool, count)` picks the options (default: uniformly, as generate.py did)."""
         manual, negative = self._manual_and_negative()
         pool = self.options()
         count = rng.randint(0, min(self.max_extras, len(pool)))
-        extras = rng.sample(pool, count)
+        extras = (choose or _uniform_options)(rng, pool, count)
         triggers = [t for t in triggers if t]
         parts = {"triggers": triggers, "manual": manual, "extras": extras}
         # Each part on its own: in template text `#` starts a comment, which must not eat the next part.
@@ -149,6 +150,25 @@ class PromptSource:
         prompt = ", ".join(p for p in [*triggers, resolved_manual, *resolved_extras] if p)
         if prompt != template:
             parts["template"] = template
+            choices = _choices([manual, *extras], [resolved_manual, *resolved_extras])
+            if choices:
+                parts["choices"] = choices
         if resolved_negative != negative:
             parts["negative_template"] = negative
         return Composed(prompt, resolved_negative, parts)
+
+
+def _uniform_options(rng: random.Random, pool: list[str], count: int) -> list[str]:
+    return rng.sample(pool, count)
+
+
+def _choices(templates: list[str], resolved: list[str]) -> list[list[str]]:
+    """[phrase with {variants} or __wildcards__, what it became] for each such phrase: what the
+    taste statistics count a wildcard's choices by. A phrase whose drawn text has a different
+    number of commas cannot be paired up and is left out."""
+    pairs = []
+    for template, text in zip(templates, resolved):
+        phrases, drawn = split_phrases(template), split_phrases(text)
+        if len(phrases) == len(drawn):
+            pairs += [[t, d] for t, d in zip(phrases, drawn) if has_template(t)]
+    return pairs

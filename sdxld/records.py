@@ -121,6 +121,9 @@ class Record:
     loras: list[LoraUse] = field(default_factory=list)
     files: dict = field(default_factory=dict)  # stage1, final, ... -> file names
     stages: dict = field(default_factory=dict)  # StageReports.to_dict() once stages 2-3 ran
+    # Learned rotation's draws (rotation.Arms.to_record) per group drawn that way: the counts and
+    # odds behind this image's LoRAs and options. Empty for uniform rotation.
+    rotation: dict = field(default_factory=dict)
     created: str = ""
     demo: bool = False
     version: str = __version__
@@ -153,7 +156,7 @@ class Record:
         for key in ("seed", "width", "height", "steps"):
             _expect(values, key, int)
         _expect(values, "cfg", (int, float))
-        for key in ("model", "parts", "files", "stages", "origin"):
+        for key in ("model", "parts", "files", "stages", "origin", "rotation"):
             if key in values:
                 _expect(values, key, dict)
         loras = values.get("loras", [])

@@ -84,7 +84,7 @@ def test_model_offload_keeps_one_unet_on_the_device_in_every_stage_and_around_lo
     first = engine.stage1_once(seed=10)
     log.phase = "stage 1 after a LoRA swap"
     other = next(seed for seed in range(11, 100)
-                 if [e.name for e in engine.loras.pick(random.Random(seed))] != [u.name for u in first.record.loras])
+                 if [e.name for e in engine.rotation.pick_loras(random.Random(seed), engine.loras, {})] != [u.name for u in first.record.loras])
     second = engine.stage1_once(seed=other)
     assert [u.name for u in first.record.loras] != [u.name for u in second.record.loras]
     for mode in ("latent", "pixel"):

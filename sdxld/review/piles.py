@@ -14,10 +14,10 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..layout import IMAGE_SUFFIXES
 from ..inbox import ERROR_SUFFIX, is_ignored, unique_path
 from ..records import RecordLookupError, find_record, sidecar_candidates
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_ERROR_TEXT = 16_000
 UNDO_DEPTH = 200
 # Records cached by (path, mtime): 5,000 waiting images are ~10 MB of summaries at most.
@@ -55,15 +55,7 @@ class Action:
 class Piles:
     def __init__(self, layout):
         self.layout = layout
-        self.folders = {
-            "stage1": layout.stage1,
-            "rejected": layout.outputs / "rejected",
-            "approved": layout.approved,
-            "processing": layout.processing,
-            "done": layout.done,
-            "failed": layout.failed,
-            "final": layout.final,
-        }
+        self.folders = layout.piles()
         self._undo: deque[Action] = deque(maxlen=UNDO_DEPTH)
         self._records: OrderedDict[tuple[str, float], dict | None] = OrderedDict()
         # The server answers requests on several threads; a move and its undo entry go together,
