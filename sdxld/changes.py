@@ -2,9 +2,10 @@
 
 The watcher only reports; this sorts its reports. Events for approved/ go to Arrivals (is the
 file complete yet?); a change of config.yaml or of a LoRA folder makes that work due on the
-daemon thread. Prompt files need nothing: they are read again for every image. The LoRA folders
-are also rescanned every `daemon.rescan_s` whatever the events said, because events can be lost
-(inotify queue overflow, network filesystems).
+daemon thread; a file arriving in or leaving a pile (stage1, rejected, approved ... final) is a
+verdict to look at again. Prompt files need nothing: they are read again for every image. The
+LoRA folders and the piles are also rescanned every `daemon.rescan_s` whatever the events said,
+because events can be lost (inotify queue overflow, network filesystems).
 """
 
 from __future__ import annotations
@@ -26,13 +27,18 @@ log = logging.getLogger(__name__)
 class Due:
     config: bool = False
     loras: bool = False
+    # Files that appeared in, left or moved within the piles (stage1, approved, ..., final): each
+    # is looked at again for its verdict (taste.Ledger.observe).
+    pile_files: list[Path] = field(default_factory=list)
+    rescan: bool = False  # the periodic look at every folder, events or not
 
 
 class ChangeRouter:
     def __init__(self) -> None:
         self._config_changed = False
         self._loras_changed = False
-        self._last_lora_scan = 0.0
+        self._pile_files: list[Path] = []
+        self._last_rescan = 0.0
 
     def route(self, changes: Iterable[Change], arrivals: Arrivals, rescan_s: float) -> Due:
         for change in changes:
@@ -43,14 +49,20 @@ class ChangeRouter:
                 self._loras_changed = True
             elif area == "approved":
                 arrivals.observe(change.kind, change.path, change.src)
+                self._pile_files += [change.path] + ([change.src] if change.src else [])
+            elif area == "piles":
+                self._pile_files += [change.path] + ([change.src] if change.src else [])
             elif area == "prompts":
                 log.debug("prompt file changed: %s (read again for the next image)", change.path.name)
-        due = Due(config=self._config_changed)
+        due = Due(config=self._config_changed, pile_files=list(dict.fromkeys(self._pile_files)))
         now = time.monotonic()
-        if self._loras_changed or due.config or now - self._last_lora_scan >= rescan_s:
+        due.rescan = now - self._last_rescan >= rescan_s
+        if self._loras_changed or due.config or due.rescan:
             due.loras = True
-            self._last_lora_scan = now
+        if due.rescan:
+            self._last_rescan = now
         self._config_changed = self._loras_changed = False
+        self._pile_files = []
         return due
 
     def look_at_loras_again_soon(self) -> None:

@@ -20,9 +20,11 @@ from .config import Config
 from .engine import Engine
 from .inbox import Claim, Inbox
 from .jobs import JobStatus, run_claimed
+from .layout import Layout
 from .pacing import Hold, Stage1Pacing
 from .stages import Hooks, Interrupted, NaNImageError
 from .status import StatusBoard
+from .taste import TasteReader
 from .watch import Watcher
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,7 @@ class Daemon:
         self.changes = ChangeRouter()
         self.stage1_pacing = Stage1Pacing(wait=stop.event.wait)
         self.approved_hold = Hold()  # set while a final cannot be saved
+        self._taste_shown = (-1, 0.0)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -51,7 +54,11 @@ class Daemon:
         self.status.update(force=True, state="loading models")
         # Loading SDXL from disk (or the Hub) can take minutes: tell systemd we are alive.
         self.notifier.extend_timeout(900)
+        # Reading what the user approved (every record, cold: seconds for 100,000) needs no torch:
+        # it runs beside the model load instead of after it.
+        taste = TasteReader(Layout.from_config(self.config), self.config.taste.since_time())
         self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True)
+        self.engine.use_ledger(taste.ledger())
         self.engine.remove_leftovers()
         self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts)
         self.inbox.ensure_dirs()
@@ -59,6 +66,7 @@ class Daemon:
         self._start_watcher()
         self.recovered.extend(self.inbox.recover())
         self._refresh_loras(self.engine.sync_loras())
+        self._show_taste(force=True)
         self.notifier.ready()
         self.status.update(force=True, state="running")
         log.info("sdxld running on %s: watching %s", self.engine.models.device, self.engine.layout.approved)
@@ -98,6 +106,9 @@ class Daemon:
             folders[f"loras:{kind}"] = folder
         if self.watcher is not None:
             self.watcher.stop()
+        for pile, folder in layout.piles().items():
+            if pile != "approved":
+                folders[f"piles:{pile}"] = folder
         self.watcher = Watcher(folders, self.config_path)
         mode = self.watcher.start()
         self.arrivals.events_show_opens = mode == "inotify"
@@ -109,6 +120,12 @@ class Daemon:
         due = self.changes.route(self.watcher.drain(), self.arrivals, self.config.daemon.rescan_s)
         if due.config:
             self._apply_config(reread_config(self.config_path, self.config, demo=self.demo))
+        ledger = self.engine.ledger
+        for path in due.pile_files:
+            ledger.observe(path)
+        if due.rescan:
+            ledger.relist()
+        self._show_taste(force=due.rescan)
         if due.loras:
             self.arrivals.prune()
             report = self.engine.sync_loras()
@@ -122,6 +139,15 @@ class Daemon:
         rejected = [{"file": str(e.path), "reason": e.reason} for e in entries if e.status == "rejected"]
         self.status.update(force=True, loras={"loaded": sum(e.status == "loaded" for e in entries), "rejected": rejected})
 
+    def _show_taste(self, force: bool = False) -> None:
+        """The last 24 hours' approval rate in the status, when the counts changed (recounting the
+        recent images is a pass over every entry: at most every few seconds)."""
+        ledger = self.engine.ledger
+        if not force and (ledger.version == self._taste_shown[0] or time.monotonic() - self._taste_shown[1] < 5):
+            return
+        self._taste_shown = (ledger.version, time.monotonic())
+        self.status.update(force=True, taste={"learning": self.engine.rotation.describe(), **ledger.recent_rate(24)})
+
     def _apply_config(self, edit: ConfigEdit) -> None:
         if edit.config is None:
             log.error("config change not applied, keeping the last good config: %s", edit.error)
@@ -130,12 +156,12 @@ class Daemon:
         if edit.restart_needed:
             log.warning("config: %s changed; restart sdxld to apply (the models stay as they are)", ", ".join(edit.restart_needed))
         new = edit.config
-        watched_before = (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options)
+        watched_before = (self.engine.layout.piles(), self.engine.layout.lora_dirs, self.engine.layout.prompt_options)
         self.config = new
         self.engine.reconfigure(new)
         self.arrivals.settle_s, self.arrivals.copy_wait_s = new.daemon.settle_s, new.daemon.copy_wait_s
         self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts)
-        if (self.engine.layout.approved, self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
+        if (self.engine.layout.piles(), self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
             self._start_watcher()
         self.status.update(force=True, restart_needed=edit.restart_needed, config_error=None)
         log.info("config reloaded from %s", self.config_path)

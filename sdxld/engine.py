@@ -22,7 +22,7 @@ from .prompts import PromptSource
 from .records import FinalReport, Record, Stage2Report, Stage3Report, StageReports
 from .rotation import Rotation
 from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3, upscale_for_stage3
-from .taste import Ledger
+from .taste import TasteReader
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,11 @@ class Engine:
 
     def reconfigure(self, config: Config) -> None:
         """Apply a new config that keeps the same models (the daemon checked that)."""
-        old = self.config
+        old, old_layout = self.config, self.layout
         self.config = config
         self.layout = Layout.from_config(config)
+        if (self.layout.metadata, self.layout.piles()) != (old_layout.metadata, old_layout.piles()):
+            self.use_ledger(None)  # other folders: read again at the next draw
         self.prompts = PromptSource.from_layout(self.layout, config.prompts.max_extras)
         self.loras.dirs = dict(self.layout.lora_dirs)
         self.loras.strengths = {"character": config.lora.character_strength, "style": config.lora.style_strength}
@@ -125,10 +127,7 @@ class Engine:
     def ledger(self):
         """What the user approved so far (taste.py): read from the folders on first use."""
         if self._ledger is None:
-            ledger = Ledger(self.layout, self.config.taste.since_time())
-            report = ledger.load()
-            self.use_ledger(ledger)
-            log.info("taste: %d records read in %.2f s", report.records, report.seconds)
+            self.use_ledger(TasteReader(self.layout, self.config.taste.since_time()).ledger())
         return self._ledger
 
     def use_ledger(self, ledger) -> None:

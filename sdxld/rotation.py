@@ -128,6 +128,11 @@ class Rotation:
     def any_learned(self) -> bool:
         return any(self.learned.values())
 
+    def describe(self) -> str:
+        """What learns: 'LoRAs and prompt options', 'LoRAs', 'prompt options' or 'off'."""
+        learned = [what for what, on in (("LoRAs", self.learned["character"]), ("prompt options", self.learned["option"])) if on]
+        return " and ".join(learned) or "off"
+
     def _arms(self, group: str, names: list[str]) -> Arms | None:
         if self.replay is not None:
             section = self.replay.get(group)

@@ -43,6 +43,8 @@ class StatusBoard:
             "config_error": None,
             "restart_needed": [],
             "watch": None,
+            # Approval rate of the last 24 hours' images and what learned rotation applies to.
+            "taste": None,
         }
         self._written = 0.0
         self._durations: deque[float] = deque(maxlen=20)
@@ -96,9 +98,20 @@ def status_line(d: dict) -> str:
     parts.append(f"{d['approved_queued']} approved queued")
     rejected = len(d["loras"]["rejected"])
     parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected)")
+    if d.get("taste"):
+        parts.append(describe_taste(d["taste"], short=True))
     if d.get("config_error"):
         parts.append("config.yaml invalid, running on the last good one")
     return " · ".join(parts)
+
+
+def describe_taste(taste: dict, short: bool = False) -> str:
+    """'approved 12 of 52 (23%) in 24 h, learning: LoRAs and prompt options'."""
+    if taste.get("judged"):
+        rate = f"approved {taste['approved']} of {taste['judged']} ({taste['rate']:.0%}) in {taste['hours']:g} h"
+    else:
+        rate = f"none approved or rejected in {taste['hours']:g} h"
+    return f"{rate}, learning {taste['learning']}" if short else f"{rate}; learning: {taste['learning']}"
 
 
 def read_status(root: Path) -> list[dict]:
@@ -177,6 +190,8 @@ def format_status(entries: list[dict], config_problem: str | None = None) -> str
         lines.append(f"  LoRAs:      {d['loras']['loaded']} loaded, {len(rejected)} rejected")
         for item in rejected:
             lines.append(f"              {Path(item['file']).name}: {item['reason']}")
+        if d.get("taste"):
+            lines.append(f"  taste:      {describe_taste(d['taste'])}")
         if d.get("config_error"):
             lines.append(f"  config:     {d['config_error']}; running on the last good config")
         if d.get("restart_needed"):

@@ -17,8 +17,10 @@ events. Nothing here imports torch: `sdxld stats` and the review page use it as 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ APPROVED_PILES = frozenset({"approved", "processing", "done", "failed", "final"}
 GROUPS = ("character", "style", "pair", "option", "choice", "sampler")
 BY = {"lora": ("character", "style"), "pair": ("pair",), "option": ("option", "choice"), "sampler": ("sampler",)}
 Z95 = 1.959963984540054
+
+log = logging.getLogger(__name__)
 
 
 def wilson_interval(approved: int, total: int, z: float = Z95) -> tuple[float, float]:
@@ -308,3 +312,22 @@ class Ledger:
         judged = totals["approved"] + totals["rejected"]
         return {"hours": hours, "approved": totals["approved"], "judged": judged,
                 "rate": totals["approved"] / judged if judged else None}
+
+
+class TasteReader:
+    """A Ledger loaded on its own thread (started at once); `ledger()` waits for it."""
+
+    def __init__(self, layout, since: float | None = None):
+        self._ledger = Ledger(layout, since)
+        self.report: LoadReport | None = None
+        self._thread = threading.Thread(target=self._load, name="sdxld-taste", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        self.report = self._ledger.load()
+
+    def ledger(self) -> Ledger:
+        self._thread.join()
+        if self.report is not None:
+            log.info("%d records read in %.2f s (what was approved and rejected)", self.report.records, self.report.seconds)
+        return self._ledger

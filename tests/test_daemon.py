@@ -250,3 +250,55 @@ def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monke
         runner.run()
     status = read_status(root)[0]
     assert "device-side assert" in status["last_error"] and status["state"] == "stopped"
+
+
+def test_approvals_and_rejections_change_the_odds_of_the_next_images(root, tmp_path):
+    """Learned rotation, live: the user approves one character's images and rejects (or deletes)
+    the other's while the daemon runs; the next images' records show the odds moved."""
+    for name, seed in (("alice", 1), ("kuro", 2)):
+        write_tiny_lora(root / f"loras/character/{name}.safetensors", seed=seed)
+    write_tiny_lora(root / "loras/style/ink.safetensors", seed=3)
+    # Seeds 102, 103, 104 draw alice, kuro, alice while nothing is judged yet.
+    set_config(root, daemon={"settle_s": 0.2}, generation={"seed": 102})
+    daemon = DaemonProcess(root)
+
+    def character(record):
+        return next(u["name"] for u in record["loras"] if u["kind"] == "character")
+
+    try:
+        def written():
+            return [r for r in records(root) if (root / "outputs" / "stage1" / r["files"]["stage1"]).exists()]
+
+        made = wait_for(lambda: len(rs := written()) >= 3 and rs, 120, what="three stage-1 images")
+        assert {character(r) for r in made} == {"alice", "kuro"}
+        first = made[0]["rotation"]["character"]
+        assert first["judged"] == [] and first["untried"] == pytest.approx(0.5), "no verdicts yet: even odds"
+
+        moved_at = time.time()
+        approved = root / "inbox" / "approved"
+        for record in made:
+            image = root / "outputs" / "stage1" / record["files"]["stage1"]
+            if character(record) == "kuro":
+                shutil.move(image, approved / image.name)
+            elif not (root / "outputs" / "rejected").exists():
+                (root / "outputs" / "rejected").mkdir()
+                shutil.move(image, root / "outputs" / "rejected" / image.name)  # the review page's X
+            else:
+                image.unlink()  # deleted without approving: a rejection too
+        kuro = sum(character(r) == "kuro" for r in made)
+        alice = len(made) - kuro
+
+        def judged_after_the_moves():
+            for record in records(root):
+                table = {row[0]: row for row in record.get("rotation", {}).get("character", {}).get("judged", [])}
+                if _after(record, moved_at + 1) and table.get("kuro", [0, 0])[1] == kuro and table.get("alice", [0, 0, 0])[2] == alice:
+                    return table
+        table = wait_for(judged_after_the_moves, 120, what="a new image whose record counts every verdict")
+        assert table["kuro"][3] > 0.75 > 0.25 > table["alice"][3], table
+
+        wait_for(lambda: f"approved {kuro} of {kuro + alice} " in run_sdxld("status", "--demo", cwd=root).stdout, 30,
+                 interval=1, what="the approval rate in `sdxld status`")
+        assert "learning: LoRAs and prompt options" in run_sdxld("status", "--demo", cwd=root).stdout
+        assert daemon.terminate(20) == 0
+    finally:
+        daemon.close()

@@ -156,7 +156,7 @@ def test_pick_covers_every_loaded_lora(root, make_engine):
     engine = make_engine()
     engine.sync_loras()
     rng = random.Random(0)
-    seen = {engine.loras.pick(rng)[0].name for _ in range(60)}
+    seen = {engine.rotation.pick_loras(rng, engine.loras, {})[0].name for _ in range(60)}
     assert seen == {"s0", "s1", "s2"}
 
 
@@ -213,7 +213,7 @@ def test_merged_loras_compute_what_diffusers_own_lora_loading_computes(root, mak
     style = write_tiny_lora(root / "loras/style/s.safetensors", "diffusers", seed=22, rank=8, scale=0.15)
     engine = make_engine(lora__character_strength=0.7, lora__style_strength=-0.4)
     engine.sync_loras()
-    engine.loras.activate(engine.loras.pick(random.Random(0)))
+    engine.loras.activate(engine.rotation.pick_loras(random.Random(0), engine.loras, {}))
     ours = _outputs(engine.models.base)
 
     reference = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0])
@@ -248,7 +248,7 @@ def test_many_loras_rotate_without_adding_a_parameter_or_drifting(root, make_eng
     with_first = weights(unet)
     rng = random.Random(1)
     for _ in range(12):
-        library.activate(library.pick(rng))
+        library.activate(engine.rotation.pick_loras(rng, library, {}))
     assert set(weights(unet)) == set(pristine), "no parameter added or removed"
     layers = {(c, layer) for e in library.entries() for c, ls in e.layout.items() for layer in ls}
     assert library.merger.saved_layers() <= len(layers)
