@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = command("status", "what the daemon(s) on this root are doing")
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
+    stats = command("stats", "approval rate per LoRA, pair, prompt option and sampler (what learned rotation learns from)")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument("--since", metavar="DATE", help="only images made since DATE (YYYY-MM-DD [HH:MM]); "
+                       "default taste.since, 'all' for every image")
+    stats.add_argument("--by", choices=("lora", "pair", "option", "sampler"), help="one table only")
+
     service = command("service", "systemd unit management")
     service_commands = service.add_subparsers(dest="service_command", required=True, metavar="ACTION")
     install = command("install", "write sdxld.service for this installation and root", under=service_commands)
@@ -169,6 +175,9 @@ def run_command(args, log) -> int:
     if args.command == "service":
         return _service(args, config, log)
 
+    if args.command == "stats":
+        return _stats(args, config, log)
+
     if args.command == "review":
         from .config import listen_address
         from .review import serve
@@ -254,6 +263,26 @@ def _status(args) -> int:
         print(json.dumps({"root": str(root), "config_error": problem, "daemons": entries}, indent=2))
     else:
         print(format_status(entries, problem))
+    return 0
+
+
+def _stats(args, config: Config, log) -> int:
+    import json
+
+    from .layout import Layout
+    from .rotation import Rotation
+    from .stats import format_report, report
+    from .taste import Ledger, parse_since
+
+    try:
+        since = config.taste.since_time() if args.since is None else None if args.since == "all" else parse_since(args.since)
+    except ValueError as err:
+        log.error("--since %s", err)
+        return 2
+    ledger = Ledger(Layout.from_config(config))
+    ledger.load()
+    data = report(ledger, args.by, since, learning=Rotation(config).describe())
+    print(json.dumps(data, indent=2, ensure_ascii=False) if args.json else format_report(data))
     return 0
 
 

@@ -143,9 +143,9 @@ class ArmStats:
 
 def rank(stats: list[ArmStats]) -> list[ArmStats]:
     """Best first: by the interval's lower bound (a 3-of-3 LoRA is not yet better than 60 of 100),
-    then by rate, then by name."""
+    then by rate, then by name; arms with nothing judged yet last."""
     def key(s: ArmStats):
-        return (-wilson_interval(s.approved, s.judged)[0], -(s.rate or 0.0), s.arm)
+        return (s.judged == 0, -wilson_interval(s.approved, s.judged)[0], -(s.rate or 0.0), s.arm)
 
     return sorted(stats, key=key)
 
@@ -173,7 +173,8 @@ class Ledger:
     # --- building ---------------------------------------------------------------------------
 
     def load(self) -> LoadReport:
-        """Read every record in outputs/metadata and list the piles (start-up; `sdxld stats`)."""
+        """Read every record in outputs/metadata not read yet, then list the piles (at start-up,
+        `sdxld stats`; the review page again when the folders changed)."""
         started = time.perf_counter()
         records = skipped = 0
         try:
@@ -181,7 +182,7 @@ class Ledger:
         except FileNotFoundError:
             listing = []
         for item in listing:
-            if not item.name.endswith(".json") or item.name.startswith("."):
+            if not item.name.endswith(".json") or item.name.startswith(".") or item.name[:-5] in self.entries:
                 continue
             if self._read_record(Path(item.path)) is None:
                 skipped += 1

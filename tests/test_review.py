@@ -294,3 +294,23 @@ def test_sdxld_review_starts_without_torch_and_serves_the_page(layout):
     assert "starlette" in modules and "uvicorn" in modules
     assert not {"torch", "diffusers", "transformers"} & modules
     assert elapsed < 10, elapsed
+
+
+def test_the_taste_numbers_follow_the_moves_and_match_sdxld_stats(layout):
+    from sdxld.stats import report
+    from sdxld.taste import Ledger
+
+    names = [stage1_image(layout, f"20261127_10000{i}", character=("alice", "kuro")[i % 2]) for i in range(4)]
+    http = client(layout)
+    assert http.get("/api/taste").json()["totals"] == {"approved": 0, "rejected": 0, "waiting": 4, "rate": None,
+                                                       "low": 0.0, "high": 1.0}
+    post(http, "approve", names[:1])
+    post(http, "reject", names[1:3])
+    taste = http.get("/api/taste?by=lora").json()
+    assert [group["group"] for group in taste["groups"]] == ["character", "style"]
+    rows = {arm["arm"]: (arm["approved"], arm["rejected"], arm["waiting"]) for arm in taste["groups"][0]["arms"]}
+    assert rows == {"alice": (1, 1, 0), "kuro": (0, 1, 1)}
+    ledger = Ledger(layout)
+    ledger.load()
+    assert taste == report(ledger, "lora")
+    assert http.get("/api/taste?by=nonsense").status_code == 404

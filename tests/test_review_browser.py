@@ -175,3 +175,18 @@ def test_finals_compare_the_stage1_image_with_the_final(browser, tmp_path):
         what="the stage-1 image in the compare view")
     screenshot(browser, "finals", tmp_path)
     browser.find_element(By.ID, "compare-close").click()
+
+
+def test_the_taste_view_draws_each_arms_approval_rate_and_follows_moves(browser, root, tmp_path):
+    show(browser, "triage")
+    wait(browser, lambda: len(tiles(browser)) >= 1, what="tiles")
+    press(browser, "x")
+    wait(browser, lambda: any((root / "outputs" / "rejected").iterdir()), what="an image in outputs/rejected/")
+    show(browser, "taste")
+    summary = browser.find_element(By.ID, "taste-summary")
+    wait(browser, lambda: summary.text.startswith("1 approved, 1 rejected"), what="the taste summary")
+    bars = browser.find_elements(By.CSS_SELECTOR, '.taste-group[data-group="character"] svg rect.bar')
+    assert bars and "learning: LoRAs and prompt options" in summary.text
+    screenshot(browser, "taste", tmp_path)
+    press(browser, "u")  # the rejection undone: the view follows without a reload
+    wait(browser, lambda: summary.text.startswith("1 approved, 0 rejected"), what="the undo in the taste summary")

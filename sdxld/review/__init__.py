@@ -42,6 +42,7 @@ def serve(config, listen: str | None = None) -> int:
 
     from ..config import listen_address
     from ..layout import Layout
+    from ..rotation import Rotation
     from .app import create_app
 
     host, port = listen_address(listen or config.review.listen)
@@ -49,7 +50,8 @@ def serve(config, listen: str | None = None) -> int:
     if token is None and not is_loopback(host):
         token = secrets.token_urlsafe(24)
     layout = Layout.from_config(config)
-    app = create_app(layout, allowed_hosts=allowed_hosts(host, config.review.hosts), token=token)
+    app = create_app(layout, allowed_hosts=allowed_hosts(host, config.review.hosts), token=token,
+                     taste_since=config.taste.since_time(), learning=Rotation(config).describe())
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown
     # Flushed: whoever started it (a terminal, systemd, a test) reads the URL before any request.

@@ -14,6 +14,7 @@ import hmac
 import io
 import json
 import secrets
+import threading
 from pathlib import Path
 
 from starlette.applications import Starlette
@@ -23,7 +24,9 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainT
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from ..stats import report as stats_report
 from ..status import read_status, status_line
+from ..taste import BY, Ledger
 from .piles import Piles, ReviewError
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -85,8 +88,10 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-def create_app(layout, *, allowed_hosts: set[str], token: str | None = None) -> Starlette:
+def create_app(layout, *, allowed_hosts: set[str], token: str | None = None, taste_since: float | None = None,
+               learning: str = "") -> Starlette:
     piles = Piles(layout)
+    taste = TasteView(layout, piles, taste_since, learning)
     csrf = secrets.token_urlsafe(24)
     thumbnails = layout.state / "thumbnails"
 
@@ -149,6 +154,12 @@ def create_app(layout, *, allowed_hosts: set[str], token: str | None = None) -> 
             "counts": {name: len(piles.items(name)) for name in piles.folders},
         })
 
+    def taste_report(request: Request) -> Response:
+        by = request.query_params.get("by") or None
+        if by is not None and by not in BY:
+            raise ReviewError(f"no such table {by[:40]!r}; one of {', '.join(BY)}", 404)
+        return JSONResponse(taste.report(by))
+
     async def act(request: Request) -> Response:
         verb = request.path_params["verb"]
         actions = {"approve": piles.approve, "reject": piles.reject, "retry": piles.retry}
@@ -170,6 +181,7 @@ def create_app(layout, *, allowed_hosts: set[str], token: str | None = None) -> 
         Route("/api/pile/{pile}", pile),
         Route("/api/record/{pile}/{name:path}", record),
         Route("/api/status", status),
+        Route("/api/taste", taste_report),
         Route("/api/{verb}", act, methods=["POST"]),
         Route("/image/{pile}/{name:path}", image),
         Route("/thumb/{pile}/{name:path}", thumbnail),
@@ -177,6 +189,29 @@ def create_app(layout, *, allowed_hosts: set[str], token: str | None = None) -> 
     ]
     return Starlette(routes=routes, exception_handlers={ReviewError: refused},
                      middleware=[Middleware(Guard, allowed_hosts=allowed_hosts, token=token, csrf=csrf)])
+
+
+class TasteView:
+    """The Taste view's numbers: one Ledger, read in full once, then again (new records only)
+    whenever a pile or outputs/metadata changed."""
+
+    def __init__(self, layout, piles: Piles, since: float | None, learning: str):
+        self.layout, self.piles, self.since, self.learning = layout, piles, since, learning
+        self.ledger = Ledger(layout)
+        self._seen = None
+        self._lock = threading.Lock()
+
+    def report(self, by: str | None) -> dict:
+        with self._lock:
+            try:
+                metadata = self.layout.metadata.stat().st_mtime_ns
+            except FileNotFoundError:
+                metadata = None
+            seen = (self.piles.signature(), metadata)
+            if seen != self._seen:
+                self.ledger.load()
+                self._seen = seen
+            return stats_report(self.ledger, by, self.since, self.learning)
 
 
 def _extras(piles: Piles, pile: str, name: str, stage1_piles: dict[str, set[str]]) -> dict:

@@ -325,12 +325,67 @@ function clip() {
 $("compare-slider").addEventListener("input", clip);
 $("compare-close").addEventListener("click", () => { $("compare").hidden = true; });
 
+// --- taste ------------------------------------------------------------------------------------
+
+const SVG = "http://www.w3.org/2000/svg";
+const ROW = 22, LABEL = 260, BAR = 360, NUMBERS = 200;
+
+function svg(tag, attributes, text) {
+  const element = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, value);
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+const percent = (value) => (value === null ? "–" : `${Math.round(value * 100)}%`);
+
+function tasteChart(group) {
+  const chart = svg("svg", { width: LABEL + BAR + NUMBERS, height: ROW * group.arms.length + 6, role: "img",
+                             "aria-label": `approval rate per ${group.title}` });
+  chart.append(svg("line", { class: "axis", x1: LABEL, x2: LABEL, y1: 0, y2: ROW * group.arms.length }));
+  group.arms.forEach((arm, row) => {
+    const y = row * ROW, judged = arm.approved + arm.rejected;
+    const name = arm.arm.length > 38 ? `${arm.arm.slice(0, 37)}…` : arm.arm;
+    const label = svg("text", { class: "label", x: LABEL - 8, y: y + 15, "text-anchor": "end" }, name);
+    label.append(svg("title", {}, arm.arm));
+    chart.append(label);
+    if (judged) {
+      chart.append(svg("rect", { class: "bar", x: LABEL, y: y + 4, height: ROW - 8, width: Math.max(1, arm.rate * BAR) }));
+      chart.append(svg("line", { class: "interval", x1: LABEL + arm.low * BAR, x2: LABEL + arm.high * BAR, y1: y + ROW / 2, y2: y + ROW / 2 }));
+    } else {
+      chart.append(svg("rect", { class: "untried", x: LABEL, y: y + 9, height: 4, width: BAR }));
+    }
+    const numbers = judged ? `${percent(arm.rate)} · ${arm.approved} of ${judged}` : "nothing judged yet";
+    chart.append(svg("text", { class: "numbers", x: LABEL + BAR + 8, y: y + 15 },
+                     arm.waiting ? `${numbers} · ${arm.waiting} waiting` : numbers));
+  });
+  return chart;
+}
+
+async function loadTaste() {
+  const by = $("taste-by").value;
+  const data = await getJSON(`/api/taste${by ? `?by=${by}` : ""}`);
+  const totals = data.totals, judged = totals.approved + totals.rejected;
+  $("taste-summary").textContent = `${totals.approved} approved, ${totals.rejected} rejected, ${totals.waiting} waiting` +
+    (judged ? ` · approval rate ${percent(totals.rate)}` : "") + (data.since ? ` · since ${data.since}` : "") +
+    ` · learning: ${data.learning || "off"}`;
+  $("taste-tables").replaceChildren(...data.groups.map((group) => {
+    const section = document.createElement("div");
+    section.className = "taste-group";
+    section.dataset.group = group.group;
+    section.append(Object.assign(document.createElement("h2"), { textContent: group.title }), tasteChart(group));
+    return section;
+  }));
+}
+$("taste-by").addEventListener("change", () => refresh());
+
 // --- views, keys, polling ---------------------------------------------------------------------
 
 async function refresh(keepName) {
   try {
     if (state.view === "triage") await loadTriage(keepName || (state.items[state.focus] || {}).name);
     else if (state.view === "queue") await loadQueue();
+    else if (state.view === "taste") await loadTaste();
     else await loadFinals();
   } catch (error) {
     say(error.message, true);
