@@ -19,3 +19,12 @@ def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
     for row in ("stage 1 128x224", "stage 1 + refiner", "stage 2 256x448", "stage 3 latent 512x896", "ESRGAN tiny-shaped"):
         assert row in report
     assert "FAILED" not in report
+
+
+def test_taste_bench_runs():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "taste.py"), "--images", "150", "--runs", "1", "--records", "200"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "approval rate  uniform" in result.stdout and "Ledger.load() 200 records" in result.stdout
