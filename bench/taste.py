@@ -1,6 +1,6 @@
 """Learned vs uniform rotation against a simulated curator, and the ledger's load time.
 
-    python bench/taste.py [--images 2000] [--runs 5] [--lag 20] [--records 100000]
+    python bench/taste.py [--images 2000] [--runs 5] [--lag 20] [--records 100000] [--cold]
 
 1. A curator with hidden preferences judges every image: one character + style pair is approved
    60 % of the time, every other pair 10 %; some prompt options raise or lower that. The rotation
@@ -10,7 +10,7 @@
    No diffusion: only the draws. Prints the approval rate of learned vs uniform rotation and the
    share of the least-drawn arm of each kind.
 2. `--records N` writes N records into a temporary outputs/metadata and times Ledger.load()
-   (warm page cache; cold too when this user may drop the page cache).
+   with the page cache warm; `--cold` also times it after dropping the page cache (root only).
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def bench_rotation(images: int, runs: int, lag: int) -> None:
               f"explore floor: {0.2 / len(names):.1%})")
 
 
-def bench_load(count: int) -> None:
+def bench_load(count: int, cold_too: bool) -> None:
     from sdxld.layout import Layout
     from sdxld.taste import Ledger
 
@@ -154,7 +154,7 @@ def bench_load(count: int) -> None:
             if n % 10 == 0:  # a tenth still waiting in stage1/
                 (layout.stage1 / record["files"]["stage1"]).write_bytes(b"")
         print(f"ledger: wrote {count:,} records in {time.perf_counter() - started:.1f} s")
-        for label, cold in (("warm", False), ("cold", True)):
+        for label, cold in (("warm", False), ("cold", True))[: 2 if cold_too else 1]:
             if cold:
                 try:
                     os.sync()
@@ -175,10 +175,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--lag", type=int, default=20, help="images made before one is judged")
     parser.add_argument("--records", type=int, default=100_000, help="records for the load timing (0: skip)")
+    parser.add_argument("--cold", action="store_true", help="also time the load with the page cache dropped (root)")
     args = parser.parse_args()
     bench_rotation(args.images, args.runs, args.lag)
     if args.records:
-        bench_load(args.records)
+        bench_load(args.records, args.cold)
 
 
 if __name__ == "__main__":
