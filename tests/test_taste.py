@@ -235,3 +235,26 @@ def test_no_images_give_the_whole_interval():
 def test_best_first_trusts_many_images_over_a_lucky_few():
     rows = [ArmStats("character", "lucky", 3, 0), ArmStats("character", "steady", 60, 40), ArmStats("character", "poor", 5, 95)]
     assert [s.arm for s in rank(rows)] == ["steady", "lucky", "poor"]
+
+
+def test_sdxld_stats_prints_the_tables_and_json(layout):
+    import json
+
+    from support.helpers import run_sdxld
+
+    for n, character in enumerate(["alice", "alice", "kuro"]):
+        _, name = made(layout, n, character=character, extras=("rain",))
+        os.rename(layout.stage1 / name, (layout.approved if n else layout.rejected) / name)
+    result = run_sdxld("stats", "--by", "lora", cwd=layout.root)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "3 images: 2 approved, 1 rejected, 0 waiting"
+    assert lines[2] == "learning: LoRAs and prompt options"
+    assert [line.split()[:4] for line in lines if line.startswith("  ")][:2] == [["kuro", "1", "0", "0"], ["alice", "1", "1", "0"]]
+    data = json.loads(run_sdxld("stats", "--json", "--by", "option", cwd=layout.root).stdout)
+    assert data["groups"][0]["arms"][0] | {"low": 0, "high": 0} == {
+        "group": "option", "arm": "rain", "approved": 2, "rejected": 1, "waiting": 0, "rate": 2 / 3, "low": 0, "high": 0}
+    newer = run_sdxld("stats", "--since", "2026-12-01", cwd=layout.root)
+    assert newer.stdout.startswith("0 images made since 2026-12-01T00:00")
+    wrong = run_sdxld("stats", "--since", "last tuesday", cwd=layout.root)
+    assert wrong.returncode == 2 and "is not a date" in wrong.stderr
