@@ -330,5 +330,5 @@ class TasteReader:
     def ledger(self) -> Ledger:
         self._thread.join()
         if self.report is not None:
-            log.info("%d records read in %.2f s (what was approved and rejected)", self.report.records, self.report.seconds)
+            log.info("%d image records read in %.2f s (for learned rotation and statistics)", self.report.records, self.report.seconds)
         return self._ledger
