@@ -177,8 +177,9 @@ def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
 
 def test_two_daemons_on_one_root_process_each_approved_image_exactly_once(root):
     images = make_approvable(root, 4)
-    # Smaller finals: the point is who processes what, not the upscale itself.
-    set_config(root, daemon={"max_pending": 1, "settle_s": 0.2}, generation={"mid_scale": 1.5, "final_scale": 2})
+    # Small finals without the diffusion passes: the point is who processes what, not the upscale.
+    set_config(root, daemon={"max_pending": 1, "settle_s": 0.2},
+               generation={"mid_scale": 1.5, "final_scale": 2, "stage2": {"enabled": False}, "stage3": {"enabled": False}})
     approved = root / "inbox" / "approved"
     approved.mkdir(parents=True, exist_ok=True)
     a = DaemonProcess(root, name="a")
