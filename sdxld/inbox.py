@@ -9,6 +9,7 @@ done/ or in failed/ beside a NAME.error.txt that says what was wrong and what to
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -140,28 +141,24 @@ class Inbox:
         """Take a file out of approved/ for processing; None if another process took it first."""
         self.ensure_dirs()
         target = self.processing / f"{_owner()}__{path.name}"
-        try:
-            os.rename(path, target)
-        except FileNotFoundError:
+        if not store.move(path, target):
             return None
         moved_sidecar = None
         for sidecar in sidecar_candidates(path.parent, path.name):
             moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{sidecar.name}")
-            try:
-                os.rename(sidecar, moved)
-            except FileNotFoundError:
-                continue
-            moved_sidecar = moved
-            break
+            if store.move(sidecar, moved):
+                moved_sidecar = moved
+                break
         return Claim(path.name, target, moved_sidecar)
 
     def _move(self, claim: Claim, folder: Path) -> Path:
         """Move a claimed file (and its record sidecar) to `folder` under the user's names."""
         self.ensure_dirs()
         destination = unique_path(folder, claim.name)
-        os.rename(claim.path, destination)
+        if not store.move(claim.path, destination):
+            raise FileNotFoundError(errno.ENOENT, f"the claimed file {claim.path.name} is gone", str(claim.path))
         if claim.sidecar is not None and claim.sidecar.exists():
-            os.rename(claim.sidecar, unique_path(folder, claim.sidecar.name.rsplit("__", 1)[1]))
+            store.move(claim.sidecar, unique_path(folder, claim.sidecar.name.rsplit("__", 1)[1]))
         return destination
 
     def done(self, claim: Claim) -> Path:
@@ -212,19 +209,14 @@ class Inbox:
                 continue  # travels with its image below
             attempt = parsed.attempt + 1
             target = self.processing / f"{_owner(attempt)}__{name}"
-            try:
-                os.rename(entry, target)
-            except FileNotFoundError:
+            if not store.move(entry, target):
                 continue  # another process recovered it first
             sidecar = None
             for candidate in sidecar_candidates(self.processing, name, prefix=f"{owner}__"):
                 moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{candidate.name.split('__', 1)[1]}")
-                try:
-                    os.rename(candidate, moved)
+                if store.move(candidate, moved):
                     sidecar = moved
                     break
-                except FileNotFoundError:
-                    continue
             claim = Claim(name, target, sidecar, attempt)
             if attempt > self.max_attempts:
                 self.fail(claim, InboxError(

@@ -10,12 +10,20 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
 
 from . import store
 from .layout import status_folder
+
+
+# A running daemon's status file changes at least this often (a heartbeat touches it while the
+# loop is busy or the models load); one unchanged for GONE_AFTER_S belongs to a daemon that is gone
+# (its host died or lost the share), judged by the share's clock.
+HEARTBEAT_S = 10.0
+GONE_AFTER_S = 3 * HEARTBEAT_S
 
 
 class StatusBoard:
@@ -48,6 +56,17 @@ class StatusBoard:
         }
         self._written = 0.0
         self._durations: deque[float] = deque(maxlen=20)
+        self._stopped = threading.Event()
+        self._heartbeat = threading.Thread(target=self._beat, name="sdxld-status", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        """Touch the status file so other hosts see this daemon alive (never writes its content)."""
+        while not self._stopped.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass  # not written yet, or the share is away: the next beat tries again
 
     def update(self, force: bool = False, **changes) -> None:
         self.data.update(changes)
@@ -84,6 +103,7 @@ class StatusBoard:
         return status_line(self.data)
 
     def finish(self) -> None:
+        self._stopped.set()
         self.update(force=True, state="stopped", current=None)
 
 
@@ -114,25 +134,65 @@ def describe_taste(taste: dict, short: bool = False) -> str:
     return f"{rate}, learning {taste['learning']}" if short else f"{rate}; learning: {taste['learning']}"
 
 
+def share_clock(folder: Path) -> float:
+    """Now, by the clock of the file system `folder` is on (a file just touched there: its mtime).
+    Hosts sharing a root over the network need not agree on the time; the share's clock is the
+    one every host's files are stamped with. The local clock when the folder is not writable."""
+    probe = folder / f".clock.{socket.gethostname()}.{os.getpid()}.tmp"
+    try:
+        probe.touch()
+        stamp = probe.stat().st_mtime
+        probe.unlink()
+        return stamp
+    except OSError:
+        return time.time()
+
+
 def read_status(root: Path) -> list[dict]:
-    """Status of every daemon on this root (stale files of dead processes are marked)."""
+    """Status of every daemon on this root, of every host sharing it. A daemon of this host whose
+    process is gone is marked dead at once; one of any host whose file has not changed for
+    GONE_AFTER_S (by the share's clock) is marked gone."""
     from .owners import pid_alive_since
 
     folder = status_folder(root)
     found = []
     if not folder.is_dir():
         return found
+    now = share_clock(folder)
     for path in sorted(folder.glob("*.json")):
         try:
             data = json.loads(path.read_text())
+            age = now - path.stat().st_mtime
         except (OSError, json.JSONDecodeError):
             continue
-        if data.get("host") == socket.gethostname() and data.get("state") != "stopped" and not pid_alive_since(
+        if data.get("state") == "stopped":
+            pass
+        elif data.get("host") == socket.gethostname() and not pid_alive_since(
             int(data.get("pid", 0)), float(data.get("started", 0))
         ):
             data["state"] = "dead (stale status)"
+        elif age > GONE_AFTER_S:
+            data["state"] = f"gone (no sign of life for {age:.0f} s)"
         found.append(data)
     return found
+
+
+def is_live(data: dict) -> bool:
+    return not data.get("state", "").startswith(("stopped", "dead", "gone"))
+
+
+def summary_line(entries: list[dict]) -> str:
+    """'3 daemons on 2 hosts: 2 running, 1 gone; 1,410 stage-1 images/hour in all'."""
+    live = [d for d in entries if is_live(d)]
+    gone = [d for d in entries if d.get("state", "").startswith(("dead", "gone"))]
+    hosts = {d.get("host") for d in entries}
+    rate = sum(d.get("images_per_hour") or 0 for d in live)
+    parts = [f"{len(live)} running"] + ([f"{len(gone)} gone"] if gone else [])
+    stopped = len(entries) - len(live) - len(gone)
+    if stopped:
+        parts.append(f"{stopped} stopped")
+    return (f"{len(entries)} daemons on {len(hosts)} host{'s' if len(hosts) != 1 else ''}: {', '.join(parts)}; "
+            f"{rate:,.0f} stage-1 images/hour in all")
 
 
 def config_health(config_file: Path) -> str | None:
@@ -168,7 +228,7 @@ def describe_job(current: dict) -> str:
 def format_status(entries: list[dict], config_problem: str | None = None) -> str:
     lines = []
     if config_problem:
-        running = any(d.get("state") not in ("stopped", "dead (stale status)") for d in entries)
+        running = any(is_live(d) for d in entries)
         lines.append(f"config.yaml invalid: {config_problem}")
         lines.append(
             "  a running daemon keeps its last good config; fix the file and it applies at once"
@@ -177,6 +237,8 @@ def format_status(entries: list[dict], config_problem: str | None = None) -> str
     if not entries:
         lines.append("no sdxld daemon has run on this root (no status files); start one with `sdxld run`")
         return "\n".join(lines)
+    if len(entries) > 1:
+        lines.append(summary_line(entries))
     for d in entries:
         uptime = time.time() - d.get("started", time.time())
         lines.append(f"sdxld pid {d['pid']} on {d['host']}: {d['state']}" + (f" (paused: {d['paused']})" if d.get("paused") else ""))

@@ -8,6 +8,9 @@ and the inbox ignore them.
 
 from __future__ import annotations
 
+import errno
+import functools
+import hashlib
 import io
 import json
 import os
@@ -19,8 +22,10 @@ from pathlib import Path
 
 from . import owners
 
-# 20260207_143022 is generate.py's tag; sdxld adds microseconds and the process id so that many
-# images per second, from several processes, never share a tag, and tags still sort by time.
+# 20260207_143022 is generate.py's tag; sdxld adds microseconds, the process id and 4 hex digits
+# of the host name so that many images per second, from several processes on several hosts
+# sharing one root, never share a tag, and tags still sort by time. (The host mark is fixed-width
+# and last, so pid + mark never reads the same for two (pid, host) pairs; older tags end at the pid.)
 TAG_PATTERN = r"\d{8}_\d{6}(?:_\d{6}_[0-9a-f]+)?"
 _NAME = re.compile(rf"^(?P<tag>{TAG_PATTERN})_(?P<kind>stage1|stage2_up|stage2|stage3_up|final)_(?P<w>\d+)x(?P<h>\d+)\.png$")
 
@@ -38,7 +43,13 @@ class TagClock:
             self._last = now if now > self._last else self._last + 1
             micros = self._last
         stamp = datetime.fromtimestamp(micros // 1_000_000)
-        return f"{stamp:%Y%m%d_%H%M%S}_{micros % 1_000_000:06d}_{os.getpid():x}"
+        return f"{stamp:%Y%m%d_%H%M%S}_{micros % 1_000_000:06d}_{os.getpid():x}{host_mark()}"
+
+
+@functools.cache
+def host_mark() -> str:
+    """4 hex digits of this host's name: enough to keep hosts apart, without naming the host."""
+    return hashlib.blake2s(owners.host().encode()).hexdigest()[:4]
 
 
 _clock = TagClock()
@@ -130,8 +141,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes) -> Path:
-    """Write bytes so that `path` either keeps its old content or has all of the new one."""
+def atomic_write(path: Path, data: bytes, overwrite: bool = True) -> Path:
+    """Write bytes so that `path` either keeps its old content or has all of the new one.
+
+    overwrite=False publishes only if `path` does not exist yet (FileExistsError otherwise): for
+    images, which are named once and never replaced, whoever else shares the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # The writer's owner token in the name lets a later start remove what a killed writer left.
@@ -143,7 +157,10 @@ def atomic_write(path: Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            publish(tmp, path)
     except BaseException:
         try:
             tmp.unlink()
@@ -152,6 +169,50 @@ def atomic_write(path: Path, data: bytes) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+# Where a file system has no hard links (some SMB and FUSE mounts), publishing falls back to a
+# rename after an existence check: a window of a few microseconds instead of none.
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Give the finished temporary file `tmp` the name `path`, never replacing a file there.
+
+    link() fails with EEXIST when the name is taken, which rename() does not (it silently
+    replaces). On NFS a link whose reply was lost is sent again and then reports EEXIST for our
+    own link: the name then points at our file (same inode), which counts as done."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if not _same_file(tmp, path):
+            raise FileExistsError(errno.EEXIST, f"{path.name} already exists; sdxld never replaces an image", str(path)) from None
+    except OSError as err:
+        if err.errno not in _NO_LINKS:
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, f"{path.name} already exists; sdxld never replaces an image", str(path)) from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def move(source: Path, target: Path) -> bool:
+    """rename(source, target); False if `source` was gone. On NFS a rename whose reply was lost is
+    sent again and reports ENOENT although it happened: when `target` exists and `source` does
+    not, the move is ours and counts as done (every caller's target is a name only it uses)."""
+    try:
+        os.rename(source, target)
+    except FileNotFoundError:
+        return os.path.lexists(target) and not os.path.lexists(source)
+    return True
 
 
 def write_json(path: Path, data: dict) -> Path:
@@ -186,7 +247,9 @@ def save_image(layout, record, image, kind: str, name: str | None = None, embed:
     png = encode_png(image, record.png_chunks(embed))
     if kind in ("stage1", "final"):
         write_json(layout.metadata / f"{record.tag}.json", record.to_dict())
-    return atomic_write(_folder_for(layout, kind) / name, png)
+    # Stage-1 images and finals are named once, by tag: never replaced, whoever shares the folder.
+    # Intermediates of an upscale cut short are written again by its retry.
+    return atomic_write(_folder_for(layout, kind) / name, png, overwrite=kind not in ("stage1", "final"))
 
 
 def _folder_for(layout, kind: str) -> Path:

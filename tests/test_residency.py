@@ -90,7 +90,7 @@ def test_model_offload_keeps_one_unet_on_the_device_in_every_stage_and_around_lo
     for mode in ("latent", "pixel"):
         engine.config.generation.stage3.mode = mode
         log.phase = f"stages 2 and 3 ({mode})"
-        engine.upscale(first.record, first.image)
+        engine.upscale(first.record, first.image).path.unlink()  # a final is never replaced: make room
     log.phase = "stage 1 after an upscale"
     engine.stage1_once(seed=12)
 

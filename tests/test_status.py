@@ -43,3 +43,51 @@ def test_status_reads_a_root_whose_config_does_not_even_parse(root):
     report = json.loads(result.stdout)
     assert report["root"] == str(root) and report["daemons"] == []
     assert "invalid YAML at line" in report["config_error"]
+
+
+def _daemon(host, pid, state="generating", per_hour=600.0):
+    return {"pid": pid, "host": host, "state": state, "started": 0, "current": None, "stage1_made": 3, "finals_made": 0,
+            "failed": 0, "approved_queued": 0, "loras": {"loaded": 4, "rejected": []}, "images_per_hour": per_hour}
+
+
+def test_daemons_of_other_hosts_go_stale_by_the_shares_clock_and_the_rest_are_summed(tmp_path):
+    import os
+
+    from sdxld.layout import status_folder
+    from sdxld.status import GONE_AFTER_S, read_status, share_clock
+
+    folder = status_folder(tmp_path)
+    folder.mkdir(parents=True)
+    for host, pid, age in (("gpu-a", 11, 1.0), ("gpu-b", 12, 2.0), ("gpu-c", 13, GONE_AFTER_S + 60)):
+        path = folder / f"{host}.{pid}.json"
+        path.write_text(json.dumps(_daemon(host, pid)))
+        stamp = share_clock(folder) - age
+        os.utime(path, (stamp, stamp))
+    (folder / "gpu-d.14.json").write_text(json.dumps(_daemon("gpu-d", 14, state="stopped", per_hour=None)))
+    entries = {d["host"]: d["state"] for d in read_status(tmp_path)}
+    assert entries["gpu-a"] == entries["gpu-b"] == "generating" and entries["gpu-d"] == "stopped"
+    assert entries["gpu-c"].startswith("gone (no sign of life for ")
+    text = format_status(read_status(tmp_path))
+    assert text.splitlines()[0] == "4 daemons on 4 hosts: 2 running, 1 gone, 1 stopped; 1,200 stage-1 images/hour in all"
+    assert not list(folder.glob(".clock*")), "the clock probe is removed"
+
+
+def test_a_running_daemons_heartbeat_keeps_its_status_fresh(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from sdxld import status
+
+    monkeypatch.setattr(status, "HEARTBEAT_S", 0.05)
+
+    class Quiet:
+        def status(self, line):
+            pass
+
+    board = status.StatusBoard(tmp_path, Quiet())
+    board.update(force=True, state="loading models")
+    old = time.time() - 3600
+    os.utime(board.path, (old, old))
+    time.sleep(0.3)
+    assert board.path.stat().st_mtime > old + 3000, "touched while the loop is busy elsewhere"
+    board.finish()

@@ -102,3 +102,94 @@ def test_the_background_writer_writes_in_order_and_reports_failures_to_the_calle
     writer.submit(store.atomic_write, tmp_path / "after.bin", b"x")
     writer.flush()
     assert (tmp_path / "after.bin").exists()
+
+
+# --- shared roots: several hosts, network file systems ----------------------------------------
+
+def test_tags_of_two_hosts_differ_at_the_same_microsecond_and_pid(monkeypatch):
+    from sdxld import owners
+
+    made = []
+    for host in ("gpu-box-1", "gpu-box-2"):
+        monkeypatch.setattr(owners, "host", lambda host=host: host)
+        store.host_mark.cache_clear()
+        monkeypatch.setattr(store.time, "time_ns", lambda: 1_764_200_000_123_456_000)
+        made.append(store.TagClock().next_tag())
+    store.host_mark.cache_clear()
+    assert made[0] != made[1] and made[0][:-4] == made[1][:-4]
+    assert all(store.tag_of(f"{tag}_stage1_64x64.png") == tag for tag in made)
+
+
+def test_publishing_never_replaces_an_image(tmp_path):
+    existing = tmp_path / "20261127_100000_000001_1a2b_stage1_64x64.png"
+    existing.write_bytes(b"the first image")
+    with pytest.raises(FileExistsError, match="never replaces"):
+        store.atomic_write(existing, b"another image", overwrite=False)
+    assert existing.read_bytes() == b"the first image"
+    assert [p.name for p in tmp_path.iterdir()] == [existing.name], "no temporary left behind"
+    store.atomic_write(tmp_path / "new.png", b"new", overwrite=False)
+    assert (tmp_path / "new.png").read_bytes() == b"new"
+
+
+def test_a_link_whose_reply_was_lost_counts_as_published(tmp_path, monkeypatch):
+    """NFS retransmits a LINK whose reply was lost; the retry finds the name taken (by our own
+    link) and reports EEXIST."""
+    real_link = os.link
+
+    def link_then_lose_the_reply(source, target):
+        real_link(source, target)
+        raise FileExistsError(errno.EEXIST, "File exists")
+
+    monkeypatch.setattr(store.os, "link", link_then_lose_the_reply)
+    path = store.atomic_write(tmp_path / "final.png", b"final", overwrite=False)
+    assert path.read_bytes() == b"final" and [p.name for p in tmp_path.iterdir()] == ["final.png"]
+
+
+def test_without_hard_links_publishing_still_refuses_a_taken_name(tmp_path, monkeypatch):
+    def no_links(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(store.os, "link", no_links)
+    store.atomic_write(tmp_path / "a.png", b"a", overwrite=False)
+    with pytest.raises(FileExistsError):
+        store.atomic_write(tmp_path / "a.png", b"b", overwrite=False)
+    assert (tmp_path / "a.png").read_bytes() == b"a" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_rename_reported_as_enoent_after_it_happened_is_a_move(tmp_path, monkeypatch):
+    source, target = tmp_path / "a.png", tmp_path / "claimed__a.png"
+    source.write_bytes(b"x")
+    real_rename = os.rename
+
+    def rename_then_lose_the_reply(a, b):
+        real_rename(a, b)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(store.os, "rename", rename_then_lose_the_reply)
+    assert store.move(source, target) is True
+    assert store.move(tmp_path / "gone.png", tmp_path / "claimed__gone.png") is False
+
+
+def test_a_claim_whose_rename_reply_was_lost_is_still_ours(root, monkeypatch):
+    """The inbox's claim, done and failed moves go through store.move: an ENOENT after the
+    rename happened neither loses the image nor leaves it orphaned in processing/."""
+    from sdxld.config import load
+    from sdxld.inbox import Inbox
+    from sdxld.layout import Layout
+
+    layout = Layout.from_config(load(root / "config.yaml"))
+    inbox = Inbox(layout)
+    inbox.ensure_dirs()
+    (layout.approved / "a.png").write_bytes(b"png")
+    real_rename = os.rename
+
+    def rename_then_lose_the_reply(a, b):
+        real_rename(a, b)
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(store.os, "rename", rename_then_lose_the_reply)
+    claim = inbox.claim(layout.approved / "a.png")
+    assert claim is not None and claim.path.exists()
+    done = inbox.done(claim)
+    assert done == layout.done / "a.png" and done.read_bytes() == b"png"
+    assert list(layout.processing.iterdir()) == [] and list(layout.approved.iterdir()) == []

@@ -25,7 +25,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..stats import report as stats_report
-from ..status import read_status, status_line
+from ..status import read_status, status_line, summary_line
 from ..taste import BY, Ledger
 from .piles import Piles, ReviewError
 
@@ -151,6 +151,7 @@ def create_app(layout, *, allowed_hosts: set[str], token: str | None = None, tas
             "signature": piles.signature(),
             "daemons": [{"line": status_line(d), "pid": d.get("pid"), "host": d.get("host"), "current": d.get("current")}
                         for d in daemons],
+            "summary": summary_line(daemons) if len(daemons) > 1 else None,
             "counts": {name: len(piles.items(name)) for name in piles.folders},
         })
 

@@ -424,7 +424,9 @@ document.addEventListener("keydown", (event) => {
 async function poll() {
   try {
     const status = await getJSON("/api/status");
-    $("daemons").replaceChildren(...(status.daemons.length ? status.daemons : [{ line: "no daemon running on this root" }]).map((d) => {
+    const lines = status.daemons.length ? status.daemons : [{ line: "no daemon running on this root" }];
+    if (status.summary) lines.unshift({ line: status.summary });
+    $("daemons").replaceChildren(...lines.map((d) => {
       const li = document.createElement("li");
       li.textContent = d.pid ? `pid ${d.pid} on ${d.host}: ${d.line}` : d.line;
       return li;
