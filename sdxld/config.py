@@ -300,6 +300,11 @@ class DaemonConfig:
     # disk, a browser download) is waited for up to this long; one that decodes as truncated is
     # put back and tried again while it is younger than this.
     copy_wait_s: float = 300.0
+    # A root on a network or FUSE file system shared by several hosts: auto detects it from the
+    # mount table; true/false force it. Shared: the folders are polled every poll_s (other
+    # hosts' changes reach no inotify watch here).
+    shared: bool | Literal["auto"] = "auto"
+    poll_s: float = 2.0
 
     def validate(self) -> None:
         _check(self.max_pending >= 0, "daemon.max_pending", f"{self.max_pending} is negative")
@@ -309,6 +314,7 @@ class DaemonConfig:
         _check(1 <= self.max_attempts <= 100, "daemon.max_attempts", f"{self.max_attempts} is outside 1..100")
         _check(0.1 <= self.save_retry_s <= 3600, "daemon.save_retry_s", f"{self.save_retry_s} is outside 0.1..3600 seconds")
         _check(0 <= self.copy_wait_s <= 86400, "daemon.copy_wait_s", f"{self.copy_wait_s} is outside 0..86400 seconds")
+        _check(0.2 <= self.poll_s <= 60, "daemon.poll_s", f"{self.poll_s} is outside 0.2..60 seconds")
 
 
 @dataclass

@@ -25,7 +25,7 @@ from .pacing import Hold, Stage1Pacing
 from .stages import Hooks, Interrupted, NaNImageError
 from .status import StatusBoard
 from .taste import TasteReader
-from .watch import Watcher
+from .watch import Watcher, filesystem_type, is_shared_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +109,21 @@ class Daemon:
         for pile, folder in layout.piles().items():
             if pile != "approved":
                 folders[f"piles:{pile}"] = folder
-        self.watcher = Watcher(folders, self.config_path)
+        shared = self._shared_root()
+        self.watcher = Watcher(folders, self.config_path, poll_s=self.config.daemon.poll_s if shared else None)
         mode = self.watcher.start()
         self.arrivals.events_show_opens = mode == "inotify"
-        self.status.update(watch=mode)
+        self.status.update(watch=f"{mode} (shared root: {shared})" if shared else mode)
+
+    def _shared_root(self) -> str:
+        """Why the root counts as shared by several hosts ('' when it does not)."""
+        setting = self.config.daemon.shared
+        if setting is True:
+            return "daemon.shared"
+        kind = filesystem_type(self.config.root)
+        if setting == "auto" and is_shared_filesystem(kind):
+            return kind
+        return ""
 
     # --- changes ----------------------------------------------------------------------------
 

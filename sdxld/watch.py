@@ -47,13 +47,46 @@ class _Handler(FileSystemEventHandler):
         self.events.put(Change(self.area, path, event.event_type, src=src))
 
 
-class Watcher:
-    """One observer over the folders the daemon cares about; falls back to polling if inotify can't."""
+# File systems whose changes made on other machines inotify never reports.
+NETWORK_FILESYSTEMS = {"nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "9p", "afs", "lustre", "gpfs",
+                       "beegfs", "ocfs2", "gfs2", "virtiofs", "davfs"}
 
-    def __init__(self, folders: dict[str, Path], config_file: Path | None):
+
+def filesystem_type(path: Path, mountinfo: str | None = None) -> str:
+    """The type of the file system `path` is on (nfs4, fuse.sshfs, ext4 ...), from the mount table;
+    '' when it cannot be read (not Linux)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return ""
+    target, best, kind = str(Path(path).resolve()), "", ""
+    for line in mountinfo.splitlines():
+        fields, _, tail = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not tail:
+            continue
+        point = parts[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, tail.split()[0]
+    return kind
+
+
+def is_shared_filesystem(kind: str) -> bool:
+    return kind in NETWORK_FILESYSTEMS or kind.startswith("fuse")
+
+
+class Watcher:
+    """One observer over the folders the daemon cares about; falls back to polling if inotify can't.
+    `poll_s` set: polling from the start (a root shared by several hosts: their changes reach no
+    inotify watch here)."""
+
+    def __init__(self, folders: dict[str, Path], config_file: Path | None, poll_s: float | None = None):
         self.events: queue.Queue[Change] = queue.Queue()
         self.folders = folders
         self.config_file = config_file
+        self.poll_s = poll_s
         self.observer = None
         self.mode = "off"
 
@@ -70,6 +103,13 @@ class Watcher:
         from watchdog.observers import Observer
         from watchdog.observers.polling import PollingObserver
 
+        if self.poll_s is not None:
+            observer = PollingObserver(timeout=self.poll_s)
+            self._schedule(observer)
+            observer.start()
+            self.mode = "polling"
+            self.observer = observer
+            return self.mode
         try:
             observer = Observer()
             self._schedule(observer)
