@@ -305,6 +305,9 @@ class DaemonConfig:
     # hosts' changes reach no inotify watch here).
     shared: bool | Literal["auto"] = "auto"
     poll_s: float = 2.0
+    # A claim whose lease was not renewed for this long (its host died or lost the share) may be
+    # taken over by any host; renewed every lease_s / 3.
+    lease_s: float = 600.0
 
     def validate(self) -> None:
         _check(self.max_pending >= 0, "daemon.max_pending", f"{self.max_pending} is negative")
@@ -315,6 +318,7 @@ class DaemonConfig:
         _check(0.1 <= self.save_retry_s <= 3600, "daemon.save_retry_s", f"{self.save_retry_s} is outside 0.1..3600 seconds")
         _check(0 <= self.copy_wait_s <= 86400, "daemon.copy_wait_s", f"{self.copy_wait_s} is outside 0..86400 seconds")
         _check(0.2 <= self.poll_s <= 60, "daemon.poll_s", f"{self.poll_s} is outside 0.2..60 seconds")
+        _check(3 <= self.lease_s <= 86400, "daemon.lease_s", f"{self.lease_s} is outside 3..86400 seconds")
 
 
 @dataclass

@@ -60,7 +60,7 @@ class Daemon:
         self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True)
         self.engine.use_ledger(taste.ledger())
         self.engine.remove_leftovers()
-        self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts)
+        self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts, self.config.daemon.lease_s)
         self.inbox.ensure_dirs()
         self.engine.layout.ensure_output_dirs()
         self._start_watcher()
@@ -136,6 +136,8 @@ class Daemon:
             ledger.observe(path)
         if due.rescan:
             ledger.relist()
+            # Claims left by processes that died since the start, here or on another host.
+            self.recovered.extend(self.inbox.recover())
         self._show_taste(force=due.rescan)
         if due.loras:
             self.arrivals.prune()
@@ -171,7 +173,7 @@ class Daemon:
         self.config = new
         self.engine.reconfigure(new)
         self.arrivals.settle_s, self.arrivals.copy_wait_s = new.daemon.settle_s, new.daemon.copy_wait_s
-        self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts)
+        self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts, new.daemon.lease_s)
         if (self.engine.layout.piles(), self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
             self._start_watcher()
         self.status.update(force=True, restart_needed=edit.restart_needed, config_error=None)

@@ -126,7 +126,7 @@ def upscale(engine, *, files: list[Path], backlog: bool, stop: StopFlag) -> int:
 
     progress = StepProgress()
     hooks = Hooks(should_stop=stop, on_step=progress.on_step)
-    inbox = Inbox(engine.layout, engine.config.daemon.max_attempts)
+    inbox = Inbox(engine.layout, engine.config.daemon.max_attempts, engine.config.daemon.lease_s)
     approved = engine.layout.approved.resolve()
 
     counts: dict[str, int] = {}

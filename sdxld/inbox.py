@@ -9,7 +9,6 @@ done/ or in failed/ beside a NAME.error.txt that says what was wrong and what to
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import os
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import owners, store
+from .leases import KEEPER, expired, lease_path
 from .records import CAPTION_SUFFIX, SIDECAR_SUFFIX, is_sidecar, sidecar_candidates
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,10 @@ def is_ignored(name: str) -> bool:
 
 
 class Inbox:
-    def __init__(self, layout, max_attempts: int = 3):
+    def __init__(self, layout, max_attempts: int = 3, lease_s: float = 600.0):
         self.layout = layout
         self.max_attempts = max_attempts
+        self.lease_s = lease_s
         self.approved = layout.approved
         self.processing = layout.processing
         self.done_dir = layout.done
@@ -141,7 +142,10 @@ class Inbox:
         """Take a file out of approved/ for processing; None if another process took it first."""
         self.ensure_dirs()
         target = self.processing / f"{_owner()}__{path.name}"
+        # The lease first: a claim is never visible to other hosts without one.
+        KEEPER.hold(lease_path(target), self.lease_s)
         if not store.move(path, target):
+            KEEPER.drop(lease_path(target))
             return None
         moved_sidecar = None
         for sidecar in sidecar_candidates(path.parent, path.name):
@@ -155,13 +159,19 @@ class Inbox:
         """Move a claimed file (and its record sidecar) to `folder` under the user's names."""
         self.ensure_dirs()
         destination = unique_path(folder, claim.name)
-        if not store.move(claim.path, destination):
-            raise FileNotFoundError(errno.ENOENT, f"the claimed file {claim.path.name} is gone", str(claim.path))
+        moved = store.move(claim.path, destination)
+        KEEPER.drop(lease_path(claim.path))
+        if not moved:
+            # Only another host takes a live claim: its lease went unrenewed for lease_s (this
+            # host lost the share, or was suspended). That host finishes the image.
+            log.warning("%s was taken over by another host while this one held it (its lease expired); "
+                        "left to that host", claim.name)
+            return None
         if claim.sidecar is not None and claim.sidecar.exists():
             store.move(claim.sidecar, unique_path(folder, claim.sidecar.name.rsplit("__", 1)[1]))
         return destination
 
-    def done(self, claim: Claim) -> Path:
+    def done(self, claim: Claim) -> Path | None:
         return self._move(claim, self.done_dir)
 
     def fail(self, claim: Claim, error: InboxError) -> Path:
@@ -192,25 +202,41 @@ class Inbox:
         if not self.processing.is_dir():
             return []
         recovered = []
-        entries = sorted(self.processing.iterdir())
+        entries = sorted(e for e in self.processing.iterdir() if not e.name.startswith("."))
         names = {e.name for e in entries}
+        now = store.share_clock(self.processing)
         for entry in entries:
             owner, sep, name = entry.name.partition("__")
             parsed = _parse_owner(owner)
-            if not sep or parsed is None or parsed.host != owners.host():
+            if not sep or parsed is None:
                 continue
-            try:
-                claimed_at = entry.lstat().st_ctime  # the claim's rename set it
-            except FileNotFoundError:
-                continue
-            if parsed.alive(claimed_at):
-                continue
+            if parsed.host != owners.host():
+                # Another host's claim: only an expired lease says it is gone. A claim without a
+                # lease (an sdxld before leases) is left alone.
+                overdue = expired(lease_path(entry), self.lease_s, now)
+                if overdue is None:
+                    continue
+                reason = f"host {parsed.host} did not renew its lease for {self.lease_s + overdue:.0f} s"
+            else:
+                try:
+                    claimed_at = entry.lstat().st_ctime  # the claim's rename set it
+                except FileNotFoundError:
+                    continue
+                if parsed.alive(claimed_at):
+                    continue
+                reason = f"process {parsed.pid} no longer runs"
             if is_sidecar(name) and any(n.startswith(owner + "__") and not is_sidecar(n) for n in names):
                 continue  # travels with its image below
             attempt = parsed.attempt + 1
             target = self.processing / f"{_owner(attempt)}__{name}"
+            KEEPER.hold(lease_path(target), self.lease_s)
             if not store.move(entry, target):
+                KEEPER.drop(lease_path(target))
                 continue  # another process recovered it first
+            try:
+                lease_path(entry).unlink()
+            except FileNotFoundError:
+                pass
             sidecar = None
             for candidate in sidecar_candidates(self.processing, name, prefix=f"{owner}__"):
                 moved = target.with_name(f"{target.name.rsplit('__', 1)[0]}__{candidate.name.split('__', 1)[1]}")
@@ -224,6 +250,6 @@ class Inbox:
                     "if sdxld crashes on this image, check the log for the cause; otherwise approve it again",
                 ))
                 continue
-            log.info("recovered %s (attempt %d), left unfinished by process %d", name, attempt, parsed.pid)
+            log.info("recovered %s (attempt %d), left unfinished: %s", name, attempt, reason)
             recovered.append(claim)
         return recovered

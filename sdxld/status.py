@@ -134,20 +134,6 @@ def describe_taste(taste: dict, short: bool = False) -> str:
     return f"{rate}, learning {taste['learning']}" if short else f"{rate}; learning: {taste['learning']}"
 
 
-def share_clock(folder: Path) -> float:
-    """Now, by the clock of the file system `folder` is on (a file just touched there: its mtime).
-    Hosts sharing a root over the network need not agree on the time; the share's clock is the
-    one every host's files are stamped with. The local clock when the folder is not writable."""
-    probe = folder / f".clock.{socket.gethostname()}.{os.getpid()}.tmp"
-    try:
-        probe.touch()
-        stamp = probe.stat().st_mtime
-        probe.unlink()
-        return stamp
-    except OSError:
-        return time.time()
-
-
 def read_status(root: Path) -> list[dict]:
     """Status of every daemon on this root, of every host sharing it. A daemon of this host whose
     process is gone is marked dead at once; one of any host whose file has not changed for
@@ -158,7 +144,7 @@ def read_status(root: Path) -> list[dict]:
     found = []
     if not folder.is_dir():
         return found
-    now = share_clock(folder)
+    now = store.share_clock(folder)
     for path in sorted(folder.glob("*.json")):
         try:
             data = json.loads(path.read_text())

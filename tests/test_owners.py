@@ -14,7 +14,7 @@ import pytest
 from support.daemons import DaemonProcess, files, set_config, wait_for
 from support.helpers import run_sdxld
 
-from sdxld import owners, store
+from sdxld import leases, owners, store
 from sdxld.inbox import Inbox
 from sdxld.layout import Layout
 
@@ -91,8 +91,9 @@ def test_recovery_takes_claims_of_a_previous_boot_and_of_a_reused_pid_but_not_of
     assert sorted(claim.name for claim in recovered) == ["previous_boot.png", "reused_pid.png"]
     assert {claim.attempt for claim in recovered} == {2}
     assert inbox.recover() == []  # now claimed by this live process
-    left = sorted(p.name.split("__")[1] for p in inbox.processing.iterdir())
+    left = sorted(p.name.split("__")[1] for p in inbox.processing.iterdir() if not p.name.startswith("."))
     assert left == ["live_owner.png", "other_host.png", "previous_boot.png", "reused_pid.png"]
+    assert all(leases.lease_path(claim.path).exists() for claim in recovered), "each recovered claim is leased"
 
 
 def test_a_claim_named_by_a_bare_pid_is_recovered_once_that_pid_belongs_to_a_later_process(root, sleeper):

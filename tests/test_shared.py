@@ -1,9 +1,16 @@
-"""A root shared by several hosts: found from the mount table, watched by polling."""
+"""A root shared by several hosts: found from the mount table, watched by polling; claims carry
+leases that another host may take over once they expire."""
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 
+import pytest
+
+from sdxld import leases, owners
+from sdxld.inbox import Inbox
 from sdxld.watch import Watcher, filesystem_type, is_shared_filesystem
 
 MOUNTINFO = """\
@@ -39,3 +46,86 @@ def test_a_polling_watcher_reports_files_that_no_inotify_event_would(tmp_path):
         assert seen and seen[0].area == "approved"
     finally:
         watcher.stop()
+
+
+# --- leases: claims of a host that died ------------------------------------------------------
+
+@pytest.fixture
+def layout(root):
+    from sdxld.config import load
+    from sdxld.layout import Layout
+
+    layout = Layout.from_config(load(root / "config.yaml"))
+    Inbox(layout).ensure_dirs()
+    return layout
+
+
+def other_hosts_claim(layout, name="a.png", lease_age=None):
+    """A claim as a daemon on another host leaves it: the image under its owner's name, a lease."""
+    token = owners.Owner("gpu-box-2", "deadbeef", 4242, 99).token
+    claim = layout.processing / f"{token}.1.1__{name}"
+    claim.write_bytes(b"png")
+    if lease_age is not None:
+        lease = leases.lease_path(claim)
+        lease.parent.mkdir(exist_ok=True)
+        lease.write_text(token)
+        stamp = time.time() - lease_age
+        os.utime(lease, (stamp, stamp))
+    return claim
+
+
+def test_a_claim_has_a_lease_renewed_while_held_and_removed_when_done(layout, monkeypatch):
+    (layout.approved / "a.png").write_bytes(b"png")
+    inbox = Inbox(layout, lease_s=0.3)
+    claim = inbox.claim(layout.approved / "a.png")
+    lease = leases.lease_path(claim.path)
+    assert lease.exists() and lease in leases.KEEPER.held()
+    old = time.time() - 100
+    os.utime(lease, (old, old))
+    time.sleep(0.4)
+    assert lease.stat().st_mtime > old + 90, "renewed every lease_s / 3"
+    inbox.done(claim)
+    assert not lease.exists() and lease not in leases.KEEPER.held()
+    assert [p.name for p in layout.processing.iterdir()] == []
+
+
+def test_another_hosts_claim_is_taken_over_only_once_its_lease_expired(layout):
+    expired_claim = other_hosts_claim(layout, "a.png", lease_age=700)
+    other_hosts_claim(layout, "b.png", lease_age=10)  # alive: renewed 10 s ago
+    other_hosts_claim(layout, "c.png")  # no lease: an older sdxld; never taken
+    recovered = Inbox(layout, lease_s=600).recover()
+    assert [(c.name, c.attempt) for c in recovered] == [("a.png", 2)]
+    assert not expired_claim.exists() and not leases.lease_path(expired_claim).exists()
+    assert leases.lease_path(recovered[0].path).exists(), "the new claimant holds a lease at once"
+    assert sorted(p.name.split("__")[1] for p in layout.processing.iterdir() if not p.name.startswith(".")) == \
+        ["a.png", "b.png", "c.png"]
+
+
+def test_of_hosts_racing_for_an_expired_claim_exactly_one_wins(layout):
+    other_hosts_claim(layout, "a.png", lease_age=700)
+    inboxes = [Inbox(layout, lease_s=600) for _ in range(6)]
+    results, start = [], threading.Barrier(len(inboxes))
+
+    def take(inbox):
+        start.wait()
+        results.append(inbox.recover())
+
+    threads = [threading.Thread(target=take, args=(inbox,)) for inbox in inboxes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    won = [claim for found in results for claim in found]
+    assert len(won) == 1 and won[0].path.exists()
+    assert len([p for p in layout.processing.iterdir() if not p.name.startswith(".")]) == 1
+    assert len(list((layout.inbox / leases.LEASES).iterdir())) == 1, "losers drop their leases"
+
+
+def test_a_claimant_that_lost_its_claim_leaves_the_image_to_the_new_one(layout, caplog):
+    (layout.approved / "a.png").write_bytes(b"png")
+    slow = Inbox(layout)
+    claim = slow.claim(layout.approved / "a.png")
+    os.rename(claim.path, layout.processing / f"{owners.Owner('gpu-box-2', 'deadbeef', 7, 1).token}.1.2__a.png")
+    assert slow.done(claim) is None
+    assert "taken over by another host" in caplog.text
+    assert list(layout.done.iterdir()) == [] and len(list(layout.processing.glob("*__a.png"))) == 1

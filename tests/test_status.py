@@ -54,7 +54,8 @@ def test_daemons_of_other_hosts_go_stale_by_the_shares_clock_and_the_rest_are_su
     import os
 
     from sdxld.layout import status_folder
-    from sdxld.status import GONE_AFTER_S, read_status, share_clock
+    from sdxld.status import GONE_AFTER_S, read_status
+    from sdxld.store import share_clock
 
     folder = status_folder(tmp_path)
     folder.mkdir(parents=True)
