@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = command("status", "what the daemon(s) on this root are doing")
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--probe", choices=("ready", "alive"),
+                        help="exit 0 if this host's daemon has loaded its models (ready) or its loop is not stuck (alive), else 1")
+    status.add_argument("--max-age", type=float, default=300.0, metavar="S", help="--probe alive: the loop's status at most S seconds old")
 
     stats = command("stats", "approval rate per LoRA, pair, prompt option and sampler (what learned rotation learns from)")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
@@ -258,6 +261,12 @@ def _status(args) -> int:
     config_file = config_path(args).absolute()
     root = config_file.parent
     entries = read_status(root)
+    if args.probe:
+        from .status import probe
+
+        ok, why = probe(entries, args.probe, args.max_age)
+        print(f"{args.probe}: {'yes' if ok else 'no'} ({why})")
+        return 0 if ok else 1
     problem = config_health(config_file)
     if args.json:
         print(json.dumps({"root": str(root), "config_error": problem, "daemons": entries}, indent=2))

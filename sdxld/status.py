@@ -247,3 +247,22 @@ def format_status(entries: list[dict], config_problem: str | None = None) -> str
         if d.get("last_error"):
             lines.append(f"  last error: {d['last_error']}")
     return "\n".join(lines)
+
+
+LOADING_STATES = ("starting", "loading models")
+
+
+def probe(entries: list[dict], what: str, max_age_s: float = 300.0, now: float | None = None) -> tuple[bool, str]:
+    """For a container's probes, about the daemon(s) of this host: `ready` once one has loaded its
+    models and runs; `alive` while one's loop has updated its status within `max_age_s` (a stuck
+    loop stops updating it, while the heartbeat alone keeps a file fresh for other hosts)."""
+    now = time.time() if now is None else now
+    mine = [d for d in entries if d.get("host") == socket.gethostname() and is_live(d)]
+    if not mine:
+        return False, f"no running sdxld daemon on {socket.gethostname()}"
+    if what == "ready":
+        ready = [d for d in mine if d.get("state") not in LOADING_STATES and d.get("state") != "stopping"]
+        return bool(ready), (f"pid {ready[0]['pid']}: {ready[0]['state']}" if ready else f"pid {mine[0]['pid']}: {mine[0]['state']}")
+    ages = [now - float(d.get("updated", 0)) for d in mine]
+    fresh = min(ages)
+    return fresh <= max_age_s, f"the loop updated its status {fresh:.0f} s ago (limit {max_age_s:g} s)"

@@ -92,3 +92,21 @@ def test_a_running_daemons_heartbeat_keeps_its_status_fresh(tmp_path, monkeypatc
     time.sleep(0.3)
     assert board.path.stat().st_mtime > old + 3000, "touched while the loop is busy elsewhere"
     board.finish()
+
+
+def test_container_probes_ask_about_this_hosts_daemon():
+    import os
+    import socket
+
+    from sdxld.status import probe
+
+    me = socket.gethostname()
+    loading = dict(_daemon(me, os.getpid(), state="loading models"), updated=1000.0)
+    assert probe([loading], "ready", now=1010.0)[0] is False
+    running = dict(loading, state="generating")
+    assert probe([running], "ready", now=1010.0) == (True, f"pid {os.getpid()}: generating")
+    assert probe([running], "alive", max_age_s=300, now=1010.0)[0] is True
+    assert probe([running], "alive", max_age_s=300, now=2000.0) == (False, "the loop updated its status 1000 s ago (limit 300 s)")
+    elsewhere = dict(running, host="another-pod")
+    assert probe([elsewhere], "ready") == (False, f"no running sdxld daemon on {me}")
+    assert probe([dict(running, state="gone (no sign of life for 99 s)")], "alive")[0] is False
