@@ -33,13 +33,13 @@ def test_disk_full_while_saving_a_final_loses_nothing_and_succeeds_later(root, m
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    def disk_full_for_images(path, data):
+    def disk_full_for_images(path, data, **options):
         if not str(path).endswith(".png"):
-            return real_write(path, data)
+            return real_write(path, data, **options)
         # The real write path: the temp file is written, then flushing it to disk fails.
         with monkeypatch.context() as patch:
             patch.setattr(os, "fsync", no_space)
-            return real_write(path, data)
+            return real_write(path, data, **options)
 
     monkeypatch.setattr(store, "atomic_write", disk_full_for_images)
     outcome = run_claimed(engine, inbox, inbox.claim(target))
