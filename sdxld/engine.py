@@ -141,8 +141,8 @@ class Engine:
         seed = self.seeds.next() if seed is None else seed
         rng = random.Random(seed)
         rotation = Rotation(self.config, replay=replay) if replay is not None else self.rotation
-        if rotation.ledger is None and rotation.any_learned and replay is None:
-            self.use_ledger(self.ledger)  # the first learned draw reads the folders
+        if replay is None and rotation.any_learned:
+            rotation.ledger = self.ledger  # the first learned draw reads the folders
         drawn: dict = {}
         rotated = rotation.pick_loras(rng, self.loras, drawn)
         syntax = self.config.prompts.syntax

@@ -162,10 +162,10 @@ class Inbox:
         moved = store.move(claim.path, destination)
         KEEPER.drop(lease_path(claim.path))
         if not moved:
-            # Only another host takes a live claim: its lease went unrenewed for lease_s (this
-            # host lost the share, or was suspended). That host finishes the image.
-            log.warning("%s was taken over by another host while this one held it (its lease expired); "
-                        "left to that host", claim.name)
+            # Another host takes a live claim only when its lease went unrenewed for lease_s (this
+            # host lost the share, or was suspended); that host finishes the image.
+            log.warning("%s is no longer in processing/ under this process's claim: taken over by another "
+                        "host after its lease expired, or moved away by hand; left where it is", claim.name)
             return None
         if claim.sidecar is not None and claim.sidecar.exists():
             store.move(claim.sidecar, unique_path(folder, claim.sidecar.name.rsplit("__", 1)[1]))

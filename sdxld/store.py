@@ -183,16 +183,17 @@ def publish(tmp: Path, path: Path) -> None:
     link() fails with EEXIST when the name is taken, which rename() does not (it silently
     replaces). On NFS a link whose reply was lost is sent again and then reports EEXIST for our
     own link: the name then points at our file (same inode), which counts as done."""
+    taken = FileExistsError(errno.EEXIST, f"{path.name} already exists; sdxld never replaces an image", str(path))
     try:
         os.link(tmp, path)
     except FileExistsError:
         if not _same_file(tmp, path):
-            raise FileExistsError(errno.EEXIST, f"{path.name} already exists; sdxld never replaces an image", str(path)) from None
+            raise taken from None
     except OSError as err:
         if err.errno not in _NO_LINKS:
             raise
         if os.path.lexists(path):
-            raise FileExistsError(errno.EEXIST, f"{path.name} already exists; sdxld never replaces an image", str(path)) from None
+            raise taken from None
         os.rename(tmp, path)
         return
     os.unlink(tmp)

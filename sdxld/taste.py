@@ -208,10 +208,11 @@ class Ledger:
 
     def add(self, record, pile: str = "stage1", name: str | None = None) -> None:
         """An image this process just made (its file may still be on the writer's queue)."""
-        arms = arms_of(record.to_dict())
+        data = record.to_dict()
+        arms = arms_of(data)
         if arms is None:
             return
-        entry = Entry(record.tag, _created(record.to_dict()), arms, being_written=True)
+        entry = Entry(record.tag, _created(data), arms, being_written=True)
         entry.where.add((pile, name or record.files.get("stage1", "")))
         self.entries[record.tag] = entry
         self._judge(entry)
