@@ -308,6 +308,9 @@ class DaemonConfig:
     # A claim whose lease was not renewed for this long (its host died or lost the share) may be
     # taken over by any host; renewed every lease_s / 3.
     lease_s: float = 600.0
+    # The daemon's status file is rewritten at least this often; `sdxld status` on any host shows a
+    # daemon whose file is 3 heartbeats old as gone.
+    heartbeat_s: float = 10.0
 
     def validate(self) -> None:
         _check(self.max_pending >= 0, "daemon.max_pending", f"{self.max_pending} is negative")
@@ -319,6 +322,7 @@ class DaemonConfig:
         _check(0 <= self.copy_wait_s <= 86400, "daemon.copy_wait_s", f"{self.copy_wait_s} is outside 0..86400 seconds")
         _check(0.2 <= self.poll_s <= 60, "daemon.poll_s", f"{self.poll_s} is outside 0.2..60 seconds")
         _check(3 <= self.lease_s <= 86400, "daemon.lease_s", f"{self.lease_s} is outside 3..86400 seconds")
+        _check(0.5 <= self.heartbeat_s <= 600, "daemon.heartbeat_s", f"{self.heartbeat_s} is outside 0.5..600 seconds")
 
 
 @dataclass

@@ -37,7 +37,7 @@ class Daemon:
         self.demo = demo
         self.stop = stop
         self.notifier = notifier
-        self.status = StatusBoard(config.root, notifier)
+        self.status = StatusBoard(config.root, notifier, config.daemon.heartbeat_s)
         self.engine: Engine | None = None
         self.inbox: Inbox | None = None
         self.watcher: Watcher | None = None
@@ -174,6 +174,7 @@ class Daemon:
         self.engine.reconfigure(new)
         self.arrivals.settle_s, self.arrivals.copy_wait_s = new.daemon.settle_s, new.daemon.copy_wait_s
         self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts, new.daemon.lease_s)
+        self.status.heartbeat_s = new.daemon.heartbeat_s
         if (self.engine.layout.piles(), self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
             self._start_watcher()
         self.status.update(force=True, restart_needed=edit.restart_needed, config_error=None)

@@ -2,14 +2,16 @@
 
 A process that dies on this host is found out at once (owners.py: its pid is gone). A process on
 another host sharing the root cannot be asked, so each claim has a lease: a hidden file beside it
-(`inbox/.leases/<claim>.lease`) whose mtime the claimant's LeaseKeeper renews every lease_s / 3.
+(`inbox/.leases/<claim>.lease`) whose mtime the claimant's LeaseKeeper renews every lease_s / 3
+by writing to it.
 A lease not renewed for lease_s, judged by the share's clock (the mtime a file just touched on
 the share gets), belongs to a claimant that is gone, and any host may take the claim over with
-one atomic rename (inbox.recover). The keeper's thread touches files and nothing else.
+one atomic rename (inbox.recover). The keeper's thread writes lease files and nothing else.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -62,7 +64,9 @@ class LeaseKeeper:
                 held = dict(self._held)
             for lease in held:
                 try:
-                    lease.touch()
+                    renew(lease)
+                except FileNotFoundError:
+                    pass  # dropped since the copy above: not brought back
                 except OSError:
                     pass  # the share is away for a moment: the next round tries again
             interval = min(held.values(), default=60.0) / 3
@@ -71,6 +75,18 @@ class LeaseKeeper:
 
 
 KEEPER = LeaseKeeper()
+
+
+def renew(lease: Path) -> None:
+    """Stamp the lease with the share's time now. A write, not a touch: the server stamps a write
+    by its own clock on every network file system, while a touch can carry this host's clock
+    (sshfs sends the client's time). Never creates the file, so a lease dropped meanwhile stays
+    dropped."""
+    fd = os.open(lease, os.O_WRONLY)
+    try:
+        os.write(fd, f"{owners.current().token}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def expired(lease: Path, lease_s: float, now: float) -> float | None:

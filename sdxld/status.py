@@ -19,17 +19,18 @@ from . import store
 from .layout import status_folder
 
 
-# A running daemon's status file changes at least this often (a heartbeat touches it while the
-# loop is busy or the models load); one unchanged for GONE_AFTER_S belongs to a daemon that is gone
-# (its host died or lost the share), judged by the share's clock.
+# A running daemon's status file is rewritten at least every heartbeat_s (daemon.heartbeat_s: a
+# thread does it while the loop is busy or the models load); one unchanged for GONE_AFTER_BEATS
+# times the heartbeat its file names belongs to a daemon that is gone (its host died or lost the
+# share), judged by the share's clock.
 HEARTBEAT_S = 10.0
-GONE_AFTER_S = 3 * HEARTBEAT_S
+GONE_AFTER_BEATS = 3
 
 
 class StatusBoard:
     """What the daemon is doing, written atomically for `sdxld status` (and mirrored to systemd)."""
 
-    def __init__(self, root: Path, notifier):
+    def __init__(self, root: Path, notifier, heartbeat_s: float = HEARTBEAT_S):
         self.path = status_folder(root) / f"{socket.gethostname()}.{os.getpid()}.json"
         self.notifier = notifier
         self.data = {
@@ -53,30 +54,56 @@ class StatusBoard:
             "watch": None,
             # Approval rate of the last 24 hours' images and what learned rotation applies to.
             "taste": None,
+            # How often this file is rewritten at the least: readers judge "gone" by it.
+            "heartbeat_s": heartbeat_s,
         }
+        # The loop and the heartbeat thread both write the file: one at a time, from whole data.
+        self._lock = threading.Lock()
         self._written = 0.0
         self._durations: deque[float] = deque(maxlen=20)
         self._stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="sdxld-status", daemon=True)
         self._heartbeat.start()
 
+    @property
+    def heartbeat_s(self) -> float:
+        return self.data["heartbeat_s"]
+
+    @heartbeat_s.setter
+    def heartbeat_s(self, seconds: float) -> None:
+        with self._lock:
+            self.data["heartbeat_s"] = seconds
+
     def _beat(self) -> None:
-        """Touch the status file so other hosts see this daemon alive (never writes its content)."""
-        while not self._stopped.wait(HEARTBEAT_S):
-            try:
-                os.utime(self.path)
-            except OSError:
-                pass  # not written yet, or the share is away: the next beat tries again
+        """Rewrite the status file so other hosts see this daemon alive while the loop is busy.
+        Rewritten, not touched: a new file's mtime comes from the share's clock on every network
+        file system, a touch's may come from this host's (sshfs sends the client's time)."""
+        while not self._stopped.wait(min(self.heartbeat_s, 1.0)):
+            with self._lock:
+                if time.monotonic() - self._written < self.data["heartbeat_s"]:
+                    continue
+                try:
+                    self._write()
+                except OSError:
+                    pass  # the share is away for a moment: the next beat tries again
+
+    def _write(self) -> None:
+        store.write_json(self.path, self.data)
+        self._written = time.monotonic()
 
     def update(self, force: bool = False, **changes) -> None:
-        self.data.update(changes)
-        self.data["updated"] = time.time()
+        with self._lock:
+            self.data.update(changes)
+            self.data["updated"] = time.time()
+            if force or time.monotonic() - self._written >= 1.0:
+                self._write()
         self.notifier.status(self.line())
-        if force or time.monotonic() - self._written >= 1.0:
-            store.write_json(self.path, self.data)
-            self._written = time.monotonic()
 
     def image_done(self, seconds: float, kind: str) -> None:
+        with self._lock:
+            self._count_image(seconds, kind)
+
+    def _count_image(self, seconds: float, kind: str) -> None:
         self._durations.append(seconds)
         key = "stage1_made" if kind == "stage1" else "finals_made"
         self.data[key] += 1
@@ -137,7 +164,7 @@ def describe_taste(taste: dict, short: bool = False) -> str:
 def read_status(root: Path) -> list[dict]:
     """Status of every daemon on this root, of every host sharing it. A daemon of this host whose
     process is gone is marked dead at once; one of any host whose file has not changed for
-    GONE_AFTER_S (by the share's clock) is marked gone."""
+    GONE_AFTER_BEATS of its heartbeats (by the share's clock) is marked gone."""
     from .owners import pid_alive_since
 
     folder = status_folder(root)
@@ -157,7 +184,7 @@ def read_status(root: Path) -> list[dict]:
             int(data.get("pid", 0)), float(data.get("started", 0))
         ):
             data["state"] = "dead (stale status)"
-        elif age > GONE_AFTER_S:
+        elif age > GONE_AFTER_BEATS * float(data.get("heartbeat_s") or HEARTBEAT_S):
             data["state"] = f"gone (no sign of life for {age:.0f} s)"
         found.append(data)
     return found

@@ -89,6 +89,20 @@ def test_a_claim_has_a_lease_renewed_while_held_and_removed_when_done(layout, mo
     assert [p.name for p in layout.processing.iterdir()] == []
 
 
+def test_a_lease_is_renewed_by_a_write_and_a_dropped_one_is_never_brought_back(layout):
+    lease = layout.root / "a.png.lease"
+    lease.write_text("")
+    old = time.time() - 100
+    os.utime(lease, (old, old))
+    leases.renew(lease)
+    # A write is stamped by the server's clock on a share; a touch could carry this host's.
+    assert lease.stat().st_mtime > old + 90 and lease.read_text() == owners.current().token + "\n"
+    lease.unlink()
+    with pytest.raises(FileNotFoundError):
+        leases.renew(lease)
+    assert not lease.exists()
+
+
 def test_another_hosts_claim_is_taken_over_only_once_its_lease_expired(layout):
     expired_claim = other_hosts_claim(layout, "a.png", lease_age=700)
     other_hosts_claim(layout, "b.png", lease_age=10)  # alive: renewed 10 s ago

@@ -54,12 +54,12 @@ def test_daemons_of_other_hosts_go_stale_by_the_shares_clock_and_the_rest_are_su
     import os
 
     from sdxld.layout import status_folder
-    from sdxld.status import GONE_AFTER_S, read_status
+    from sdxld.status import GONE_AFTER_BEATS, HEARTBEAT_S, read_status
     from sdxld.store import share_clock
 
     folder = status_folder(tmp_path)
     folder.mkdir(parents=True)
-    for host, pid, age in (("gpu-a", 11, 1.0), ("gpu-b", 12, 2.0), ("gpu-c", 13, GONE_AFTER_S + 60)):
+    for host, pid, age in (("gpu-a", 11, 1.0), ("gpu-b", 12, 2.0), ("gpu-c", 13, GONE_AFTER_BEATS * HEARTBEAT_S + 60)):
         path = folder / f"{host}.{pid}.json"
         path.write_text(json.dumps(_daemon(host, pid)))
         stamp = share_clock(folder) - age
@@ -73,24 +73,44 @@ def test_daemons_of_other_hosts_go_stale_by_the_shares_clock_and_the_rest_are_su
     assert not list(folder.glob(".clock*")), "the clock probe is removed"
 
 
-def test_a_running_daemons_heartbeat_keeps_its_status_fresh(tmp_path, monkeypatch):
+def test_gone_means_three_missed_heartbeats_of_the_daemons_own_interval(tmp_path):
+    import os
+
+    from sdxld.layout import status_folder
+    from sdxld.status import read_status
+    from sdxld.store import share_clock
+
+    folder = status_folder(tmp_path)
+    folder.mkdir(parents=True)
+    for host, heartbeat_s in (("quick", 1.0), ("default", None)):
+        path = folder / f"{host}.1.json"
+        data = _daemon(host, 1)
+        if heartbeat_s:
+            data["heartbeat_s"] = heartbeat_s
+        path.write_text(json.dumps(data))
+        stamp = share_clock(folder) - 5
+        os.utime(path, (stamp, stamp))
+    states = {d["host"]: d["state"] for d in read_status(tmp_path)}
+    assert states["quick"].startswith("gone") and states["default"] == "generating"
+
+
+def test_a_running_daemons_heartbeat_keeps_its_status_fresh(tmp_path):
     import os
     import time
 
     from sdxld import status
 
-    monkeypatch.setattr(status, "HEARTBEAT_S", 0.05)
-
     class Quiet:
         def status(self, line):
             pass
 
-    board = status.StatusBoard(tmp_path, Quiet())
+    board = status.StatusBoard(tmp_path, Quiet(), heartbeat_s=0.5)
     board.update(force=True, state="loading models")
     old = time.time() - 3600
     os.utime(board.path, (old, old))
-    time.sleep(0.3)
-    assert board.path.stat().st_mtime > old + 3000, "touched while the loop is busy elsewhere"
+    time.sleep(1.7)
+    assert board.path.stat().st_mtime > old + 3000, "rewritten while the loop is busy elsewhere"
+    assert json.loads(board.path.read_text())["heartbeat_s"] == 0.5, "readers judge gone by this daemon's own heartbeat"
     board.finish()
 
 
