@@ -30,6 +30,25 @@ from .watch import Watcher, filesystem_type, is_shared_filesystem
 log = logging.getLogger(__name__)
 
 
+def watched_folders(layout: Layout, shared: bool) -> dict[str, Path]:
+    """The folders whose changes the daemon acts on, by what they are.
+
+    On a shared root they are polled: every poll_s each file in them is stat'ed over the network.
+    The piles (stage1, done, final... thousands of files after a few nights) only tell the taste
+    ledger where images went, which its relist every rescan_s also does; polling them would cost
+    most of an idle daemon's traffic (bench/shared_idle.py), so there they are left to the relist."""
+    folders = {"approved": layout.approved}
+    for path in {layout.manual_prompt.parent, layout.negative_prompt.parent, layout.prompt_options.parent}:
+        folders[f"prompts:{path}"] = path
+    for kind, folder in layout.lora_dirs.items():
+        folders[f"loras:{kind}"] = folder
+    if not shared:
+        for pile, folder in layout.piles().items():
+            if pile != "approved":
+                folders[f"piles:{pile}"] = folder
+    return folders
+
+
 class Daemon:
     def __init__(self, config_path: Path, config: Config, *, demo: bool, stop, notifier):
         self.config_path = Path(config_path)
@@ -98,22 +117,19 @@ class Daemon:
         return 0
 
     def _start_watcher(self) -> None:
-        layout = self.engine.layout
-        folders = {"approved": layout.approved}
-        for path in {layout.manual_prompt.parent, layout.negative_prompt.parent, layout.prompt_options.parent}:
-            folders[f"prompts:{path}"] = path
-        for kind, folder in layout.lora_dirs.items():
-            folders[f"loras:{kind}"] = folder
         if self.watcher is not None:
             self.watcher.stop()
-        for pile, folder in layout.piles().items():
-            if pile != "approved":
-                folders[f"piles:{pile}"] = folder
         shared = self._shared_root()
+        folders = watched_folders(self.engine.layout, shared=bool(shared))
         self.watcher = Watcher(folders, self.config_path, poll_s=self.config.daemon.poll_s if shared else None)
         mode = self.watcher.start()
         self.arrivals.events_show_opens = mode == "inotify"
         self.status.update(watch=f"{mode} (shared root: {shared})" if shared else mode)
+
+    def _watching(self) -> tuple:
+        """What the watcher was started from: a config edit that changes it restarts the watcher."""
+        layout, daemon = self.engine.layout, self.config.daemon
+        return layout.piles(), layout.lora_dirs, layout.prompt_options, daemon.shared, daemon.poll_s
 
     def _shared_root(self) -> str:
         """Why the root counts as shared by several hosts ('' when it does not)."""
@@ -169,13 +185,13 @@ class Daemon:
         if edit.restart_needed:
             log.warning("config: %s changed; restart sdxld to apply (the models stay as they are)", ", ".join(edit.restart_needed))
         new = edit.config
-        watched_before = (self.engine.layout.piles(), self.engine.layout.lora_dirs, self.engine.layout.prompt_options)
+        watched_before = self._watching()
         self.config = new
         self.engine.reconfigure(new)
         self.arrivals.settle_s, self.arrivals.copy_wait_s = new.daemon.settle_s, new.daemon.copy_wait_s
         self.inbox = Inbox(self.engine.layout, new.daemon.max_attempts, new.daemon.lease_s)
         self.status.heartbeat_s = new.daemon.heartbeat_s
-        if (self.engine.layout.piles(), self.engine.layout.lora_dirs, self.engine.layout.prompt_options) != watched_before:
+        if self._watching() != watched_before:
             self._start_watcher()
         self.status.update(force=True, restart_needed=edit.restart_needed, config_error=None)
         log.info("config reloaded from %s", self.config_path)

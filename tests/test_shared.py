@@ -74,6 +74,17 @@ def other_hosts_claim(layout, name="a.png", lease_age=None):
     return claim
 
 
+def test_a_shared_root_polls_the_inbox_loras_and_prompts_but_leaves_the_piles_to_the_rescan(layout):
+    from sdxld.daemon import watched_folders
+
+    local, shared = watched_folders(layout, shared=False), watched_folders(layout, shared=True)
+    assert {"approved", "loras:character", "loras:style"} <= set(shared)
+    assert any(name.startswith("prompts:") for name in shared)
+    # Thousands of done and final images, stat'ed every poll_s over the network: left to the relist.
+    assert not [name for name in shared if name.startswith("piles:")]
+    assert set(local) - set(shared) == {f"piles:{pile}" for pile in layout.piles() if pile != "approved"}
+
+
 def test_a_claim_has_a_lease_renewed_while_held_and_removed_when_done(layout, monkeypatch):
     (layout.approved / "a.png").write_bytes(b"png")
     inbox = Inbox(layout, lease_s=0.3)
