@@ -24,12 +24,18 @@ def set_config(root: Path, **sections) -> None:
 
 
 class DaemonProcess:
-    def __init__(self, root: Path, env: dict | None = None, name: str = "daemon"):
+    def __init__(self, root: Path, env: dict | None = None, name: str = "daemon", hostname: str | None = None,
+                 log_dir: Path | None = None):
+        """`hostname`: run as another host, in a UTS namespace of its own (needs root)."""
         self.root = root
-        self.log_path = root / f"{name}.log"
+        self.log_path = (log_dir or root) / f"{name}.log"
         self.log_file = open(self.log_path, "w")
+        command = [sys.executable, "-m", "sdxld.cli", "run", "--demo"]
+        if hostname:
+            # exec keeps the daemon's pid the one Popen knows, so kill() kills the daemon itself.
+            command = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *command]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "sdxld.cli", "run", "--demo"],
+            command,
             cwd=root,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
