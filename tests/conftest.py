@@ -33,6 +33,45 @@ def root(tmp_path) -> Path:
     return tmp_path
 
 
+POOL_SIZE = 24
+
+
+@pytest.fixture(scope="session")
+def stage1_pool(tmp_path_factory, tiny_cache) -> Path:
+    """Stage-1 images with their records, made once per session by `sdxld generate` in a root of
+    their own: starting the generator costs seconds, and most daemon tests only need something to
+    approve."""
+    from support.helpers import run_sdxld
+
+    from sdxld.init import init_root
+
+    pool = init_root(tmp_path_factory.mktemp("pool")).root
+    result = run_sdxld("generate", "--demo", "--stage1", "--count", str(POOL_SIZE), "--seed", "40", cwd=pool)
+    assert result.returncode == 0, result.stderr
+    return pool
+
+
+@pytest.fixture
+def make_stage1(root, stage1_pool):
+    """Put `count` stage-1 images into this test's root as generate left them (records in
+    outputs/metadata); `into` puts the images elsewhere, e.g. a folder to approve them from."""
+    import shutil
+
+    def make(count: int = 1, into: Path | None = None) -> list[Path]:
+        assert count <= POOL_SIZE, f"the pool holds {POOL_SIZE} images"
+        folder = into or root / "outputs" / "stage1"
+        for path in (folder, root / "outputs" / "metadata"):
+            path.mkdir(parents=True, exist_ok=True)
+        made = []
+        for image in sorted((stage1_pool / "outputs" / "stage1").glob("*.png"))[:count]:
+            made.append(Path(shutil.copy2(image, folder / image.name)))
+            record = image.name.split("_stage1_")[0] + ".json"
+            shutil.copy2(stage1_pool / "outputs" / "metadata" / record, root / "outputs" / "metadata" / record)
+        return made
+
+    return make
+
+
 @pytest.fixture
 def make_engine(root):
     from support.helpers import demo_config

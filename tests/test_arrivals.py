@@ -7,7 +7,6 @@ import os
 import time
 
 from support.daemons import DaemonProcess, files, set_config, wait_for
-from support.helpers import run_sdxld
 
 from sdxld.arrivals import Arrivals
 
@@ -66,11 +65,9 @@ def test_a_moved_in_file_is_settled_at_once_and_a_put_back_one_waits(tmp_path):
     assert arrivals.settled(path)
 
 
-def test_a_copy_that_stalls_half_way_with_the_file_open_gets_its_final(root):
+def test_a_copy_that_stalls_half_way_with_the_file_open_gets_its_final(root, make_stage1):
     set_config(root, daemon={"settle_s": 0.5, "rescan_s": 1, "max_pending": 1})
-    made = run_sdxld("generate", "--demo", "--stage1", "--count", "1", "--seed", "901", cwd=root)
-    assert made.returncode == 0, made.stderr
-    image = files(root / "outputs" / "stage1", "*.png")[0]
+    [image] = make_stage1(1)
     data = image.read_bytes()
     image.unlink()  # the copy below is the only one
     daemon = DaemonProcess(root)

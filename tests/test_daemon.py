@@ -2,9 +2,7 @@
 
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -21,12 +19,6 @@ def stage1_images(root):
 
 def finals(root):
     return files(root / "outputs" / "final", "*.png")
-
-
-def make_approvable(root, count):
-    result = run_sdxld("generate", "--demo", "--stage1", "--count", str(count), "--seed", "500", cwd=root)
-    assert result.returncode == 0, result.stderr
-    return stage1_images(root)
 
 
 def test_the_daemon_generates_upscales_and_follows_live_edits(root, tmp_path):
@@ -110,8 +102,8 @@ def test_sigterm_during_stage1_exits_0_quickly_and_leaves_no_partial_file(root):
     assert "SIGTERM received" in daemon.log and "sdxld stopped" in daemon.log
 
 
-def test_kill_9_during_an_upscale_then_restart_loses_and_duplicates_nothing(root):
-    [image] = make_approvable(root, 1)
+def test_kill_9_during_an_upscale_then_restart_loses_and_duplicates_nothing(root, make_stage1):
+    [image] = make_stage1(1)
     tag = image.name.split("_stage1_")[0]
     set_config(root, daemon={"max_pending": 1})  # stage 1 stays paused: the upscale is the only work
     approved = root / "inbox" / "approved"
@@ -167,6 +159,7 @@ def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
         wait_for(lambda: any(m.startswith("STOPPING=1") for m in messages), 5, what="STOPPING=1")
     finally:
         done.set()
+        listener.join(5)  # out of recv before the socket closes under it
         daemon.close()
         server.close()
     first_ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
@@ -175,8 +168,8 @@ def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
     assert "approved queued" in status and "LoRAs (" in status
 
 
-def test_two_daemons_on_one_root_process_each_approved_image_exactly_once(root):
-    images = make_approvable(root, 4)
+def test_two_daemons_on_one_root_process_each_approved_image_exactly_once(root, make_stage1):
+    images = make_stage1(4)
     # Small finals without the diffusion passes: the point is who processes what, not the upscale.
     set_config(root, daemon={"max_pending": 1, "settle_s": 0.2},
                generation={"mid_scale": 1.5, "final_scale": 2, "stage2": {"enabled": False}, "stage3": {"enabled": False}})

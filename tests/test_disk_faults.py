@@ -7,7 +7,6 @@ file was written) or EROFS (nothing can be created). The daemon itself is unmodi
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from support.daemons import DaemonProcess, files, partial_files, set_config, wait_for
-from support.helpers import run_sdxld
 
 from sdxld.status import read_status
 
@@ -29,16 +27,6 @@ def stage1_images(root):
 
 def finals(root):
     return files(root / "outputs" / "final", "*.png")
-
-
-def approvable(root, count, seed):
-    result = run_sdxld("generate", "--demo", "--stage1", "--count", str(count), "--seed", str(seed), cwd=root)
-    assert result.returncode == 0, result.stderr
-    spare = root / "spare"
-    spare.mkdir(exist_ok=True)
-    for path in stage1_images(root):
-        shutil.move(path, spare / path.name)
-    return sorted(spare.glob("*.png"))
 
 
 def faulty_daemon(root):
@@ -56,8 +44,8 @@ def status(root):
 
 
 @pytest.mark.parametrize("fault, words", [("ENOSPC", "No space left on device"), ("EROFS", "Read-only file system")])
-def test_a_full_or_read_only_disk_loses_nothing_and_the_daemon_retries(root, fault, words):
-    image = approvable(root, 1, seed=700)[0]
+def test_a_full_or_read_only_disk_loses_nothing_and_the_daemon_retries(root, make_stage1, fault, words):
+    [image] = make_stage1(1, into=root / "spare")
     # Small finals: only the failing save matters here.
     set_config(root, daemon={"save_retry_s": 1.0}, generation={"mid_scale": 1.5, "final_scale": 2})
     daemon = faulty_daemon(root)
@@ -103,11 +91,11 @@ def test_the_outputs_folder_deleted_while_running_is_recreated(root):
         daemon.close()
 
 
-def kill_loop(root, jobs: int, kills: int, seed: int):
+def kill_loop(root, make_stage1, jobs: int, kills: int, seed: int):
     """Approve `jobs` images, then kill -9 the daemon at random moments `kills` times, restarting
     it each time; at the end every approved image has exactly one final, none failed."""
     rng = random.Random(seed)
-    images = approvable(root, jobs, seed=800)
+    images = make_stage1(jobs, into=root / "spare")
     set_config(root, daemon={"max_attempts": kills + 2})
     approved = root / "inbox" / "approved"
     approved.mkdir(parents=True, exist_ok=True)
@@ -139,10 +127,10 @@ def kill_loop(root, jobs: int, kills: int, seed: int):
     assert list((root / "inbox" / "processing").iterdir()) == []
 
 
-def test_kill_9_at_random_moments_loses_and_duplicates_nothing(root):
-    kill_loop(root, jobs=4, kills=3, seed=1)
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(root, make_stage1):
+    kill_loop(root, make_stage1, jobs=4, kills=3, seed=1)
 
 
 @pytest.mark.skipif(not os.environ.get("SDXLD_LONG_TESTS"), reason="the long kill loop: set SDXLD_LONG_TESTS=1")
-def test_kill_9_at_random_moments_over_20_jobs(root):
-    kill_loop(root, jobs=20, kills=12, seed=2)
+def test_kill_9_at_random_moments_over_20_jobs(root, make_stage1):
+    kill_loop(root, make_stage1, jobs=20, kills=12, seed=2)

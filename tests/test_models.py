@@ -36,7 +36,7 @@ def test_on_the_cpu_fp16_becomes_fp32_and_strategies_are_reported(root):
 
 def test_a_single_file_checkpoint_loads_offline_and_matches_its_folder(root):
     base_folder, _ = ensure_tiny_model()
-    checkpoint = write_single_file(base_folder, root / "tiny-sdxl.safetensors")
+    write_single_file(base_folder, root / "tiny-sdxl.safetensors")
     from_folder = Engine.load(demo_config(root, model__refiner=None))
 
     config = demo_config(root, model__refiner=None)

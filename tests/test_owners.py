@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from support.daemons import DaemonProcess, files, set_config, wait_for
-from support.helpers import run_sdxld
 
 from sdxld import leases, owners, store
 from sdxld.inbox import Inbox
@@ -132,11 +131,9 @@ def test_start_up_clean_up_removes_temporaries_of_dead_writers_only(tmp_path, sl
     assert sorted(p.name for p in folder.iterdir()) == sorted(names[k] for k in ("live writer", "other host", "not ours"))
 
 
-def test_a_killed_daemons_claim_gets_its_final_although_its_pid_now_runs_another_process(root, sleeper):
+def test_a_killed_daemons_claim_gets_its_final_although_its_pid_now_runs_another_process(root, sleeper, make_stage1):
     set_config(root, daemon={"settle_s": 0.3, "rescan_s": 2})
-    made = run_sdxld("generate", "--demo", "--stage1", "--count", "1", "--seed", "900", cwd=root)
-    assert made.returncode == 0, made.stderr
-    image = files(root / "outputs" / "stage1", "*.png")[0]
+    [image] = make_stage1(1)
     processing = root / "inbox" / "processing"
 
     first = DaemonProcess(root, name="first")

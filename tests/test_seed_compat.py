@@ -6,12 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 from support.helpers import demo_config, run_sdxld
 from PIL import Image

@@ -53,14 +53,8 @@ def status_of(view):
     return states, result.stdout
 
 
-def test_two_hosts_on_one_share_finish_every_image_once_and_take_over_a_dead_hosts_claim(root, share, tmp_path):
-    result = run_sdxld("generate", "--demo", "--stage1", "--count", "23", "--seed", "700", cwd=root)
-    assert result.returncode == 0, result.stderr
-    held = tmp_path / "held"
-    held.mkdir()
-    for image in files(root / "outputs" / "stage1", "*.png"):
-        shutil.move(image, held / image.name)
-    images = files(held, "*.png")
+def test_two_hosts_on_one_share_finish_every_image_once_and_take_over_a_dead_hosts_claim(root, share, tmp_path, make_stage1):
+    images = make_stage1(23, into=tmp_path / "held")
     batch, spares = images[:20], images[20:]
     # Small finals without the diffusion passes: the point is who processes what, not the upscale.
     set_config(root, daemon={"max_pending": 1, "settle_s": 0.2, "rescan_s": RESCAN_S, "lease_s": LEASE_S,

@@ -14,31 +14,6 @@ from sdxld.records import RecordLookupError, find_record
 from sdxld.layout import Layout
 
 
-@pytest.fixture(scope="module")
-def stage1_pool(tmp_path_factory):
-    """Two stage-1 images with their records, made once for the module (a root like `root`'s)."""
-    from sdxld.init import init_root
-
-    pool = init_root(tmp_path_factory.mktemp("pool")).root
-    result = run_sdxld("generate", "--demo", "--stage1", "--count", "2", "--seed", "40", cwd=pool)
-    assert result.returncode == 0, result.stderr
-    return pool
-
-
-@pytest.fixture
-def make_stage1(root, stage1_pool):
-    """Put `count` stage-1 images and their records into this test's root, as generate left them."""
-    def make(count=1):
-        for folder in ("stage1", "metadata"):
-            (root / "outputs" / folder).mkdir(parents=True, exist_ok=True)
-        for image in sorted((stage1_pool / "outputs" / "stage1").glob("*.png"))[:count]:
-            shutil.copy2(image, root / "outputs" / "stage1" / image.name)
-            record = image.name.split("_stage1_")[0] + ".json"
-            shutil.copy2(stage1_pool / "outputs" / "metadata" / record, root / "outputs" / "metadata" / record)
-        return sorted((root / "outputs" / "stage1").glob("*.png"))
-    return make
-
-
 def approved(root):
     folder = root / "inbox" / "approved"
     folder.mkdir(parents=True, exist_ok=True)
