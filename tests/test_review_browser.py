@@ -26,6 +26,7 @@ if not (CHROMIUM and DRIVER):
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -88,7 +89,14 @@ def browser(page_url):
 
 
 def wait(driver, condition, timeout=10, what="the page"):
-    return WebDriverWait(driver, timeout).until(lambda d: condition(), message=f"timed out waiting for {what}")
+    # The page redraws what changed on every poll: a handle found a moment ago may be gone.
+    return WebDriverWait(driver, timeout, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: condition(), message=f"timed out waiting for {what}")
+
+
+def text_of(driver, selector: str) -> str:
+    """The text of the element matching `selector` now, in one script call (no handle to go stale)."""
+    return driver.execute_script("const e = document.querySelector(arguments[0]); return e ? e.innerText : ''", selector)
 
 
 def tiles(driver) -> list[str]:
@@ -110,6 +118,11 @@ def screenshot(driver, name: str, tmp_path: Path) -> None:
 
 
 def show(driver, view: str) -> None:
+    """Switch to a tab, from the grid: a single image left open (a test that failed midway) is closed
+    first, so one failure does not become every later test's."""
+    if driver.find_element(By.ID, "single").is_displayed():
+        press(driver, "\ue00c")  # Escape
+        wait(driver, lambda: not driver.find_element(By.ID, "single").is_displayed(), what="the single view to close")
     driver.find_element(By.CSS_SELECTOR, f'.tab[data-view="{view}"]').click()
 
 
@@ -132,13 +145,23 @@ def test_keys_approve_reject_and_undo_move_the_files(browser, root, tmp_path):
     assert not any(approved.iterdir())
 
 
-def test_the_open_image_shows_its_record(browser, tmp_path):
+def test_the_open_image_shows_its_record(browser, root, tmp_path):
     show(browser, "triage")
     wait(browser, lambda: len(tiles(browser)) >= 1, what="tiles")
     press(browser, "\ue007")  # Enter
-    wait(browser, lambda: browser.find_element(By.CSS_SELECTOR, "#record .field-prompt").text != "", what="the record")
-    assert browser.find_element(By.CSS_SELECTOR, "#record .field-seed").text.isdigit()
-    assert "character" in browser.find_element(By.CSS_SELECTOR, "#record .field-loras").text
+    wait(browser, lambda: text_of(browser, "#record .field-prompt") != "", what="the record")
+    assert text_of(browser, "#record .field-seed").isdigit()
+    assert "character" in text_of(browser, "#record .field-loras")
+    # A new stage-1 image redraws the grid behind; the open image's panel stays as it is (so the
+    # prompt text the user is selecting to copy survives a running daemon).
+    browser.execute_script("document.querySelector('#record .field-prompt').dataset.kept = 'yes'")
+    stage1 = root / "outputs" / "stage1"
+    newest = sorted(stage1.iterdir())[-1]
+    fresh = stage1 / newest.name.replace(newest.name[:15], "20991231_235958")
+    shutil.copyfile(newest, fresh)
+    wait(browser, lambda: fresh.name in tiles(browser), timeout=8, what="the grid redrawn with the new image")
+    assert browser.execute_script("return document.querySelector('#record .field-prompt').dataset.kept") == "yes"
+    fresh.unlink()
     screenshot(browser, "single", tmp_path)
     press(browser, "\ue00c")  # Escape
     wait(browser, lambda: not browser.find_element(By.ID, "single").is_displayed(), what="the grid again")
@@ -156,8 +179,8 @@ def test_a_stage1_image_written_while_the_page_is_open_appears_without_reload(br
 
 def test_the_queue_shows_why_an_image_failed_and_retry_moves_it_back(browser, root, tmp_path):
     show(browser, "queue")
-    failed = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#list-failed .error-text"), what="the failed list")
-    assert "no sdxld record" in failed[0].text and "holiday.txt" in failed[0].text
+    failed = wait(browser, lambda: text_of(browser, "#list-failed .error-text"), what="the failed list")
+    assert "no sdxld record" in failed and "holiday.txt" in failed
     screenshot(browser, "queue", tmp_path)
     browser.find_element(By.CSS_SELECTOR, "#list-failed button").click()
     wait(browser, lambda: (root / "inbox" / "approved" / "holiday.jpg").exists(), what="holiday.jpg in inbox/approved/")
@@ -167,9 +190,9 @@ def test_the_queue_shows_why_an_image_failed_and_retry_moves_it_back(browser, ro
 
 def test_finals_compare_the_stage1_image_with_the_final(browser, tmp_path):
     show(browser, "finals")
-    tile = wait(browser, lambda: browser.find_elements(By.CSS_SELECTOR, "#final-grid .tile"), what="a final")[0]
-    assert "not found" not in tile.text
-    tile.click()
+    wait(browser, lambda: text_of(browser, "#final-grid .tile"), what="a final")
+    assert "not found" not in text_of(browser, "#final-grid .tile")
+    wait(browser, lambda: browser.find_element(By.CSS_SELECTOR, "#final-grid .tile").click() or True, what="a click on the final")
     wait(browser, lambda: browser.execute_script(
         "return document.getElementById('compare-before').complete && document.getElementById('compare-before').naturalWidth > 0"),
         what="the stage-1 image in the compare view")
@@ -183,10 +206,9 @@ def test_the_taste_view_draws_each_arms_approval_rate_and_follows_moves(browser,
     press(browser, "x")
     wait(browser, lambda: any((root / "outputs" / "rejected").iterdir()), what="an image in outputs/rejected/")
     show(browser, "taste")
-    summary = browser.find_element(By.ID, "taste-summary")
-    wait(browser, lambda: summary.text.startswith("1 approved, 1 rejected"), what="the taste summary")
+    wait(browser, lambda: text_of(browser, "#taste-summary").startswith("1 approved, 1 rejected"), what="the taste summary")
     bars = browser.find_elements(By.CSS_SELECTOR, '.taste-group[data-group="character"] svg rect.bar')
-    assert bars and "learning: LoRAs and prompt options" in summary.text
+    assert bars and "learning: LoRAs and prompt options" in text_of(browser, "#taste-summary")
     screenshot(browser, "taste", tmp_path)
     press(browser, "u")  # the rejection undone: the view follows without a reload
-    wait(browser, lambda: summary.text.startswith("1 approved, 0 rejected"), what="the undo in the taste summary")
+    wait(browser, lambda: text_of(browser, "#taste-summary").startswith("1 approved, 0 rejected"), what="the undo in the taste summary")

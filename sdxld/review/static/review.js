@@ -16,6 +16,7 @@ const state = {
   selected: new Set(),
   anchor: null,       // last clicked index, for shift-click ranges
   single: false,      // the single-image view is open
+  shown: null,        // the name of the image it shows
   signature: null,
 };
 
@@ -186,6 +187,9 @@ async function undo() {
 async function showSingle() {
   const item = state.items[state.focus];
   if (!item) { closeSingle(); return; }
+  // Every poll calls this: the same image keeps its panel, and the text the user selected in it.
+  if (state.single && state.shown === item.name) return;
+  state.shown = item.name;
   state.single = true;
   $("single").hidden = false;
   $("single-image").src = url("image", "stage1", item.name);
@@ -217,6 +221,7 @@ function field(title, value) {
 
 function closeSingle() {
   state.single = false;
+  state.shown = null;
   $("single").hidden = true;
   $("single").querySelector(".stage").classList.remove("zoom");
   markTiles();
