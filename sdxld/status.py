@@ -101,15 +101,12 @@ class StatusBoard:
 
     def image_done(self, seconds: float, kind: str) -> None:
         with self._lock:
-            self._count_image(seconds, kind)
-
-    def _count_image(self, seconds: float, kind: str) -> None:
-        self._durations.append(seconds)
-        key = "stage1_made" if kind == "stage1" else "finals_made"
-        self.data[key] += 1
-        self.data["seconds_per_image"] = round(sum(self._durations) / len(self._durations), 2)
-        hours = (time.time() - self.data["started"]) / 3600
-        self.data["images_per_hour"] = round(self.data["stage1_made"] / hours, 1) if hours > 0 else None
+            self._durations.append(seconds)
+            key = "stage1_made" if kind == "stage1" else "finals_made"
+            self.data[key] += 1
+            self.data["seconds_per_image"] = round(sum(self._durations) / len(self._durations), 2)
+            hours = (time.time() - self.data["started"]) / 3600
+            self.data["images_per_hour"] = round(self.data["stage1_made"] / hours, 1) if hours > 0 else None
 
     def step_reporter(self, job: str):
         """A stage's per-step callback: keeps systemd's watchdog fed through a long stage and shows
