@@ -229,12 +229,16 @@ class GenerationConfig:
     mid_scale: float = 2.0
     final_scale: float = 4.0
     sampler: Literal[tuple(SAMPLERS)] = "UniPC"  # type: ignore[valid-type]
+    # Stage-1 images per UNet call. A batch shares one LoRA draw (each image keeps its own seed,
+    # prompt and record); waiting approved images wait for at most one batch.
+    batch_size: int = 1
     t2i: TextToImageConfig = field(default_factory=TextToImageConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
 
     def validate(self) -> None:
         _check(-1 <= self.seed < 2**63, "generation.seed", f"{self.seed} is not -1 (random) or a seed in 0..2^63-1")
+        _check(1 <= self.batch_size <= 16, "generation.batch_size", f"{self.batch_size} is outside 1..16")
         for key in ("base_width", "base_height"):
             value = getattr(self, key)
             _multiple_of_8(value, f"generation.{key}")

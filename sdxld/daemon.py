@@ -240,11 +240,20 @@ class Daemon:
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}; retrying in {retry:g} s")
         self.status.update(force=True, state="running", current=None)
 
+    def _batch_size(self) -> int:
+        """generation.batch_size, less where the batch would take stage1/ past daemon.max_pending."""
+        wanted, limit = self.config.generation.batch_size, self.config.daemon.max_pending
+        if wanted == 1 or not limit:
+            return wanted
+        writer = self.engine.writer
+        pending = len(store.images_of_kind(self.engine.layout.stage1, "stage1")) + (writer.in_flight if writer else 0)
+        return max(1, min(wanted, limit - pending))
+
     def _stage1(self) -> None:
         started = time.monotonic()
         self.status.update(state="generating", current={"job": "stage1"})
         try:
-            self.engine.stage1_once(hooks=self._hooks("stage1"))
+            made = self.engine.stage1_batch(self._batch_size(), hooks=self._hooks("stage1"))
         except Interrupted:
             return
         except NaNImageError as err:
@@ -264,7 +273,8 @@ class Daemon:
             self.stage1_pacing.image_failed()
             return
         self.stage1_pacing.image_made()
-        self.status.image_done(time.monotonic() - started, "stage1")
+        for _ in made:
+            self.status.image_done((time.monotonic() - started) / len(made), "stage1")
         self.status.update(force=True, state="running", current=None)
 
     def _hooks(self, job: str) -> Hooks:

@@ -21,7 +21,7 @@ from .prompt_syntax import escape, lora_tag
 from .prompts import PromptSource
 from .records import FinalReport, Record, Stage2Report, Stage3Report, StageReports
 from .rotation import Rotation
-from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage2, stage3, upscale_for_stage3
+from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage1_batch, stage2, stage3, upscale_for_stage3
 from .taste import TasteReader
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,16 @@ class Stage1Result:
     record: Record
     path: Path
     image: object = None
+
+
+@dataclass
+class Draw:
+    """One image's choices and what merging its LoRAs again needs."""
+
+    record: Record
+    rotated: list  # the rotated LoRA entries
+    tagged: list  # (entry, weight) of the prompt's <lora:> tags
+    lora_draws: dict  # learned rotation's LoRA draws, for the record
 
 
 @dataclass
@@ -138,22 +148,31 @@ class Engine:
         """Choose LoRAs and prompt for one image. The choice is a function of the seed (given the
         same files and, for learned rotation, the same approval counts), so a recorded seed
         re-makes the same image; `replay` = a record's `rotation` draws with the counts it kept."""
-        seed = self.seeds.next() if seed is None else seed
+        return self._draw(self.seeds.next() if seed is None else seed, replay).record
+
+    def _draw(self, seed: int, replay: dict | None = None, lead: Draw | None = None) -> Draw:
+        """One image's draw; with `lead`, it takes the lead image's rotated LoRAs instead of its own
+        (a batch shares one set of merged weights). Its own LoRA draw still runs first, so the rest
+        of its prompt is what its seed gives alone; only the trigger words are the lead's."""
         rng = random.Random(seed)
         rotation = Rotation(self.config, replay=replay) if replay is not None else self.rotation
         if replay is None and rotation.any_learned:
             rotation.ledger = self.ledger  # the first learned draw reads the folders
         drawn: dict = {}
         rotated = rotation.pick_loras(rng, self.loras, drawn)
+        if lead is not None:
+            rotated, drawn = lead.rotated, dict(lead.lora_draws)
+        lora_draws = dict(drawn)
         syntax = self.config.prompts.syntax
         # Trigger words are names (danbooru's `miku_(cosplay)`), never emphasis.
         triggers = [escape(e.triggers) if syntax == "a1111" else e.triggers for e in rotated]
         composed = self.prompts.compose(rng, triggers, rotation.option_chooser(drawn))
-        uses = self.loras.activate(rotated, tagged=self.loras.tagged_in(composed.prompt, composed.negative))
+        tagged = self.loras.tagged_in(composed.prompt, composed.negative)
+        uses = self.loras.activate(rotated, tagged=tagged)
         gen = self.config.generation
         # model.use_refiner decides for stage 1; stages 2 and 3 have their own switches.
         use_refiner = self.models.refiner is not None and self.config.model.use_refiner
-        return Record(
+        record = Record(
             tag=store.new_tag(),
             prompt=composed.prompt,
             negative=composed.negative,
@@ -172,10 +191,41 @@ class Engine:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             demo=self.config.demo,
         )
+        return Draw(record, rotated, tagged, lora_draws)
 
     def run_stage1(self, record: Record, hooks: Hooks | None = None) -> Stage1Result:
         self.layout.ensure_output_dirs()
-        image = stage1(self.models, record, hooks)
+        return self._publish_stage1(record, stage1(self.models, record, hooks))
+
+    def stage1_once(self, seed: int | None = None, hooks: Hooks | None = None) -> Stage1Result:
+        self.sync_loras()
+        return self.run_stage1(self.new_stage1_record(seed), hooks)
+
+    def stage1_batch(self, count: int, hooks: Hooks | None = None) -> list[Stage1Result]:
+        """`count` stage-1 images in one UNet call per step. They share the first image's LoRA
+        draw (the model holds one set of merged weights); each has its own seed, prompt and
+        record, whose `batch` says so. An image whose <lora:> tags ask for other weights runs in
+        a call of its own."""
+        self.sync_loras()
+        self.layout.ensure_output_dirs()
+        draws: list[Draw] = []
+        for _ in range(count):
+            draws.append(self._draw(self.seeds.next(), lead=draws[0] if draws else None))
+        if count > 1:
+            for index, draw in enumerate(draws):
+                draw.record.batch = {"size": count, "index": index, "lora_seed": draws[0].record.seed}
+        groups: dict[tuple, list[Draw]] = {}
+        for draw in draws:
+            key = tuple((use.kind, use.name, use.strength, use.via) for use in draw.record.loras)
+            groups.setdefault(key, []).append(draw)
+        results = []
+        for group in groups.values():
+            self.loras.activate(group[0].rotated, tagged=group[0].tagged)
+            images = stage1_batch(self.models, [draw.record for draw in group], hooks)
+            results += [self._publish_stage1(draw.record, image) for draw, image in zip(group, images)]
+        return results
+
+    def _publish_stage1(self, record: Record, image) -> Stage1Result:
         name = store.image_name(record.tag, "stage1", image.width, image.height)
         path = self.layout.stage1 / name
         if self.writer is not None:
@@ -190,10 +240,6 @@ class Engine:
         log.info("stage1 %s seed %d, %s -> %s", record.tag, record.seed, loras, path.name,
                  extra={"sdxld_tag": record.tag, "sdxld_stage": "stage1"})
         return Stage1Result(record, path, image)
-
-    def stage1_once(self, seed: int | None = None, hooks: Hooks | None = None) -> Stage1Result:
-        self.sync_loras()
-        return self.run_stage1(self.new_stage1_record(seed), hooks)
 
     # --- stages 2 and 3 -----------------------------------------------------------------------
 

@@ -124,6 +124,9 @@ class Record:
     # Learned rotation's draws (rotation.Arms.to_record) per group drawn that way: the counts and
     # odds behind this image's LoRAs and options. Empty for uniform rotation.
     rotation: dict = field(default_factory=dict)
+    # Made in a stage-1 batch: {size, index, lora_seed}. The batch shared the LoRAs drawn from
+    # lora_seed (its first image's seed); empty for an image made alone.
+    batch: dict = field(default_factory=dict)
     created: str = ""
     demo: bool = False
     version: str = __version__
@@ -156,7 +159,7 @@ class Record:
         for key in ("seed", "width", "height", "steps"):
             _expect(values, key, int)
         _expect(values, "cfg", (int, float))
-        for key in ("model", "parts", "files", "stages", "origin", "rotation"):
+        for key in ("model", "parts", "files", "stages", "origin", "rotation", "batch"):
             if key in values:
                 _expect(values, key, dict)
         loras = values.get("loras", [])

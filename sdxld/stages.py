@@ -78,36 +78,83 @@ def prompt_embeddings(pipe, record: Record):
 
 def stage1(models, record: Record, hooks: Hooks | None = None):
     """Text to image at the base size, with the refiner taking over at `refiner_split` if recorded."""
+    return stage1_batch(models, [record], hooks)[0]
+
+
+BATCH_SHARED = ("sampler", "width", "height", "steps", "cfg", "refiner_split")
+
+
+def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> list:
+    """Stage 1 of several records, one UNet call per step for all of them. They share the sampler,
+    size, steps, CFG and refiner split, and the LoRAs merged into the model (the caller's part);
+    each keeps its own prompt, negative and seed: a CPU generator per image, so each image is the
+    one its record makes alone. Prompts whose embeddings differ in length (one more 75-token
+    chunk) would need padding that changes them: such records run in calls of their own."""
     hooks = hooks or Hooks()
-    models.set_sampler(record.sampler)
-    use_refiner = models.refiner is not None and record.refiner_split is not None
-    common = dict(num_inference_steps=record.steps, guidance_scale=record.cfg)
-    generator = _generator(models.device, record.seed)
-    result = models.base(
-        **common,
-        **prompt_embeddings(models.base, record).pipeline_kwargs(),
-        width=record.width,
-        height=record.height,
-        generator=generator,
-        denoising_end=record.refiner_split if use_refiner else None,
-        output_type="latent" if use_refiner else "np",
-        callback_on_step_end=_step_callback(hooks, "stage1", record.steps),
-    )
-    if hooks.should_stop():
-        raise Interrupted("stage 1 interrupted")
-    if use_refiner:
-        result = models.refiner(
+    lead = records[0]
+    for record in records[1:]:
+        differing = [key for key in BATCH_SHARED if getattr(record, key) != getattr(lead, key)]
+        if differing:
+            raise ValueError(f"a stage-1 batch must share {', '.join(differing)}")
+    models.set_sampler(lead.sampler)
+    use_refiner = models.refiner is not None and lead.refiner_split is not None
+    common = dict(num_inference_steps=lead.steps, guidance_scale=lead.cfg)
+    images: list = [None] * len(records)
+    base_embeddings = [prompt_embeddings(models.base, record) for record in records]
+    for indices in _same_length(base_embeddings):
+        generators = [_generator(models.device, records[i].seed) for i in indices]
+        generator = generators if len(generators) > 1 else generators[0]
+        result = models.base(
             **common,
-            **prompt_embeddings(models.refiner, record).pipeline_kwargs(),
-            image=result.images,
+            **_stacked([base_embeddings[i] for i in indices]),
+            width=lead.width,
+            height=lead.height,
             generator=generator,
-            denoising_start=record.refiner_split,
-            output_type="np",
-            callback_on_step_end=_step_callback(hooks, "stage1 refiner", record.steps, models.base.num_timesteps),
+            denoising_end=lead.refiner_split if use_refiner else None,
+            output_type="latent" if use_refiner else "np",
+            callback_on_step_end=_step_callback(hooks, "stage1", lead.steps),
         )
         if hooks.should_stop():
             raise Interrupted("stage 1 interrupted")
-    return to_pil(result.images, "stage 1")
+        if not use_refiner:
+            for row, i in enumerate(indices):
+                images[i] = to_pil(result.images[row:row + 1], "stage 1")
+            continue
+        latents = result.images
+        refiner_embeddings = [prompt_embeddings(models.refiner, records[i]) for i in indices]
+        for rows in _same_length(refiner_embeddings):
+            refined = models.refiner(
+                **common,
+                **_stacked([refiner_embeddings[row] for row in rows]),
+                image=latents[rows],
+                # Each image's generator goes on from where the base left it, as when made alone.
+                generator=[generators[row] for row in rows] if len(rows) > 1 else generators[rows[0]],
+                denoising_start=lead.refiner_split,
+                output_type="np",
+                callback_on_step_end=_step_callback(hooks, "stage1 refiner", lead.steps, models.base.num_timesteps),
+            )
+            if hooks.should_stop():
+                raise Interrupted("stage 1 interrupted")
+            for position, row in enumerate(rows):
+                images[indices[row]] = to_pil(refined.images[position:position + 1], "stage 1")
+    return images
+
+
+def _same_length(embeddings: list) -> list[list[int]]:
+    """Indices of the embeddings that can share a call (same shapes), in order of first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for index, embedding in enumerate(embeddings):
+        key = (tuple(embedding.prompt_embeds.shape), tuple(embedding.negative_embeds.shape))
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def _stacked(embeddings: list) -> dict:
+    """One pipeline call's prompt keyword arguments for several images (batch = first dimension)."""
+    import torch
+
+    per_image = [embedding.pipeline_kwargs() for embedding in embeddings]
+    return {key: torch.cat([kwargs[key] for kwargs in per_image]) for key in per_image[0]}
 
 
 # --- stages 2 and 3 ------------------------------------------------------------------------
