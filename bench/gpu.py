@@ -351,7 +351,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: proves the script works")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: stages,loras,switches,compile,offload,sequential,pixel,esrgan")
+                        help="comma-separated sections to skip: stages,throughput,loras,switches,compile,offload,sequential,pixel,esrgan")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -359,6 +359,8 @@ def main() -> None:
     bench_stages(run, skip)
     if "esrgan" not in skip:
         bench_esrgan(run)
+    if "throughput" not in skip:
+        bench_throughput(run)
     if "loras" not in skip:
         run.library = bench_loras(run.bench, run.base, run.models, run.plain, run.unets, args, quick=args.tiny)
     if "switches" not in skip:
@@ -455,6 +457,26 @@ def bench_stages(run: Run, skip: set) -> None:
     if "pixel" not in skip and "stages" not in skip:
         bench.measure(f"stage 3 pixel {geometry.final[0]}x{geometry.final[1]}",
                       lambda: stage3_pixel(models, refined, final_image, pixel_settings), unets)
+
+
+def bench_throughput(run: Run) -> None:
+    """Batched stage 1 (generation.batch_size): images per hour and peak VRAM per batch size, each
+    batch one stage1_batch call of distinct seeds, as the daemon makes them."""
+    from dataclasses import replace
+
+    from sdxld.stages import stage1_batch
+
+    single = None
+    for batch in (1, 2, 4) if run.args.tiny else (1, 2, 4, 8):
+        records = [replace(run.plain, seed=seed) for seed in range(batch)]
+        row = run.bench.measure(f"stage 1 batch {batch}", lambda: stage1_batch(run.models, records), run.unets)
+        if row is None or not row.seconds:
+            continue
+        per_hour = batch * 3600 / row.seconds
+        single = single or per_hour
+        row.note = f"{per_hour:,.0f} images/hour, {per_hour / single:.2f}x batch 1"
+        print(f"{'':48} {row.note}", flush=True)
+    run.bench.write()
 
 
 def bench_esrgan(run: Run) -> None:

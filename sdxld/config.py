@@ -230,15 +230,17 @@ class GenerationConfig:
     final_scale: float = 4.0
     sampler: Literal[tuple(SAMPLERS)] = "UniPC"  # type: ignore[valid-type]
     # Stage-1 images per UNet call. A batch shares one LoRA draw (each image keeps its own seed,
-    # prompt and record); waiting approved images wait for at most one batch.
-    batch_size: int = 1
+    # prompt and record); waiting approved images wait for at most one batch. auto: 1 on the CPU;
+    # on a GPU, as many as 80% of the free VRAM holds by the first image's measured peak (<= 8).
+    batch_size: int | Literal["auto"] = 1
     t2i: TextToImageConfig = field(default_factory=TextToImageConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     stage3: Stage3Config = field(default_factory=Stage3Config)
 
     def validate(self) -> None:
         _check(-1 <= self.seed < 2**63, "generation.seed", f"{self.seed} is not -1 (random) or a seed in 0..2^63-1")
-        _check(1 <= self.batch_size <= 16, "generation.batch_size", f"{self.batch_size} is outside 1..16")
+        if self.batch_size != "auto":
+            _check(1 <= self.batch_size <= 16, "generation.batch_size", f"{self.batch_size} is outside 1..16 (or auto)")
         for key in ("base_width", "base_height"):
             value = getattr(self, key)
             _multiple_of_8(value, f"generation.{key}")

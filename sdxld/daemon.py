@@ -241,8 +241,8 @@ class Daemon:
         self.status.update(force=True, state="running", current=None)
 
     def _batch_size(self) -> int:
-        """generation.batch_size, less where the batch would take stage1/ past daemon.max_pending."""
-        wanted, limit = self.config.generation.batch_size, self.config.daemon.max_pending
+        """The engine's batch size now, less where the batch would take stage1/ past daemon.max_pending."""
+        wanted, limit = self.engine.stage1_batch_size(), self.config.daemon.max_pending
         if wanted == 1 or not limit:
             return wanted
         writer = self.engine.writer

@@ -21,7 +21,18 @@ from .prompt_syntax import escape, lora_tag
 from .prompts import PromptSource
 from .records import FinalReport, Record, Stage2Report, Stage3Report, StageReports
 from .rotation import Rotation
-from .stages import STAGE2_SEED_OFFSET, STAGE3_SEED_OFFSET, Hooks, stage1, stage1_batch, stage2, stage3, upscale_for_stage3
+from .stages import (
+    STAGE2_SEED_OFFSET,
+    STAGE3_SEED_OFFSET,
+    Hooks,
+    auto_stage1_batch,
+    out_of_memory_error,
+    stage1,
+    stage1_batch,
+    stage2,
+    stage3,
+    upscale_for_stage3,
+)
 from .taste import TasteReader
 
 log = logging.getLogger(__name__)
@@ -77,6 +88,10 @@ class Engine:
             settle_s=lora_settle_s,
         )
         self.seeds = SeedSequence(config.generation.seed)
+        # For batch_size auto: the largest peak VRAM per stage-1 image seen, and the batch size
+        # below one that ran out of memory.
+        self._stage1_image_bytes: float | None = None
+        self._stage1_batch_ceiling: int | None = None
         self._ledger = None
         self.rotation = Rotation(config)
         self._warned_dirs = False
@@ -221,9 +236,47 @@ class Engine:
         results = []
         for group in groups.values():
             self.loras.activate(group[0].rotated, tagged=group[0].tagged)
-            images = stage1_batch(self.models, [draw.record for draw in group], hooks)
+            images = self._stage1_measured([draw.record for draw in group], hooks)
             results += [self._publish_stage1(draw.record, image) for draw, image in zip(group, images)]
         return results
+
+    def stage1_batch_size(self) -> int:
+        """generation.batch_size now: 'auto' resolved from the free VRAM and the measured peak of
+        an image (1 on the CPU), and never above a size that ran out of memory."""
+        configured = self.config.generation.batch_size
+        if configured == "auto":
+            free = None
+            if self.models.device.startswith("cuda"):
+                import torch
+
+                free = torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
+            configured = auto_stage1_batch(free, self._stage1_image_bytes)
+        return min(configured, self._stage1_batch_ceiling or configured)
+
+    def _stage1_measured(self, records: list[Record], hooks: Hooks | None) -> list:
+        """stage1_batch, measuring the peak VRAM per image on a GPU (for 'auto'); a batch that runs
+        out of memory is run again in halves, and later batches stay at most that size."""
+        cuda = self.models.device.startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        try:
+            images = stage1_batch(self.models, records, hooks)
+        except out_of_memory_error():
+            if len(records) == 1:
+                raise
+            half = len(records) // 2
+            self._stage1_batch_ceiling = half
+            log.warning("a stage-1 batch of %d ran out of GPU memory; batches of at most %d from now on", len(records), half)
+            if cuda:
+                torch.cuda.empty_cache()
+            return self._stage1_measured(records[:half], hooks) + self._stage1_measured(records[half:], hooks)
+        if cuda:
+            per_image = (torch.cuda.max_memory_allocated() - before) / len(records)
+            self._stage1_image_bytes = max(self._stage1_image_bytes or 0, per_image)
+        return images
 
     def _publish_stage1(self, record: Record, image) -> Stage1Result:
         name = store.image_name(record.tag, "stage1", image.width, image.height)

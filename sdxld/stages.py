@@ -379,6 +379,19 @@ def auto_tile_batch(settings, device) -> int:
     return 2 if free > 2 * per_tile + 2 * GIB else 1
 
 
+AUTO_BATCH_MOST = 8
+AUTO_BATCH_VRAM_SHARE = 0.8
+
+
+def auto_stage1_batch(free_bytes: int | None, image_bytes: int | None) -> int:
+    """batch_size 'auto' on a GPU: as many images as AUTO_BATCH_VRAM_SHARE of the free VRAM holds
+    at `image_bytes` each (one image's measured peak working memory), at most AUTO_BATCH_MOST;
+    1 until an image has been measured."""
+    if not free_bytes or not image_bytes:
+        return 1
+    return max(1, min(AUTO_BATCH_MOST, int(AUTO_BATCH_VRAM_SHARE * free_bytes // image_bytes)))
+
+
 def smaller_stage3(settings):
     """The next try after running out of memory: one tile per UNet call, then half-size tiles."""
     if settings.mode == "latent" and settings.tile_batch > 1:

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 from support.daemons import DaemonProcess, files, partial_files, records, set_config, wait_for
+from support.helpers import run_sdxld
 
 from sdxld.stages import stage1, stage1_batch
 from sdxld.tiny import write_tiny_lora
@@ -77,6 +78,16 @@ def test_a_batch_must_share_size_and_schedule(make_engine):
         stage1_batch(engine.models, [first, wider])
 
 
+def test_generate_stage1_makes_the_count_in_batches(root):
+    set_config(root, generation={"batch_size": 2, "seed": 40})
+    result = run_sdxld("generate", "--demo", "--stage1", "--count", "5", cwd=root)
+    assert result.returncode == 0, result.stderr
+    made = sorted(records(root), key=lambda r: r["seed"])
+    assert [r["seed"] for r in made] == [40, 41, 42, 43, 44]
+    assert [r["batch"].get("lora_seed") for r in made] == [40, 40, 42, 42, None], "two batches of two, then one alone"
+    assert len(files(root / "outputs" / "stage1", "*.png")) == 5
+
+
 def test_the_daemon_makes_batches_still_takes_approved_images_and_stops_cleanly(root, loras, make_stage1):
     [approvable] = make_stage1(1, into=root / "spare")
     set_config(root, daemon={"max_pending": 0, "settle_s": 0.2},
@@ -101,3 +112,44 @@ def test_the_daemon_makes_batches_still_takes_approved_images_and_stops_cleanly(
         assert len({tuple(u["name"] for u in r["loras"] if u["via"] == "rotation") for r in batch}) == 1
     assert len(files(root / "outputs" / "final", "*.png")) == 1
     assert partial_files(root) == []
+
+
+def test_auto_batch_size_is_one_on_the_cpu_and_fills_the_free_vram_by_the_measured_peak(make_engine):
+    from sdxld.stages import auto_stage1_batch
+
+    assert make_engine(generation__batch_size="auto").stage1_batch_size() == 1
+    gib = 1024**3
+    assert auto_stage1_batch(None, None) == 1 and auto_stage1_batch(70 * gib, None) == 1, "nothing measured yet"
+    assert auto_stage1_batch(20 * gib, 4 * gib) == 4  # 80% of 20 GiB holds four 4 GiB images
+    assert auto_stage1_batch(70 * gib, 2 * gib) == 8, "at most eight"
+    assert auto_stage1_batch(3 * gib, 4 * gib) == 1
+
+
+@pytest.mark.parametrize("value, problem", [(0, "outside 1..16"), (17, "outside 1..16"), ("lots", "batch_size")])
+def test_a_bad_batch_size_is_refused_by_name(root, value, problem):
+    from sdxld.config import ConfigError, load
+
+    set_config(root, generation={"batch_size": value})
+    with pytest.raises(ConfigError, match=problem):
+        load(root / "config.yaml")
+
+
+def test_a_batch_that_runs_out_of_memory_is_redone_in_halves_and_later_batches_stay_smaller(make_engine, monkeypatch):
+    from sdxld import engine as engine_module
+    from sdxld.stages import out_of_memory_error
+
+    real = engine_module.stage1_batch
+    calls = []
+
+    def small_gpu(models, records, hooks=None):
+        calls.append(len(records))
+        if len(records) > 2:
+            raise out_of_memory_error()("CUDA out of memory (simulated)")
+        return real(models, records, hooks)
+
+    monkeypatch.setattr(engine_module, "stage1_batch", small_gpu)
+    engine = make_engine(model__refiner=None, generation__batch_size=4)
+    made = engine.stage1_batch(4)
+    assert len(made) == 4 and all(r.path.exists() for r in made)
+    assert calls == [4, 2, 2]
+    assert engine.stage1_batch_size() == 2

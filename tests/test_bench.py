@@ -16,7 +16,8 @@ def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "tiny-cpu.md").read_text()
-    for row in ("stage 1 128x224", "stage 1 + refiner", "stage 2 256x448", "stage 3 latent 512x896", "ESRGAN tiny-shaped"):
+    for row in ("stage 1 128x224", "stage 1 + refiner", "stage 2 256x448", "stage 3 latent 512x896", "ESRGAN tiny-shaped",
+                "stage 1 batch 4"):
         assert row in report
     assert "FAILED" not in report
 
