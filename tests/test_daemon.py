@@ -236,7 +236,7 @@ def test_five_stage1_failures_in_a_row_end_the_process_for_a_restart(root, monke
     def broken(self, *args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert triggered")
 
-    monkeypatch.setattr(Engine, "stage1_once", broken)
+    monkeypatch.setattr(Engine, "stage1_batch", broken)
     monkeypatch.setattr(pacing, "FAILURE_BACKOFF_S", 0.01)
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     runner = daemon_module.Daemon(root / "config.yaml", demo_config(root), demo=True, stop=StopFlag(), notifier=Notifier())
