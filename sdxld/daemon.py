@@ -21,7 +21,7 @@ from .engine import Engine
 from .inbox import Claim, Inbox
 from .jobs import JobStatus, run_claimed
 from .layout import Layout
-from .pacing import Hold, Stage1Pacing
+from .pacing import Hold, Stage1Pacing, pending_images
 from .stages import Hooks, Interrupted, NaNImageError
 from .status import StatusBoard
 from .taste import TasteReader
@@ -246,8 +246,7 @@ class Daemon:
         if wanted == 1 or not limit:
             return wanted
         writer = self.engine.writer
-        pending = len(store.images_of_kind(self.engine.layout.stage1, "stage1")) + (writer.in_flight if writer else 0)
-        return max(1, min(wanted, limit - pending))
+        return max(1, min(wanted, limit - pending_images(self.engine.layout, writer.in_flight if writer else 0)))
 
     def _stage1(self) -> None:
         started = time.monotonic()

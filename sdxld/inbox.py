@@ -142,10 +142,7 @@ class Inbox:
         """Take a file out of approved/ for processing; None if another process took it first."""
         self.ensure_dirs()
         target = self.processing / f"{_owner()}__{path.name}"
-        # The lease first: a claim is never visible to other hosts without one.
-        KEEPER.hold(lease_path(target), self.lease_s)
-        if not store.move(path, target):
-            KEEPER.drop(lease_path(target))
+        if not self._take(path, target):
             return None
         moved_sidecar = None
         for sidecar in sidecar_candidates(path.parent, path.name):
@@ -154,6 +151,15 @@ class Inbox:
                 moved_sidecar = moved
                 break
         return Claim(path.name, target, moved_sidecar)
+
+    def _take(self, source: Path, claim: Path) -> bool:
+        """Rename `source` to this process's `claim` name; False if another process took it first.
+        The lease comes first: a claim is never visible to other hosts without one."""
+        KEEPER.hold(lease_path(claim), self.lease_s)
+        if store.move(source, claim):
+            return True
+        KEEPER.drop(lease_path(claim))
+        return False
 
     def _move(self, claim: Claim, folder: Path) -> Path:
         """Move a claimed file (and its record sidecar) to `folder` under the user's names."""
@@ -229,9 +235,7 @@ class Inbox:
                 continue  # travels with its image below
             attempt = parsed.attempt + 1
             target = self.processing / f"{_owner(attempt)}__{name}"
-            KEEPER.hold(lease_path(target), self.lease_s)
-            if not store.move(entry, target):
-                KEEPER.drop(lease_path(target))
+            if not self._take(entry, target):
                 continue  # another process recovered it first
             try:
                 lease_path(entry).unlink()

@@ -42,6 +42,11 @@ class Hold:
         return time.monotonic() < self._until
 
 
+def pending_images(layout: Layout, images_in_flight: int) -> int:
+    """Stage-1 images waiting to be curated: in outputs/stage1/, or made and still being saved."""
+    return len(store.images_of_kind(layout.stage1, "stage1")) + images_in_flight
+
+
 class Stage1Pacing:
     def __init__(self, wait: Callable[[float], object]):
         self._wait = wait  # sleeps, but wakes at once when the daemon is asked to stop
@@ -53,7 +58,7 @@ class Stage1Pacing:
         if self.after_save_failure.active():
             return f"saving failed ({self.after_save_failure.reason}); retrying every {daemon.save_retry_s:g} s"
         if daemon.max_pending:
-            pending = len(store.images_of_kind(layout.stage1, "stage1")) + images_in_flight
+            pending = pending_images(layout, images_in_flight)
             if pending >= daemon.max_pending:
                 return f"{pending} stage-1 images waiting to be curated (daemon.max_pending {daemon.max_pending})"
         if not layout.outputs.is_dir():
