@@ -84,8 +84,10 @@ class ModelConfig:
 class PerformanceConfig:
     dtype: Literal[tuple(DTYPES)] = "fp16"  # type: ignore[valid-type]
     # off; regional: torch.compile each repeated transformer block (fast to compile, most of the
-    # gain); full: the whole UNet. LoRAs are merged into the weights in place, so neither recompiles per LoRA.
-    compile: Literal["off", "regional", "full"] = "off"
+    # gain); full: the whole UNet; max: the whole UNet for fixed shapes, autotuned and replayed as
+    # CUDA graphs (minutes to compile per image size and batch size; made for the daemon's long
+    # runs). LoRAs are merged into the weights in place, so none of them recompiles per LoRA.
+    compile: Literal["off", "regional", "full", "max"] = "off"
     # torch.compile backend: inductor generates kernels; eager only traces (tests, debugging).
     compile_backend: str = "inductor"
     # Fuse the q/k/v projections of the UNet's and VAE's attention into one matmul. The UNet's
@@ -93,6 +95,10 @@ class PerformanceConfig:
     fuse_qkv: bool = False
     # NHWC tensors for the UNet and VAE convolutions.
     channels_last: bool = False
+    # none; fp8: the UNets' linear layers as fp8 matmuls with fp8 activations (NVIDIA Ada and
+    # Hopper: compute capability 8.9+); int8: int8 weights and activations (any GPU, and the CPU).
+    # Needs torchao (pip install 'sdxld[quantize]'). LoRAs merge into kept full-precision copies.
+    quantize: Literal["none", "fp8", "int8"] = "none"
     # auto: CUDA when present, else CPU.
     device: str = "auto"
     # auto: xformers when installed on CUDA, else PyTorch SDPA.

@@ -86,6 +86,7 @@ class Engine:
             self.layout.lora_dirs,
             {"character": config.lora.character_strength, "style": config.lora.style_strength},
             settle_s=lora_settle_s,
+            quantized=models.quantized,
         )
         self.seeds = SeedSequence(config.generation.seed)
         # For batch_size auto: the largest peak VRAM per stage-1 image seen, and the batch size

@@ -307,12 +307,15 @@ class LoraMerger:
     """Keeps LoRAs merged into the pipeline's weights, one per slot ("character", "style", and
     one for each `<lora:>` tag of the current image)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, quantized=None):
         self.pipe = pipe
         self._merged: dict[str, Merged] = {}
         # (component, layer) -> its original weight, on the CPU: taken the first time a LoRA
         # touches the layer, the base every later merge starts from.
         self._originals: dict[tuple[str, str], object] = {}
+        # performance.quantize (quantize.Quantized): its layers' originals were kept before
+        # quantizing (a quantized weight is no original), and merged weights are quantized again.
+        self._quantized = quantized
 
     def holds(self, slot: str, key: tuple) -> bool:
         merged = self._merged.get(slot)
@@ -386,7 +389,8 @@ class LoraMerger:
     def _rewrite_layer(self, component: str, layer: str, state: dict[str, Merged | None], device, pin: bool) -> None:
         module = getattr(self.pipe, component).get_submodule(layer)
         weight = module.weight
-        original = self._originals.get((component, layer))
+        quantized = self._quantized is not None and self._quantized.holds(component, layer)
+        original = self._quantized.originals[(component, layer)] if quantized else self._originals.get((component, layer))
         if original is None:
             original = weight.detach().to("cpu", copy=True)
             self._originals[(component, layer)] = original.pin_memory() if pin else original
@@ -394,14 +398,20 @@ class LoraMerger:
         # bit-identical whatever order the slots were filled in.
         patches = [(state[slot].weights.layers[component][layer], state[slot].strength) for slot in sorted(state)
                    if state[slot] is not None and layer in state[slot].weights.layers.get(component, {})]
-        if not patches:
-            weight.copy_(original)
-            return
-        base = original.to(device, non_blocking=True).float()
-        # Each LoRA's part is measured from the original weight (DoRA's magnitude too), so no
-        # LoRA's part depends on which others are merged.
-        total = sum(patch.contribution(base, device) * strength for patch, strength in patches)
-        weight.copy_((base + total).to(weight.dtype))
+        if patches:
+            base = original.to(device, non_blocking=True).float()
+            # Each LoRA's part is measured from the original weight (DoRA's magnitude too), so no
+            # LoRA's part depends on which others are merged.
+            total = sum(patch.contribution(base, device) * strength for patch, strength in patches)
+            merged = (base + total).to(weight.dtype)
+        else:
+            merged = original
+        # In place either way: the parameter keeps its storage, which compiled code and CUDA
+        # graphs read from.
+        if quantized:
+            self._quantized.write(module, merged.to(weight.device, non_blocking=True))
+        else:
+            weight.copy_(merged)
 
 
 def _key(merged: Merged | None):

@@ -143,14 +143,14 @@ def read_triggers(txt: Path) -> str:
 
 
 class LoraLibrary:
-    def __init__(self, pipe, dirs: dict[str, Path], strengths: dict[str, float], settle_s: float = 0.0):
+    def __init__(self, pipe, dirs: dict[str, Path], strengths: dict[str, float], settle_s: float = 0.0, quantized=None):
         self.pipe = pipe
         self.dirs = {kind: Path(d) for kind, d in dirs.items()}
         self.strengths = dict(strengths)
         # Files modified less than this long ago may still be copying: wait before loading them.
         self.settle_s = settle_s
         self._entries: dict[Path, LoraEntry] = {}
-        self.merger = LoraMerger(pipe)
+        self.merger = LoraMerger(pipe, quantized)
         self._tag_warnings: set[str] = set()
 
     # --- folder state -----------------------------------------------------------------------

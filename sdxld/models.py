@@ -16,7 +16,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import diffusers_private, offload
+from . import diffusers_private, offload, quantize
 from .config import DTYPES, SAMPLERS, Config, ModelSource, model_source
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,11 @@ class ModelBank:
     notes: list[str] = field(default_factory=list)
     # model_offload's coordinator: which one model is on the GPU now (None for other strategies).
     residency: offload.OneModelOnDevice | None = None
+    # performance.quantize: the base UNet's quantized layers and their kept originals (LoRA merges).
+    quantized: quantize.Quantized | None = None
+    # performance.compile max: every new input shape is a UNet build of its own (minutes), so
+    # stage 1 keeps its batches to a few shapes.
+    static_shapes: bool = False
 
     @property
     def execution_device(self):
@@ -262,6 +267,7 @@ def load_models(config: Config) -> ModelBank:
     img2img = img2img_from(base)
 
     _layout_tensors(config, [base, refiner])
+    quantized = _quantize(config, device, base, refiner, notes)
     residency = _place(config, device, base, refiner, notes)
     _configure_vae(config, base.vae)
     _configure_attention(config, device, [base, refiner], notes)
@@ -287,6 +293,8 @@ def load_models(config: Config) -> ModelBank:
         sampler=config.generation.sampler,
         notes=notes,
         residency=residency,
+        quantized=quantized,
+        static_shapes=config.performance.compile == "max",
     )
 
 
@@ -328,12 +336,45 @@ def _layout_tensors(config: Config, pipes: list) -> None:
             pipe.vae.to(memory_format=torch.channels_last)
 
 
+def _quantize(config: Config, device: str, base, refiner, notes: list[str]) -> quantize.Quantized | None:
+    """performance.quantize on the UNets, on the execution device (seconds there, minutes on a
+    CPU), before the memory strategy places them. LoRAs only merge into the base UNet: only its
+    originals are kept."""
+    mode = config.performance.quantize
+    if mode == "none":
+        return None
+    if device.startswith("cuda") and config.memory.strategy in ("group_offload", "sequential_offload"):
+        notes.append(f"performance.quantize {mode} works with memory.strategy gpu or model_offload, not "
+                     f"{config.memory.strategy} (its per-layer hooks move plain tensors); not quantizing")
+        return None
+    if mode == "fp8":
+        reason = quantize.fp8_unsupported(device)
+        if reason:
+            notes.append(f"performance.quantize fp8: {reason}; using int8 instead")
+            mode = "int8"
+    try:
+        quantize.torchao_config(mode)
+    except quantize.QuantizeUnavailable as err:
+        raise ModelLoadError(str(err)) from None
+    kept = None
+    for pipe in (base, refiner):
+        if pipe is None:
+            continue
+        pipe.unet.to(device)
+        done = quantize.quantize_unet(pipe.unet, mode, keep_originals=pipe is base)
+        kept = kept or done
+    notes.append(f"performance.quantize {mode}: {kept.layers} linear layers per UNet run as {mode} matmuls (torchao); "
+                 f"their originals for LoRA merges take {kept.original_bytes() / 2**30:.1f} GiB of RAM")
+    return kept
+
+
 def _compile(config: Config, pipes: list, notes: list[str]) -> None:
     """torch.compile the UNets in place (pipelines keep their modules, and img2img shares them).
 
     Compilation happens at the first call. LoRAs are merged into the weights in place, which no
-    guard looks at, so rotating them never recompiles. The first image of a new
-    size compiles again once; after that torch marks the sizes dynamic."""
+    guard looks at, so rotating them never recompiles. The first image of a new size compiles
+    again once; after that torch marks the sizes dynamic, except under max, which compiles each
+    shape for itself (stages.stage1_batch then keeps its batches to powers of two)."""
     mode = config.performance.compile
     if mode == "off":
         return
@@ -344,9 +385,29 @@ def _compile(config: Config, pipes: list, notes: list[str]) -> None:
         if mode == "regional":
             # Each BasicTransformerBlock is compiled once and reused for all its copies.
             pipe.unet.compile_repeated_blocks(backend=backend)
+        elif mode == "max":
+            # max-autotune includes CUDA graphs: a whole denoising step replays as one launch.
+            options = {"mode": "max-autotune"} if backend == "inductor" else {"backend": backend}
+            pipe.unet.compile(dynamic=False, **options)
         else:
             pipe.unet.compile(backend=backend)
+    if mode == "max":
+        _allow_static_shapes()
+        if config.performance.device != "cpu" and config.memory.strategy != "gpu":
+            notes.append(f"performance.compile max records CUDA graphs at the weights' addresses; memory.strategy "
+                         f"{config.memory.strategy} moves the UNet, so graphs are recorded again: use memory.strategy gpu")
     notes.append(f"performance.compile {mode} ({backend}): the first image of each size compiles, expect it to be slow")
+
+
+def _allow_static_shapes() -> None:
+    """compile max specialises on every shape: stage 1's batch sizes, stage 2's size, stage 3's
+    tile batches, base and refiner. torch's default of 8 compiled versions per function would
+    fall back to running uncompiled after that."""
+    import torch
+
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 64))
 
 
 def _configure_vae(config: Config, vae) -> None:

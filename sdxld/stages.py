@@ -101,7 +101,7 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
     common = dict(num_inference_steps=lead.steps, guidance_scale=lead.cfg)
     images: list = [None] * len(records)
     base_embeddings = [prompt_embeddings(models.base, record) for record in records]
-    for indices in _same_length(base_embeddings):
+    for indices in _unet_batches(base_embeddings, models.static_shapes):
         generators = [_generator(models.device, records[i].seed) for i in indices]
         generator = generators if len(generators) > 1 else generators[0]
         result = models.base(
@@ -122,7 +122,7 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
             continue
         latents = result.images
         refiner_embeddings = [prompt_embeddings(models.refiner, records[i]) for i in indices]
-        for rows in _same_length(refiner_embeddings):
+        for rows in _unet_batches(refiner_embeddings, models.static_shapes):
             refined = models.refiner(
                 **common,
                 **_stacked([refiner_embeddings[row] for row in rows]),
@@ -140,13 +140,24 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
     return images
 
 
-def _same_length(embeddings: list) -> list[list[int]]:
-    """Indices of the embeddings that can share a call (same shapes), in order of first appearance."""
+def _unet_batches(embeddings: list, static_shapes: bool) -> list[list[int]]:
+    """Indices of the embeddings that can share a call (same shapes), in order of first appearance.
+
+    With static shapes (compile max: a UNet build per shape, minutes each) a group runs in
+    powers of two, 7 = 4 + 2 + 1: at most five batch shapes however the batches fall."""
     groups: dict[tuple, list[int]] = {}
     for index, embedding in enumerate(embeddings):
         key = (tuple(embedding.prompt_embeds.shape), tuple(embedding.negative_embeds.shape))
         groups.setdefault(key, []).append(index)
-    return list(groups.values())
+    if not static_shapes:
+        return list(groups.values())
+    calls = []
+    for group in groups.values():
+        while group:
+            size = 1 << (len(group).bit_length() - 1)
+            calls.append(group[:size])
+            group = group[size:]
+    return calls
 
 
 def _stacked(embeddings: list) -> dict:

@@ -3,6 +3,8 @@
 torch.compile's eager backend traces exactly as inductor does (same guards, same recompiles) but
 generates no kernels, so these run in seconds on a CPU."""
 
+import os
+
 import pytest
 
 from sdxld.tiny import write_tiny_lora
@@ -75,3 +77,89 @@ def test_upscaling_a_second_image_reuses_the_compiled_sizes(root, make_engine, n
     no_recompiles()
     for image in images[1:]:
         engine.upscale(image.record, image.image)
+
+
+def test_compile_max_builds_one_unet_per_power_of_two_batch_then_never_recompiles(root, make_engine, no_recompiles):
+    # max compiles each shape for itself (dynamic=False): a batch of 3 would be a new UNet build
+    # (minutes with inductor) unless it runs as 2 + 1.
+    engine = make_engine(performance__compile="max", performance__compile_backend="eager", generation__t2i__steps=2,
+                         model__use_refiner=False)
+    for size in (1, 2, 4):
+        engine.stage1_batch(size)
+    no_recompiles()
+    made = [engine.stage1_batch(size) for size in (3, 7)]
+    assert [len(batch) for batch in made] == [3, 7]
+    assert {r.record.batch["size"] for r in made[1]} == {7}, "the record still names the batch it was drawn in"
+
+
+def lora_free_unet_output(engine):
+    import torch
+
+    from sdxld.quantize import fixed_unet_inputs
+
+    unet = engine.models.base.unet
+    args, kwargs = fixed_unet_inputs(unet, batch=2, latent_hw=(16, 16))
+    with torch.inference_mode():
+        return unet(*args, **kwargs).sample
+
+
+def storage_addresses(unet) -> dict:
+    """Where every weight's data lives (a quantized weight's data is its inner tensors)."""
+    where = {}
+    for name, parameter in unet.named_parameters():
+        parts = getattr(type(parameter), "tensor_data_names", None)
+        if parts:
+            where.update({(name, part): getattr(parameter, part).data_ptr() for part in parts})
+        else:
+            where[(name, "")] = parameter.data_ptr()
+    return where
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("backend", [
+    # aot_eager lifts the weights into graph inputs as inductor does, without generating code.
+    "aot_eager",
+    pytest.param("inductor", marks=pytest.mark.skipif(
+        not os.environ.get("SDXLD_LONG_TESTS"), reason="inductor's max-autotune takes a minute per case: set SDXLD_LONG_TESTS=1")),
+])
+def test_compile_max_reads_lora_weights_written_after_it_compiled(root, make_engine, backend, quantize):
+    from sdxld.quantize import relative_error
+
+    extra = {} if backend == "inductor" else {"performance__compile_backend": backend}
+    eager = make_engine(performance__quantize=quantize)
+    compiled = make_engine(performance__compile="max", performance__quantize=quantize, **extra)
+    before = lora_free_unet_output(compiled)  # compiles
+    where = storage_addresses(compiled.models.base.unet)
+    write_tiny_lora(root / "loras/character/alice.safetensors", seed=1, rank=4, scale=0.1)
+    for engine in (eager, compiled):
+        engine.sync_loras()
+        engine.loras.activate(engine.loras.available("character"))
+    # CUDA graphs read weights at the addresses they were recorded with: merging writes into them.
+    assert storage_addresses(compiled.models.base.unet) == where
+    after = lora_free_unet_output(compiled)
+    assert relative_error(before, after) > 0.1, "the compiled UNet ignored the merged LoRA"
+    # Compiled int8 kernels round differently from eager ones (about 0.6% here); stale weights
+    # would be off by the LoRA's whole effect (about 20%).
+    tolerance = 1e-4 if quantize == "none" else 0.02
+    assert relative_error(lora_free_unet_output(eager), after) < tolerance
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU; this machine has none")
+def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, make_engine):
+    import torch
+
+    from sdxld.quantize import relative_error
+
+    settings = dict(performance__device="cuda", performance__dtype="bf16", memory__strategy="gpu")
+    eager = make_engine(**settings)
+    compiled = make_engine(performance__compile="max", **settings)
+    for _ in range(3):  # warm-up, record, replay
+        before = lora_free_unet_output(compiled).clone()
+    write_tiny_lora(root / "loras/character/alice.safetensors", seed=1, rank=4, scale=0.1)
+    for engine in (eager, compiled):
+        engine.sync_loras()
+        engine.loras.activate(engine.loras.available("character"))
+    after = lora_free_unet_output(compiled).clone()
+    torch.cuda.synchronize()
+    assert relative_error(before, after) > 0.1, "the CUDA graph replayed the old weights"
+    assert relative_error(lora_free_unet_output(eager), after) < 0.02
