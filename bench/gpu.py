@@ -8,6 +8,9 @@ the card. Writes <out>/<card>.md.
 
     python bench/gpu.py                 # CUDA, full size (about 5 minutes on an H100)
     python bench/gpu.py --tiny          # CPU smoke test with the tiny model (CI)
+
+    # The throughput figures (batch sizes, quantize, compile max, approved path) in one call:
+    python bench/gpu.py --skip stages,pixel,esrgan,switches,compile,offload,sequential --budget-s 450
 """
 
 from __future__ import annotations
@@ -234,9 +237,25 @@ def stage_settings(geometry: Geometry, mode: str, tile_batch: int, use_refiner: 
 
 
 class Bench:
-    def __init__(self, device: str, out: Path, card: str):
+    def __init__(self, device: str, out: Path, card: str, budget_s: float | None = None):
         self.device, self.out, self.card = device, out, card
         self.rows: list[Row] = []
+        self.started = time.perf_counter()
+        self.budget_s = budget_s
+
+    def left_s(self) -> float:
+        """Seconds left of --budget-s (infinite without one)."""
+        if self.budget_s is None:
+            return float("inf")
+        return self.budget_s - (time.perf_counter() - self.started)
+
+    def ratio(self, row, baseline, what: str = "time") -> None:
+        """Note `row` as a multiple of `baseline` (both measured in this run)."""
+        if row is None or baseline is None or not row.seconds or not baseline.seconds:
+            return
+        row.note = (row.note + f" {row.seconds / baseline.seconds:.2f}x the {what} of '{baseline.name}'").strip()
+        print(f"{'':48} {row.note}", flush=True)
+        self.write()
 
     def sync(self):
         import torch
@@ -298,7 +317,7 @@ class Bench:
         lines = [
             f"# bench/gpu.py on {self.card}",
             "",
-            f"torch {self._torch()}, diffusers {self._diffusers()}, Python {platform.python_version()}; "
+            f"torch {self._torch()}, diffusers {self._diffusers()}, Python {platform.python_version()}{self._driver()}; "
             "random weights with SDXL 1.0's architecture, bf16, SDPA attention, UniPC. "
             "TFLOP counted with torch.utils.flop_counter (once per call shape, times the calls).",
             "",
@@ -323,6 +342,18 @@ class Bench:
         import diffusers
 
         return diffusers.__version__
+
+    def _driver(self) -> str:
+        if not self.device.startswith("cuda"):
+            return ""
+        import subprocess
+
+        try:
+            found = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+        except (OSError, subprocess.SubprocessError):
+            found = []
+        return f", driver {found[0]}" if found else ""
 
 
 @dataclass
@@ -351,7 +382,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: proves the script works")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: stages,throughput,loras,switches,compile,offload,sequential,pixel,esrgan")
+                        help="comma-separated sections to skip: stages,throughput,loras,switches,compile,fast,offload,sequential,pixel,esrgan")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds this run may take: the compile max part of 'fast' is skipped, saying so, when too little is left")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -367,6 +400,8 @@ def main() -> None:
         bench_switches(run)
     if "compile" not in skip:
         bench_compile(run)
+    if "fast" not in skip:
+        bench_fast(run)
     if run.device == "cuda" and "offload" not in skip:
         bench_offload(run)
     if run.device == "cuda" and "sequential" not in skip:
@@ -408,7 +443,7 @@ def setup(args) -> Run:
     rng = np.random.default_rng(0)
     return Run(
         args=args, device=device, dtype=dtype, dtype_name=dtype_name, geometry=geometry,
-        bench=Bench(device, args.out, card), base=base, refiner=refiner,
+        bench=Bench(device, args.out, card, args.budget_s), base=base, refiner=refiner,
         models=make_bank(base, refiner, device, dtype_name), unets=unets,
         plain=make_record(geometry, False), refined=make_record(geometry, True),
         stage1_image=Image.fromarray(rng.integers(0, 256, (*geometry.base[::-1], 3), dtype=np.uint8)),
@@ -552,6 +587,188 @@ def bench_compile(run: Run) -> None:
             if getattr(module, "_compiled_call_impl", None) is not None:
                 module._compiled_call_impl = None
         torch._dynamo.reset()
+
+
+# Seconds the compile max part of bench_fast is allowed to need before --budget-s skips it: a
+# safety margin (max-autotune builds the UNet once per shape), not a measurement.
+COMPILE_MAX_NEEDS_S = 240
+
+
+def bench_fast(run: Run) -> None:
+    """The throughput switches, each against a baseline measured in this call: one stage-1 image,
+    a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent) and a LoRA swap;
+    then the UNets quantized (fp8 where the card has it, else int8), with the quantized UNet's
+    error against the unquantized one on fixed inputs; then compile max (CUDA graphs) on top.
+    Leaves the models as it found them."""
+    import torch
+
+    from sdxld import quantize
+    from sdxld.stages import stage1
+
+    bench, models, plain, geometry = run.bench, run.models, run.plain, run.geometry
+    batch = 4 if run.args.tiny else 8
+    approved_path = _approved_path(run)
+    single = bench.measure("fast: stage 1, one image (baseline)", lambda: stage1(models, plain), run.unets)
+    batched = _batched_stage1(run, batch, "baseline", single, 1)
+    approved = bench.measure("fast: approved image, stage 2 + ESRGAN + stage 3 latent (baseline)", approved_path, run.unets)
+    plain_swap = _measure_swap(run, run.library, "fast: LoRA swap (baseline)")
+    _measure_vae_decode(run)
+
+    mode = "fp8" if run.device == "cuda" and not quantize.fp8_unsupported(run.device) else "int8"
+    unet = run.base.unet
+    probe_args, probe_kwargs = quantize.fixed_unet_inputs(unet, batch=2, latent_hw=(geometry.base[1] // 8, geometry.base[0] // 8))
+    with torch.inference_mode():
+        reference = unet(*probe_args, **probe_kwargs).sample.float()
+    kept: dict = {}
+
+    def quantize_both():
+        for name, pipe in (("base", run.base), ("refiner", run.refiner)):
+            kept[name] = quantize.quantize_unet(pipe.unet, mode, keep_originals=True)
+
+    try:
+        bench.measure(f"fast: quantize both UNets to {mode}", quantize_both)
+        with torch.inference_mode():
+            error = quantize.relative_error(reference, unet(*probe_args, **probe_kwargs).sample)
+        bench.rows.append(Row(f"fast: {mode} UNet output against {run.dtype_name} at stage 1's shape, fixed random "
+                              f"inputs: relative error {error:.4f} ({kept['base'].layers} linear layers quantized)", 0.0))
+        print(f"{'':48} {bench.rows[-1].name}", flush=True)
+        bench.ratio(bench.measure(f"fast: stage 1, one image, {mode}", lambda: stage1(models, plain), run.unets), single)
+        _batched_stage1(run, batch, mode, batched, batch)
+        bench.ratio(bench.measure(f"fast: approved image, {mode}", approved_path, run.unets), approved)
+        if run.library is not None:
+            from sdxld.loras import LoraLibrary
+
+            library = LoraLibrary(run.base, run.library.dirs, run.library.strengths, quantized=kept["base"])
+            library.sync()
+            bench.ratio(_measure_swap(run, library, f"fast: LoRA swap, {mode} (merge into kept originals, re-quantize)"), plain_swap)
+            library.activate([])
+        _bench_compile_max(run, mode, single, batched, batch)
+    finally:
+        for name, pipe in (("base", run.base), ("refiner", run.refiner)):
+            if name in kept:
+                _unquantize(pipe.unet, kept[name])
+
+
+def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None:
+    """compile max on the quantized base UNet: the build, then one image and a batch."""
+    import torch
+
+    from sdxld.config import Config
+    from sdxld.models import compile_unets
+    from sdxld.stages import stage1
+
+    bench, models, plain = run.bench, run.models, run.plain
+    if bench.left_s() < COMPILE_MAX_NEEDS_S:
+        bench.rows.append(Row(f"fast: compile max skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
+        print(bench.rows[-1].name, flush=True)
+        return
+    config = Config()
+    config.performance.compile = "max"
+    config.performance.compile_backend = "inductor" if run.device == "cuda" else "eager"
+    config.memory.strategy = "gpu"
+    try:
+        torch._dynamo.reset()
+        compile_unets(config, [run.base], [])  # the plain record never calls the refiner
+        models.static_shapes = True
+        bench.measure(f"fast: stage 1, {mode} + compile max: first image (builds)", lambda: stage1(models, plain))
+        bench.ratio(bench.measure(f"fast: stage 1, one image, {mode} + compile max", lambda: stage1(models, plain), run.unets), single)
+        if bench.left_s() < COMPILE_MAX_NEEDS_S / 2:
+            bench.rows.append(Row(f"fast: compile max batch {batch} skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
+            return
+        bench.measure(f"fast: stage 1 batch {batch}, {mode} + compile max: first batch (builds)",
+                      lambda: _stage1_records(run, batch))
+        _batched_stage1(run, batch, f"{mode} + compile max", batched, batch)
+    finally:
+        models.static_shapes = False
+        run.base.unet._compiled_call_impl = None
+        torch._dynamo.reset()
+
+
+def _stage1_records(run: Run, count: int):
+    from dataclasses import replace
+
+    from sdxld.stages import stage1_batch
+
+    return stage1_batch(run.models, [replace(run.plain, seed=seed) for seed in range(count)])
+
+
+def _batched_stage1(run: Run, batch: int, label: str, baseline, baseline_images: int):
+    """A batch of distinct seeds in one stage1_batch call: images/hour, against `baseline` (a row
+    that made `baseline_images` images)."""
+    row = run.bench.measure(f"fast: stage 1 batch {batch}, {label}", lambda: _stage1_records(run, batch), run.unets)
+    if row is not None and row.seconds:
+        per_hour = batch * 3600 / row.seconds
+        row.note = f"{per_hour:,.0f} images/hour"
+        if baseline is not None and baseline.seconds:
+            row.note += f", {per_hour / (baseline_images * 3600 / baseline.seconds):.2f}x the images/hour of '{baseline.name}'"
+        print(f"{'':48} {row.note}", flush=True)
+        run.bench.write()
+    return row
+
+
+def _approved_path(run: Run):
+    """What the daemon does for an approved image, minus file handling: stage 2, the ESRGAN
+    upscale (an anime_6B-shaped network), stage 3 latent with tile_batch 2."""
+    from safetensors.torch import save_file
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    from esrgan import Upscaler
+    from sdxld.stages import stage2, stage3, upscale_for_stage3
+
+    geometry = run.geometry
+    blocks, filters = (1, 8) if run.args.tiny else (6, 64)
+    path = run.args.out / ".esrgan-fast.safetensors"
+    run.args.out.mkdir(parents=True, exist_ok=True)
+    save_file(ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4).state_dict(), str(path))
+    upscaler = Upscaler.load(path, device=run.device, dtype="fp16" if run.device == "cuda" else "fp32")
+    path.unlink()
+    stage2_settings, stage3_settings = stage_settings(geometry, "latent", 2, True)
+
+    def approved():
+        _, mid = stage2(run.models, run.refined, run.stage1_image, stage2_settings, geometry.mid)
+        upscaled = upscale_for_stage3(run.models, upscaler, mid, geometry.final)
+        return stage3(run.models, run.refined, upscaled, stage3_settings)
+
+    return approved
+
+
+def _measure_swap(run: Run, library, name: str):
+    """One LoRA pair merged, then the character swapped: the swap is what is timed."""
+    if library is None or len(library.available("character")) < 2:
+        return None
+    first, second = library.available("character")[:2]
+    style = library.available("style")[0]
+    library.activate([first, style])
+    row = run.bench.measure(name, lambda: library.activate([second, style]))
+    library.activate([])
+    return row
+
+
+def _measure_vae_decode(run: Run) -> None:
+    """One stage-1 latent decoded tiled (memory.vae_tiling) and whole."""
+    import torch
+
+    vae, geometry = run.base.vae, run.geometry
+    latent = torch.randn(1, 4, geometry.base[1] // 8, geometry.base[0] // 8, device=run.device, dtype=vae.dtype)
+
+    def decode():
+        with torch.inference_mode():
+            vae.decode(latent / vae.config.scaling_factor)
+
+    vae.enable_tiling()
+    tiled = run.bench.measure("fast: VAE decode of one stage-1 latent, tiled", decode, {"vae_dec": vae.decoder})
+    vae.disable_tiling()
+    run.bench.ratio(run.bench.measure("fast: VAE decode of one stage-1 latent, whole", decode, {"vae_dec": vae.decoder}), tiled)
+    vae.enable_tiling()
+
+
+def _unquantize(unet, kept) -> None:
+    """Put the kept full-precision weights back (bench only: sections after this one run unquantized)."""
+    import torch
+
+    for (_, layer), original in kept.originals.items():
+        module = unet.get_submodule(layer)
+        module.weight = torch.nn.Parameter(original.to(module.weight.device), requires_grad=False)
 
 
 def _fresh_base(run: Run):

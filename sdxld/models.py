@@ -271,7 +271,7 @@ def load_models(config: Config) -> ModelBank:
     residency = _place(config, device, base, refiner, notes)
     _configure_vae(config, base.vae)
     _configure_attention(config, device, [base, refiner], notes)
-    _compile(config, [base, refiner], notes)
+    compile_unets(config, [base, refiner], notes)
 
     for pipe in (base, img2img, refiner):
         if pipe is not None:
@@ -368,7 +368,7 @@ def _quantize(config: Config, device: str, base, refiner, notes: list[str]) -> q
     return kept
 
 
-def _compile(config: Config, pipes: list, notes: list[str]) -> None:
+def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
     """torch.compile the UNets in place (pipelines keep their modules, and img2img shares them).
 
     Compilation happens at the first call. LoRAs are merged into the weights in place, which no
