@@ -26,9 +26,12 @@ class ModelLoadError(RuntimeError):
 
 
 def quiet_libraries() -> None:
-    """Keep diffusers/transformers chatter (load reports, progress of weight loading) out of our logs."""
+    """Keep diffusers/transformers chatter (load reports, progress of weight loading) out of our logs,
+    and torch's notes to library authors (torchao's registrations with torch's pytree)."""
     import diffusers
     import transformers
+
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
@@ -226,10 +229,10 @@ def _check_hub_model(config: Config, key: str, repo_id: str) -> None:
 
 def load_models(config: Config) -> ModelBank:
     """Load everything the stages need, honouring device, dtype and memory strategy."""
+    quiet_libraries()  # before the pipelines' import, which imports torchao when it is installed
     import torch
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    quiet_libraries()
     notes: list[str] = []
     device = pick_device(config.performance.device)
     dtype_name = config.performance.dtype
@@ -364,7 +367,7 @@ def _quantize(config: Config, device: str, base, refiner, notes: list[str]) -> q
         done = quantize.quantize_unet(pipe.unet, mode, keep_originals=pipe is base)
         kept = kept or done
     notes.append(f"performance.quantize {mode}: {kept.layers} linear layers per UNet run as {mode} matmuls (torchao); "
-                 f"their originals for LoRA merges take {kept.original_bytes() / 2**30:.1f} GiB of RAM")
+                 f"their originals for LoRA merges take {kept.original_bytes() / 2**20:,.0f} MiB of RAM")
     return kept
 
 
