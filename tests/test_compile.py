@@ -116,12 +116,19 @@ def storage_addresses(unet) -> dict:
     return where
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-@pytest.mark.parametrize("backend", [
+def long_case(*values):
+    return pytest.param(*values, marks=pytest.mark.skipif(
+        not os.environ.get("SDXLD_LONG_TESTS"), reason="20-60 s per case on a CPU: set SDXLD_LONG_TESTS=1"))
+
+
+@pytest.mark.parametrize("backend, quantize", [
     # aot_eager lifts the weights into graph inputs as inductor does, without generating code.
-    "aot_eager",
-    pytest.param("inductor", marks=pytest.mark.skipif(
-        not os.environ.get("SDXLD_LONG_TESTS"), reason="inductor's max-autotune takes a minute per case: set SDXLD_LONG_TESTS=1")),
+    ("aot_eager", "none"),
+    # Quantized layers: their inner tensors are written in place (tests/test_quantize.py checks
+    # the addresses in the suite); these check that compiled code reads them.
+    long_case("aot_eager", "int8"),
+    long_case("inductor", "none"),
+    long_case("inductor", "int8"),
 ])
 def test_compile_max_reads_lora_weights_written_after_it_compiled(root, make_engine, backend, quantize):
     from sdxld.quantize import relative_error
