@@ -534,7 +534,6 @@ def bench_esrgan(run: Run) -> None:
         upscaler.run(pixels[:64, :64])
         run.bench.measure(f"ESRGAN {name}-shaped x4 on {geometry.esrgan_input[0]}x{geometry.esrgan_input[1]} ({upscaler.dtype_name}, tile 512)",
                           lambda: upscaler.run(pixels), {"esrgan": upscaler.model.model})
-        del upscaler
 
 
 def bench_switches(run: Run) -> None:
@@ -834,8 +833,6 @@ def bench_sequential(run: Run) -> None:
 
 def bench_loras(bench, base, models, plain, unets, args, quick: bool):
     """Three random full-size LoRAs (rank 32 or 4 with --tiny) merged and swapped."""
-    import random
-
     from sdxld.loras import LoraLibrary
     from sdxld.stages import stage1
     from sdxld.tiny import write_tiny_lora

@@ -356,16 +356,13 @@ def _quantize(config: Config, device: str, base, refiner, notes: list[str]) -> q
             notes.append(f"performance.quantize fp8: {reason}; using int8 instead")
             mode = "int8"
     try:
-        quantize.torchao_config(mode)
+        base.unet.to(device)
+        kept = quantize.quantize_unet(base.unet, mode, keep_originals=True)
+        if refiner is not None:
+            refiner.unet.to(device)
+            quantize.quantize_unet(refiner.unet, mode, keep_originals=False)
     except quantize.QuantizeUnavailable as err:
         raise ModelLoadError(str(err)) from None
-    kept = None
-    for pipe in (base, refiner):
-        if pipe is None:
-            continue
-        pipe.unet.to(device)
-        done = quantize.quantize_unet(pipe.unet, mode, keep_originals=pipe is base)
-        kept = kept or done
     notes.append(f"performance.quantize {mode}: {kept.layers} linear layers per UNet run as {mode} matmuls (torchao); "
                  f"their originals for LoRA merges take {kept.original_bytes() / 2**20:,.0f} MiB of RAM")
     return kept

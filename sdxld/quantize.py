@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-MODES = ("fp8", "int8")
 # fp8 matmuls (torch._scaled_mm) want both dimensions divisible by 16; SDXL's all are.
 _ALIGNMENT = 16
 
@@ -108,9 +107,10 @@ def quantize_unet(unet, mode: str, keep_originals: bool) -> Quantized:
     """Quantize `unet`'s linear layers where it is (best on the GPU: seconds for SDXL); with
     `keep_originals`, first copy each of those weights to the CPU for LoRA merges."""
     import torch
+
+    config = torchao_config(mode)  # first: says what to install when torchao is missing
     from torchao.quantization import quantize_
 
-    config = torchao_config(mode)
     quantized = Quantized(mode)
     pin = torch.cuda.is_available()
     for name, module in unet.named_modules():
