@@ -595,7 +595,8 @@ COMPILE_MAX_NEEDS_S = 240
 
 def bench_fast(run: Run) -> None:
     """The throughput switches, each against a baseline measured in this call: one stage-1 image,
-    a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent) and a LoRA swap;
+    a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent), a LoRA swap,
+    the stage-1 VAE decode tiled and whole, a batch's prompts through the text encoders;
     then the UNets quantized (fp8 where the card has it, else int8), with the quantized UNet's
     error against the unquantized one on fixed inputs; then compile max (CUDA graphs) on top.
     Leaves the models as it found them."""
@@ -612,6 +613,7 @@ def bench_fast(run: Run) -> None:
     approved = bench.measure("fast: approved image, stage 2 + ESRGAN + stage 3 latent (baseline)", approved_path, run.unets)
     plain_swap = _measure_swap(run, run.library, "fast: LoRA swap (baseline)")
     _measure_vae_decode(run)
+    _measure_text_encoders(run, batch)
 
     mode = "fp8" if run.device == "cuda" and not quantize.fp8_unsupported(run.device) else "int8"
     unet = run.base.unet
@@ -760,6 +762,19 @@ def _measure_vae_decode(run: Run) -> None:
     vae.disable_tiling()
     run.bench.ratio(run.bench.measure("fast: VAE decode of one stage-1 latent, whole", decode, {"vae_dec": vae.decoder}), tiled)
     vae.enable_tiling()
+
+
+def _measure_text_encoders(run: Run, batch: int) -> None:
+    """A batch's prompts through both text encoders, one prompt at a time as stage1_batch does
+    now: what encoding them in one call could save at most."""
+    from dataclasses import replace
+
+    from sdxld.stages import prompt_embeddings
+
+    records = [replace(run.plain, prompt=f"{run.plain.prompt}, variation {index}") for index in range(batch)]
+    modules = {"te1": run.base.text_encoder, "te2": run.base.text_encoder_2}
+    run.bench.measure(f"fast: text encoders, {batch} prompts one at a time (prompt + negative)",
+                      lambda: [prompt_embeddings(run.base, record) for record in records], modules)
 
 
 def _unquantize(unet, kept) -> None:
