@@ -596,7 +596,8 @@ COMPILE_MAX_NEEDS_S = 240
 def bench_fast(run: Run) -> None:
     """The throughput switches, each against a baseline measured in this call: one stage-1 image,
     a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent), a LoRA swap,
-    the stage-1 VAE decode tiled and whole, a batch's prompts through the text encoders;
+    the stage-1 VAE decode tiled and whole, a batch's prompts through the text encoders (alone and
+    as a batch);
     then the UNets quantized (fp8 where the card has it, else int8), with the quantized UNet's
     error against the unquantized one on fixed inputs; then compile max (CUDA graphs) on top.
     Leaves the models as it found them."""
@@ -765,16 +766,18 @@ def _measure_vae_decode(run: Run) -> None:
 
 
 def _measure_text_encoders(run: Run, batch: int) -> None:
-    """A batch's prompts through both text encoders, one prompt at a time as stage1_batch does
-    now: what encoding them in one call could save at most."""
+    """A batch's prompts (one negative) through both text encoders, each record on its own and as
+    stage1_batch encodes them (each distinct text once)."""
     from dataclasses import replace
 
-    from sdxld.stages import prompt_embeddings
+    from sdxld.stages import batch_prompt_embeddings, prompt_embeddings
 
     records = [replace(run.plain, prompt=f"{run.plain.prompt}, variation {index}") for index in range(batch)]
     modules = {"te1": run.base.text_encoder, "te2": run.base.text_encoder_2}
-    run.bench.measure(f"fast: text encoders, {batch} prompts one at a time (prompt + negative)",
-                      lambda: [prompt_embeddings(run.base, record) for record in records], modules)
+    alone = run.bench.measure(f"fast: text encoders, {batch} records one at a time (prompt + negative each)",
+                              lambda: [prompt_embeddings(run.base, record) for record in records], modules)
+    run.bench.ratio(run.bench.measure(f"fast: text encoders, {batch} records as a batch (the shared negative once)",
+                                      lambda: batch_prompt_embeddings(run.base, records), modules), alone)
 
 
 def _unquantize(unet, kept) -> None:

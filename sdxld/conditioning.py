@@ -87,16 +87,34 @@ def _pad(embeds: torch.Tensor, providers, length: int) -> torch.Tensor:
     return torch.cat([embeds, empty.repeat(1, missing, 1)], dim=1)
 
 
-@torch.no_grad()
 def encode(pipe, prompt: str, negative: str, syntax: Syntax = "a1111") -> PromptEmbeddings:
+    return encode_all(pipe, [(prompt, negative, syntax)])[0]
+
+
+@torch.no_grad()
+def encode_all(pipe, prompts: list[tuple[str, str, Syntax]]) -> list[PromptEmbeddings]:
+    """encode() of several (prompt, negative, syntax): each distinct text goes through the text
+    encoders once. A stage-1 batch's images usually share their negative prompt (and can share
+    their prompt), so a batch of 8 encodes 9 texts instead of 16."""
     device = diffusers_private.execution_device(pipe)
     providers = _providers(pipe, device)
-    embeds, pooled = _encode_text(providers, prompt, syntax, device)
-    negative_embeds, negative_pooled = _encode_text(providers, negative, syntax, device)
+    encoded: dict[tuple[str, Syntax], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def text(value: str, syntax: Syntax):
+        if (value, syntax) not in encoded:
+            encoded[(value, syntax)] = _encode_text(providers, value, syntax, device)
+        return encoded[(value, syntax)]
+
+    return [_embeddings(pipe, providers, text(prompt, syntax), text(negative, syntax), negative)
+            for prompt, negative, syntax in prompts]
+
+
+def _embeddings(pipe, providers, positive: tuple, negative: tuple, negative_text: str) -> PromptEmbeddings:
+    (embeds, pooled), (negative_embeds, negative_pooled) = positive, negative
     length = max(embeds.shape[1], negative_embeds.shape[1])
     embeds, negative_embeds = _pad(embeds, providers, length), _pad(negative_embeds, providers, length)
     # SDXL's base and refiner are trained with zeros for an empty negative prompt (diffusers does the same).
-    if not negative.strip() and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+    if not negative_text.strip() and getattr(pipe.config, "force_zeros_for_empty_prompt", False):
         negative_embeds, negative_pooled = torch.zeros_like(negative_embeds), torch.zeros_like(negative_pooled)
     dtype = pipe.text_encoder_2.dtype
     return PromptEmbeddings(embeds.to(dtype), pooled.to(dtype), negative_embeds.to(dtype), negative_pooled.to(dtype))

@@ -71,9 +71,14 @@ def to_pil(array: np.ndarray, what: str):
 
 def prompt_embeddings(pipe, record: Record):
     """The record's prompt as this pipeline's text encoders see it (long prompts and weights included)."""
-    from .conditioning import encode
+    return batch_prompt_embeddings(pipe, [record])[0]
 
-    return encode(pipe, record.prompt, record.negative, record.prompt_syntax)
+
+def batch_prompt_embeddings(pipe, records: list[Record]) -> list:
+    """prompt_embeddings of each record, a text the records share encoded once."""
+    from .conditioning import encode_all
+
+    return encode_all(pipe, [(record.prompt, record.negative, record.prompt_syntax) for record in records])
 
 
 def stage1(models, record: Record, hooks: Hooks | None = None):
@@ -100,7 +105,7 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
     use_refiner = models.refiner is not None and lead.refiner_split is not None
     common = dict(num_inference_steps=lead.steps, guidance_scale=lead.cfg)
     images: list = [None] * len(records)
-    base_embeddings = [prompt_embeddings(models.base, record) for record in records]
+    base_embeddings = batch_prompt_embeddings(models.base, records)
     for indices in _unet_batches(base_embeddings, models.static_shapes):
         generators = [_generator(models.device, records[i].seed) for i in indices]
         generator = generators if len(generators) > 1 else generators[0]
@@ -121,7 +126,7 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
                 images[i] = to_pil(result.images[row:row + 1], "stage 1")
             continue
         latents = result.images
-        refiner_embeddings = [prompt_embeddings(models.refiner, records[i]) for i in indices]
+        refiner_embeddings = batch_prompt_embeddings(models.refiner, [records[i] for i in indices])
         for rows in _unet_batches(refiner_embeddings, models.static_shapes):
             refined = models.refiner(
                 **common,

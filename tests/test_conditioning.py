@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxld.conditioning import encode
+from sdxld.conditioning import encode, encode_all
 from sdxld.tiny import build_pipelines
 
 # The tiny tokenizer splits unknown words into a few tokens each: these 42 tags are about 200 tokens.
@@ -117,3 +117,32 @@ def test_every_stage_sees_the_whole_prompt(make_engine):
     big = image.resize((512, 512))
     assert differ(stage3_latent(engine.models, red, big, settings.stage3)[0],
                   stage3_latent(engine.models, blue, big, settings.stage3)[0])
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_a_batch_encodes_each_distinct_text_once_and_each_prompt_gets_what_it_gets_alone(pipes, which, monkeypatch):
+    from sdxld import conditioning
+
+    pipe = pipes[0] if which == "base" else pipes[1]
+    batch = [("1girl, (red hair:1.3), rain", "lowres, blurry", "a1111"),
+             (f"1boy, {LONG}", "lowres, blurry", "a1111"),
+             ("1girl, (red hair:1.3), rain", "", "a1111")]
+    alone = [encode(pipe, *item) for item in batch]
+
+    texts, forwards = [], []
+    encode_text = conditioning._encode_text
+    monkeypatch.setattr(conditioning, "_encode_text", lambda providers, text, *rest: (
+        texts.append(text), encode_text(providers, text, *rest))[1])
+    hook = pipe.text_encoder_2.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        for item in batch:
+            encode(pipe, *item)
+        forwards_alone, texts_alone = len(forwards), list(texts)
+        forwards.clear(), texts.clear()
+        together = encode_all(pipe, batch)
+    finally:
+        hook.remove()
+    assert all(same(a, b) for a, b in zip(alone, together))
+    assert len(texts_alone) == 6
+    assert sorted(texts) == sorted({text for item in batch for text in item[:2]}), "each distinct text once"
+    assert len(forwards) < forwards_alone
