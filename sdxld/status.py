@@ -43,7 +43,10 @@ class StatusBoard:
             "stage1_made": 0,
             "finals_made": 0,
             "failed": 0,
+            # Mean of the last 20 stage-1 images (a batch's time shared by its images), and of the
+            # last 20 finals from claim to saved final: one mean of both would say neither.
             "seconds_per_image": None,
+            "seconds_per_final": None,
             "images_per_hour": None,
             "loras": {"loaded": 0, "rejected": []},
             "paused": None,
@@ -60,7 +63,7 @@ class StatusBoard:
         # The loop and the heartbeat thread both write the file: one at a time, from whole data.
         self._lock = threading.Lock()
         self._written = 0.0
-        self._durations: deque[float] = deque(maxlen=20)
+        self._durations = {"stage1": deque(maxlen=20), "final": deque(maxlen=20)}
         self._stopped = threading.Event()
         self._heartbeat = threading.Thread(target=self._beat, name="sdxld-status", daemon=True)
         self._heartbeat.start()
@@ -100,11 +103,12 @@ class StatusBoard:
         self.notifier.status(self.line())
 
     def image_done(self, seconds: float, kind: str) -> None:
+        """A stage-1 image (`kind` stage1) or a final (final) took `seconds`."""
         with self._lock:
-            self._durations.append(seconds)
-            key = "stage1_made" if kind == "stage1" else "finals_made"
-            self.data[key] += 1
-            self.data["seconds_per_image"] = round(sum(self._durations) / len(self._durations), 2)
+            durations = self._durations[kind]
+            durations.append(seconds)
+            self.data["stage1_made" if kind == "stage1" else "finals_made"] += 1
+            self.data["seconds_per_image" if kind == "stage1" else "seconds_per_final"] = round(sum(durations) / len(durations), 2)
             hours = (time.time() - self.data["started"]) / 3600
             self.data["images_per_hour"] = round(self.data["stage1_made"] / hours, 1) if hours > 0 else None
 
@@ -256,7 +260,9 @@ def format_status(entries: list[dict], config_problem: str | None = None) -> str
             lines.append(f"  now:        {describe_job(d['current'])}")
         lines.append(f"  uptime:     {uptime / 3600:.1f} h; stage-1 images {d['stage1_made']}, finals {d['finals_made']}, failed {d['failed']}")
         if d.get("seconds_per_image") is not None:
-            lines.append(f"  rate:       {d['seconds_per_image']} s/img, {d.get('images_per_hour')} stage-1 images/hour")
+            lines.append(f"  rate:       {d['seconds_per_image']} s per stage-1 image, {d.get('images_per_hour')} stage-1 images/hour")
+        if d.get("seconds_per_final") is not None:
+            lines.append(f"  finals:     {d['seconds_per_final']} s each, from taking the approved image to its saved final")
         lines.append(f"  queue:      {d['approved_queued']} approved waiting")
         rejected = d["loras"]["rejected"]
         lines.append(f"  LoRAs:      {d['loras']['loaded']} loaded, {len(rejected)} rejected")

@@ -130,3 +130,23 @@ def test_container_probes_ask_about_this_hosts_daemon():
     elsewhere = dict(running, host="another-pod")
     assert probe([elsewhere], "ready") == (False, f"no running sdxld daemon on {me}")
     assert probe([dict(running, state="gone (no sign of life for 99 s)")], "alive")[0] is False
+
+
+def test_stage1_and_finals_have_rates_of_their_own(root):
+    from sdxld.service import Notifier
+    from sdxld.status import StatusBoard
+
+    board = StatusBoard(root, Notifier())
+    try:
+        for _ in range(4):
+            board.image_done(2.0, "stage1")  # e.g. a batch of 4 that took 8 s
+        board.image_done(17.0, "final")
+        board.image_done(19.0, "final")
+    finally:
+        board.finish()
+    data = json.loads(board.path.read_text())
+    assert (data["seconds_per_image"], data["seconds_per_final"]) == (2.0, 18.0)
+    assert (data["stage1_made"], data["finals_made"]) == (4, 2)
+    report = format_status([data])
+    assert "2.0 s per stage-1 image" in report and "18.0 s each, from taking the approved image to its saved final" in report
+    assert "2.0 s/img" in board.line()
