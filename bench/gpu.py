@@ -628,7 +628,11 @@ def bench_fast(run: Run) -> None:
             kept[name] = quantize.quantize_unet(pipe.unet, mode, keep_originals=True)
 
     try:
-        bench.measure(f"fast: quantize both UNets to {mode}", quantize_both)
+        if bench.measure(f"fast: quantize both UNets to {mode}", quantize_both) is None:
+            # torchao missing or refusing: the compile max runs go on, on the unquantized UNets.
+            _unquantize_all(run, kept)
+            _bench_compile_max(run, run.dtype_name, single, batched, batch)
+            return
         with torch.inference_mode():
             error = quantize.relative_error(reference, unet(*probe_args, **probe_kwargs).sample)
         bench.rows.append(Row(f"fast: {mode} UNet output against {run.dtype_name} at stage 1's shape, fixed random "
@@ -646,9 +650,7 @@ def bench_fast(run: Run) -> None:
             library.activate([])
         _bench_compile_max(run, mode, single, batched, batch)
     finally:
-        for name, pipe in (("base", run.base), ("refiner", run.refiner)):
-            if name in kept:
-                _unquantize(pipe.unet, kept[name])
+        _unquantize_all(run, kept)
 
 
 def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None:
@@ -780,13 +782,17 @@ def _measure_text_encoders(run: Run, batch: int) -> None:
                                       lambda: batch_prompt_embeddings(run.base, records), modules), alone)
 
 
-def _unquantize(unet, kept) -> None:
-    """Put the kept full-precision weights back (bench only: sections after this one run unquantized)."""
+def _unquantize_all(run: Run, kept: dict) -> None:
+    """Put the kept full-precision weights back (bench only: sections after this one run
+    unquantized); `kept`: "base"/"refiner" -> quantize.Quantized, emptied."""
     import torch
 
-    for (_, layer), original in kept.originals.items():
-        module = unet.get_submodule(layer)
-        module.weight = torch.nn.Parameter(original.to(module.weight.device), requires_grad=False)
+    for name, pipe in (("base", run.base), ("refiner", run.refiner)):
+        if name not in kept:
+            continue
+        for (_, layer), original in kept.pop(name).originals.items():
+            module = pipe.unet.get_submodule(layer)
+            module.weight = torch.nn.Parameter(original.to(module.weight.device), requires_grad=False)
 
 
 def _fresh_base(run: Run):

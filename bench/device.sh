@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The throughput figures (docs/performance.md) in one call on a GPU machine: batch sizes, the
+# fast section (baselines, quantize, compile max, approved path), written to bench/results/ and,
+# when the caller collects files from $OUT, there too. Extra arguments go to bench/gpu.py.
+#   bash bench/fetch_wheels.sh    # here, once: .whl/ for what the GPU machine lacks
+#   bash bench/device.sh          # there, with .whl carried along
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+"$PYTHON" -c 'import torch, diffusers, torchao; print("torch", torch.__version__, "diffusers", diffusers.__version__, "torchao", torchao.__version__)' \
+  || echo "an import failed: the rows that need it will say FAILED"
+results=${RESULTS:-bench/results}
+"$PYTHON" bench/gpu.py --skip stages,pixel,esrgan,switches,compile,offload,sequential --budget-s "${BUDGET_S:-450}" \
+  --out "$results" "$@"
+status=$?
+if [ -n "${OUT:-}" ]; then cp -r "$results"/. "$OUT"/; fi
+exit $status
