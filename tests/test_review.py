@@ -243,6 +243,42 @@ def test_thumbnails_are_made_once_and_kept_under_the_state_folder(layout):
     assert broken.status_code == 415 and "cannot be shown" in broken.json()["error"]
 
 
+def test_an_image_keeps_its_thumbnail_as_it_moves_between_piles(layout):
+    name = stage1_image(layout, "20260101_000001")
+    http = client(layout)
+    first = http.get(f"/thumb/stage1/{name}").content
+    assert post(http, "approve", [name]).status_code == 200
+    assert http.get(f"/thumb/approved/{name}").content == first
+    assert len(list((layout.state / "thumbnails").iterdir())) == 1, "one thumbnail per image, not per pile"
+
+
+def test_the_thumbnail_folder_stays_under_its_cap_oldest_first(tmp_path, monkeypatch):
+    from sdxld.review import thumbnails as module
+
+    images = []
+    for index in range(6):
+        images.append(tmp_path / f"image{index}.png")
+        Image.new("RGB", (640, 480), (index * 40, 90, 120)).save(images[-1])
+    cache = module.Thumbnails(tmp_path / "thumbnails")
+    made = [cache.get(image) for image in images]
+    for age, thumbnail in enumerate(reversed(made)):  # image0's is the oldest
+        os.utime(thumbnail, ns=(time.time_ns() - age * 10**9,) * 2)
+    size = made[0].stat().st_size
+    cache.max_bytes = 3 * size + size // 2
+    assert cache.prune() == 3
+    assert [t.exists() for t in made] == [False, False, False, True, True, True]
+    assert cache.get(images[0]).exists(), "a pruned thumbnail is made again when viewed"
+
+    # Past PRUNE_EVERY new thumbnails the cap is applied on its own; at start too.
+    monkeypatch.setattr(module, "PRUNE_EVERY", 2)
+    cache.prune()
+    cache.get(images[1])
+    cache.get(images[2])  # the second new one since the last prune
+    assert sum(t.stat().st_size for t in (tmp_path / "thumbnails").iterdir()) <= cache.max_bytes
+    assert module.Thumbnails(tmp_path / "thumbnails", max_bytes=0).folder.exists()
+    assert not list((tmp_path / "thumbnails").iterdir())
+
+
 def test_status_changes_when_a_pile_does_and_finals_find_their_stage1_image(layout):
     http = client(layout)
     before = http.get("/api/status").json()

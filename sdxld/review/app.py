@@ -9,9 +9,7 @@ Origin, one that matches the Host.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
-import io
 import json
 import secrets
 import threading
@@ -28,10 +26,10 @@ from ..stats import report as stats_report
 from ..status import read_status, status_line, summary_line
 from ..taste import BY, Ledger
 from .piles import Piles, ReviewError
+from .thumbnails import Thumbnails
 
 STATIC = Path(__file__).resolve().parent / "static"
 PAGE_SIZE_LIMIT = 500
-THUMBNAIL_SIZE = 320
 TOKEN_COOKIE = "sdxld_review_token"
 MAX_BODY = 1_000_000
 
@@ -93,7 +91,7 @@ def create_app(layout, *, allowed_hosts: set[str], token: str | None = None, tas
     piles = Piles(layout)
     taste = TasteView(layout, piles, taste_since, learning)
     csrf = secrets.token_urlsafe(24)
-    thumbnails = layout.state / "thumbnails"
+    thumbnails = Thumbnails(layout.state / "thumbnails")
 
     def page(request: Request) -> Response:
         html = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{CSRF}}", csrf)
@@ -143,7 +141,7 @@ def create_app(layout, *, allowed_hosts: set[str], token: str | None = None, tas
 
     def thumbnail(request: Request) -> Response:
         path = piles.path(request.path_params["pile"], request.path_params["name"])
-        return FileResponse(_thumbnail(path, thumbnails), media_type="image/webp", headers={"Cache-Control": "max-age=3600"})
+        return FileResponse(thumbnails.get(path), media_type="image/webp", headers={"Cache-Control": "max-age=3600"})
 
     def status(request: Request) -> Response:
         daemons = read_status(layout.root)
@@ -249,25 +247,3 @@ def _int(value, default: int) -> int:
         return int(value)
     except (TypeError, ValueError):
         return default
-
-
-def _thumbnail(path: Path, cache: Path) -> Path:
-    """A small WebP of the image, made with Pillow on first view and kept under .sdxld/."""
-    from PIL import Image
-
-    stat = path.stat()
-    key = hashlib.sha256(f"{path}\0{stat.st_mtime_ns}\0{stat.st_size}".encode()).hexdigest()[:32]
-    target = cache / f"{key}.webp"
-    if target.is_file():
-        return target
-    from ..store import atomic_write
-
-    try:
-        with Image.open(path) as image:
-            image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, "WEBP", quality=80)
-    except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ReviewError(f"{path.name} cannot be shown: {err}", 415) from None
-    cache.mkdir(parents=True, exist_ok=True)
-    return atomic_write(target, buffer.getvalue())
