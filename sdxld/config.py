@@ -84,9 +84,10 @@ class ModelConfig:
 class PerformanceConfig:
     dtype: Literal[tuple(DTYPES)] = "fp16"  # type: ignore[valid-type]
     # off; regional: torch.compile each repeated transformer block (fast to compile, most of the
-    # gain); full: the whole UNet; max: the whole UNet for fixed shapes, autotuned and replayed as
-    # CUDA graphs (minutes to compile per image size and batch size; made for the daemon's long
-    # runs). LoRAs are merged into the weights in place, so none of them recompiles per LoRA.
+    # gain); full: the whole UNet; max: the whole UNet for stage 1's fixed shapes, autotuned and
+    # replayed as CUDA graphs (minutes to compile per batch size; made for the daemon's long runs;
+    # stages 2 and 3 run uncompiled). LoRAs are merged into the weights in place, so none of them
+    # recompiles per LoRA.
     compile: Literal["off", "regional", "full", "max"] = "off"
     # torch.compile backend: inductor generates kernels; eager only traces (tests, debugging).
     compile_backend: str = "inductor"

@@ -353,18 +353,19 @@ class Engine:
         # 1. The LoRAs that made the image, at their recorded strengths.
         notes = self.activate_recorded_loras(record)
 
-        # 2. Stage 2: Lanczos to the mid size, img2img.
-        stage2_up, stage2_image = stage2(self.models, record, stage1_image, gen.stage2, mid_size, hooks)
-        keep(stage2_up, "stage2_up")
-        keep(stage2_image, "stage2")
+        with self.models.approved_path():
+            # 2. Stage 2: Lanczos to the mid size, img2img.
+            stage2_up, stage2_image = stage2(self.models, record, stage1_image, gen.stage2, mid_size, hooks)
+            keep(stage2_up, "stage2_up")
+            keep(stage2_image, "stage2")
 
-        # 3. Stage 3: the upscaler to the final size, then tiled img2img (retried smaller when out of memory).
-        stage3_up = upscale_for_stage3(self.models, self.upscaler, stage2_image, final_size)
-        keep(stage3_up, "stage3_up")
-        def keep_tile(index, tile_image):
-            keep(tile_image, "tiles", f"{record.tag}_tile_{index:03d}.png")
+            # 3. Stage 3: the upscaler to the final size, then tiled img2img (retried smaller when out of memory).
+            stage3_up = upscale_for_stage3(self.models, self.upscaler, stage2_image, final_size)
+            keep(stage3_up, "stage3_up")
+            def keep_tile(index, tile_image):
+                keep(tile_image, "tiles", f"{record.tag}_tile_{index:03d}.png")
 
-        final_image, tiles, settings3, retries = stage3(self.models, record, stage3_up, gen.stage3, hooks, on_tile=keep_tile)
+            final_image, tiles, settings3, retries = stage3(self.models, record, stage3_up, gen.stage3, hooks, on_tile=keep_tile)
         for note in retries:
             log.warning("%s: %s", record.tag, note)
 

@@ -108,6 +108,17 @@ class ModelBank:
     def pipelines(self) -> list:
         return [p for p in (self.base, self.img2img, self.refiner) if p is not None]
 
+    def approved_path(self):
+        """Context for stages 2 and 3. Under compile max they run uncompiled: each new shape
+        (stage 2's size, stage 3's tile batches) would be a max-autotune build, and the first
+        approved image of a run would wait for those builds (57 s for the tiny UNet on a 2-core
+        CPU; SDXL on a GPU: bench/gpu.py's build row). compile max is for stage 1's fixed shapes."""
+        import torch
+
+        if self.static_shapes and hasattr(torch.compiler, "set_stance"):  # set_stance: torch 2.6+
+            return torch.compiler.set_stance("force_eager")
+        return contextlib.nullcontext()
+
     def describe(self) -> dict:
         return {"base": self.base_id, "name": self.base_name, "hash": self.base_hash, "refiner": self.refiner_id}
 
@@ -400,9 +411,9 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
 
 
 def _allow_static_shapes() -> None:
-    """compile max specialises on every shape: stage 1's batch sizes, stage 2's size, stage 3's
-    tile batches, base and refiner. torch's default of 8 compiled versions per function would
-    fall back to running uncompiled after that."""
+    """compile max specialises on every shape: up to five stage-1 batch sizes, for the base and
+    the refiner (one forward function), and on older torch without set_stance stages 2 and 3 as
+    well. torch's default of 8 compiled versions per function would run the rest uncompiled."""
     import torch
 
     dynamo = torch._dynamo.config

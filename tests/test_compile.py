@@ -167,3 +167,15 @@ def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, m
     torch.cuda.synchronize()
     assert relative_error(before, after) > 0.1, "the CUDA graph replayed the old weights"
     assert relative_error(unet_output(engine, eager=True), after) < 0.02
+
+
+def test_under_compile_max_an_approved_image_never_waits_for_a_build(root, make_engine, no_recompiles):
+    # Stage 2's size and stage 3's tiles are new shapes: under max each would be a build of
+    # minutes at the first approval. They run uncompiled instead.
+    engine = make_engine(performance__compile="max", performance__compile_backend="eager", generation__t2i__steps=2,
+                         generation__stage2__steps=4, generation__stage3__steps=4, model__use_refiner=False)
+    made = engine.stage1_once(seed=1)  # builds stage 1's shape
+    no_recompiles()
+    final = engine.upscale(made.record, made.image)
+    assert final.path.is_file()
+    assert engine.stage1_once(seed=2).image.size == made.image.size, "stage 1 still runs its build"
