@@ -60,6 +60,16 @@ class Notifier:
     def extend_timeout(self, seconds: float) -> None:
         self.notify(f"EXTEND_TIMEOUT_USEC={int(seconds * 1_000_000)}")
 
+    def allow_silence(self, seconds: float) -> bool:
+        """Let the watchdog wait at least `seconds` between pings from now on (WATCHDOG_USEC);
+        nothing when no watchdog is configured or it already waits that long. True if sent."""
+        configured = os.environ.get("WATCHDOG_USEC", "")
+        wanted = int(seconds * 1_000_000)
+        if not self.enabled or not configured.isdigit() or int(configured) >= wanted:
+            return False
+        self.notify(f"WATCHDOG_USEC={wanted}")
+        return True
+
     def status(self, line: str) -> None:
         if line != self._last_status:
             self.notify(f"STATUS={line}")

@@ -150,7 +150,9 @@ def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    daemon = DaemonProcess(root, env={"NOTIFY_SOCKET": str(socket_path)})
+    # compile max (traced only): a build of a new shape pings nothing, so the watchdog is told to wait.
+    set_config(root, performance={"compile": "max", "compile_backend": "eager"})
+    daemon = DaemonProcess(root, env={"NOTIFY_SOCKET": str(socket_path), "WATCHDOG_USEC": "300000000"})
     try:
         wait_for(lambda: any(m.startswith("READY=1") for m in messages), 90, what="READY=1")
         wait_for(lambda: any(m.startswith("WATCHDOG=1") for m in messages), 30, what="WATCHDOG=1")
@@ -164,6 +166,7 @@ def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
         server.close()
     first_ready = next(i for i, m in enumerate(messages) if m.startswith("READY=1"))
     assert any(m.startswith("EXTEND_TIMEOUT_USEC=") for m in messages[:first_ready]), "loading extends the start timeout"
+    assert "WATCHDOG_USEC=3600000000" in messages[:first_ready]
     status = next(m for m in messages if m.startswith("STATUS=") and "LoRAs" in m)
     assert "approved queued" in status and "LoRAs (" in status
 

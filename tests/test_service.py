@@ -148,3 +148,25 @@ def test_a_user_unit_without_a_session_bus_says_how_to_get_one(tmp_path):
 def test_a_system_unit_for_a_root_under_home_says_protecthome_hides_it(tmp_path):
     result = install_unit(Path("/home/someone/sdxld"), user_unit=False, target_dir=tmp_path, service_user="root")
     assert any("ProtectHome=yes" in w and "--user" in w for w in result.warnings)
+
+
+def test_the_watchdog_is_only_ever_told_to_wait_longer(tmp_path, monkeypatch):
+    import socket
+
+    from sdxld.service import Notifier
+
+    path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(path))
+    server.settimeout(0.5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    try:
+        monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+        assert not Notifier().allow_silence(3600), "no watchdog configured: nothing to say"
+        monkeypatch.setenv("WATCHDOG_USEC", str(7200 * 10**6))
+        assert not Notifier().allow_silence(3600), "it already waits longer"
+        monkeypatch.setenv("WATCHDOG_USEC", str(300 * 10**6))
+        assert Notifier().allow_silence(3600)
+        assert server.recv(100).decode() == "WATCHDOG_USEC=3600000000"
+    finally:
+        server.close()
