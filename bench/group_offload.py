@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import gc
 import time
-from pathlib import Path
 
 
 VARIANTS = {

@@ -18,7 +18,6 @@ import argparse
 import cProfile
 import io
 import pstats
-import random
 import statistics
 import tempfile
 import time
