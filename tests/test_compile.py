@@ -79,18 +79,6 @@ def test_upscaling_a_second_image_reuses_the_compiled_sizes(root, make_engine, n
         engine.upscale(image.record, image.image)
 
 
-def test_compile_max_builds_one_unet_per_power_of_two_batch_then_never_recompiles(root, make_engine, no_recompiles):
-    # max compiles each shape for itself (dynamic=False): a batch of 3 would be a new UNet build
-    # (minutes with inductor) unless it runs as 2 + 1.
-    engine = make_engine(performance__compile="max", performance__compile_backend="eager", generation__t2i__steps=2,
-                         model__use_refiner=False)
-    for size in (1, 2):
-        engine.stage1_batch(size)
-    no_recompiles()
-    made = engine.stage1_batch(3)  # 2 + 1
-    assert [r.record.batch for r in made] == [{"size": 3, "index": i, "lora_seed": made[0].record.seed} for i in range(3)]
-
-
 def unet_output(engine, eager: bool = False):
     """The base UNet on fixed inputs; `eager` calls its forward directly, around the compiled
     version (same module, same weights)."""
@@ -169,13 +157,17 @@ def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, m
     assert relative_error(unet_output(engine, eager=True), after) < 0.02
 
 
-def test_under_compile_max_an_approved_image_never_waits_for_a_build(root, make_engine, no_recompiles):
-    # Stage 2's size and stage 3's tiles are new shapes: under max each would be a build of
-    # minutes at the first approval. They run uncompiled instead.
+def test_compile_max_builds_stage1_in_power_of_two_batches_only_and_upscaling_never_builds(root, make_engine,
+                                                                                          no_recompiles):
+    # max compiles each shape for itself (dynamic=False): a batch of 3 would be a new UNet build
+    # (minutes with inductor) unless it runs as 2 + 1; stage 2's size and stage 3's tiles would be
+    # builds at the first approval unless they run uncompiled.
     engine = make_engine(performance__compile="max", performance__compile_backend="eager", generation__t2i__steps=2,
-                         generation__stage2__steps=4, generation__stage3__steps=4, model__use_refiner=False)
-    made = engine.stage1_once(seed=1)  # builds stage 1's shape
+                         generation__stage2__steps=4, generation__stage3__steps=4, generation__final_scale=2,
+                         model__use_refiner=False)
+    first = engine.stage1_batch(1)[0]
+    engine.stage1_batch(2)
     no_recompiles()
-    final = engine.upscale(made.record, made.image)
-    assert final.path.is_file()
-    assert engine.stage1_once(seed=2).image.size == made.image.size, "stage 1 still runs its build"
+    made = engine.stage1_batch(3)  # 2 + 1
+    assert [r.record.batch for r in made] == [{"size": 3, "index": i, "lora_seed": made[0].record.seed} for i in range(3)]
+    assert engine.upscale(first.record, first.image).path.is_file()
