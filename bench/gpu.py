@@ -514,22 +514,28 @@ def bench_throughput(run: Run) -> None:
     run.bench.write()
 
 
-def bench_esrgan(run: Run) -> None:
-    """ESRGAN-shaped networks (anime 6-block and x4plus; one tiny one with --tiny) at stage 3's input size."""
-    import numpy as np
+def random_upscaler(run: Run, name: str, blocks: int, filters: int):
+    """An ESRGAN-shaped x4 network with random weights, loaded the way sdxld loads weights files."""
     from safetensors.torch import save_file
     from spandrel.architectures.ESRGAN import ESRGAN
 
     from esrgan import Upscaler
 
+    path = run.args.out / f".esrgan-{name}.safetensors"
+    run.args.out.mkdir(parents=True, exist_ok=True)
+    save_file(ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4).state_dict(), str(path))
+    upscaler = Upscaler.load(path, device=run.device, dtype="fp16" if run.device == "cuda" else "fp32")
+    path.unlink()
+    return upscaler
+
+
+def bench_esrgan(run: Run) -> None:
+    """ESRGAN-shaped networks (anime 6-block and x4plus; one tiny one with --tiny) at stage 3's input size."""
+    import numpy as np
+
     args, geometry = run.args, run.geometry
     for name, blocks, filters in (("anime_6B", 6, 64), ("x4plus", 23, 64)) if not args.tiny else (("tiny", 1, 8),):
-        net = ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4)
-        path = args.out / f".esrgan-{name}.safetensors"
-        args.out.mkdir(parents=True, exist_ok=True)
-        save_file(net.state_dict(), str(path))
-        upscaler = Upscaler.load(path, device=run.device, dtype="fp16" if run.device == "cuda" else "fp32")
-        path.unlink()
+        upscaler = random_upscaler(run, name, blocks, filters)
         pixels = np.asarray(run.mid_image.resize(geometry.esrgan_input))
         upscaler.run(pixels[:64, :64])
         run.bench.measure(f"ESRGAN {name}-shaped x4 on {geometry.esrgan_input[0]}x{geometry.esrgan_input[1]} ({upscaler.dtype_name}, tile 512)",
@@ -717,19 +723,10 @@ def _batched_stage1(run: Run, batch: int, label: str, baseline, baseline_images:
 def _approved_path(run: Run):
     """What the daemon does for an approved image, minus file handling: stage 2, the ESRGAN
     upscale (an anime_6B-shaped network), stage 3 latent with tile_batch 2."""
-    from safetensors.torch import save_file
-    from spandrel.architectures.ESRGAN import ESRGAN
-
-    from esrgan import Upscaler
     from sdxld.stages import stage2, stage3, upscale_for_stage3
 
     geometry = run.geometry
-    blocks, filters = (1, 8) if run.args.tiny else (6, 64)
-    path = run.args.out / ".esrgan-fast.safetensors"
-    run.args.out.mkdir(parents=True, exist_ok=True)
-    save_file(ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4).state_dict(), str(path))
-    upscaler = Upscaler.load(path, device=run.device, dtype="fp16" if run.device == "cuda" else "fp32")
-    path.unlink()
+    upscaler = random_upscaler(run, "fast", *((1, 8) if run.args.tiny else (6, 64)))
     stage2_settings, stage3_settings = stage_settings(geometry, "latent", 2, True)
 
     def approved():

@@ -279,8 +279,9 @@ class Daemon:
             self.stage1_pacing.image_failed()
             return
         self.stage1_pacing.image_made()
+        per_image = (time.monotonic() - started) / len(made)
         for _ in made:
-            self.status.image_done((time.monotonic() - started) / len(made), "stage1")
+            self.status.image_done(per_image, "stage1")
         self.status.update(force=True, state="running", current=None)
 
     def _hooks(self, job: str) -> Hooks:
