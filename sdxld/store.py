@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import functools
 import hashlib
-import io
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from . import owners
+from . import owners, png
 
 # 20260207_143022 is generate.py's tag; sdxld adds microseconds, the process id and 4 hex digits
 # of the host name so that many images per second, from several processes on several hosts
@@ -235,22 +234,6 @@ def write_json(path: Path, data: dict) -> Path:
     return atomic_write(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def encode_png(image, text_chunks: dict[str, str]) -> bytes:
-    """PNG bytes with tEXt/iTXt chunks (Pillow's PngInfo), compressed at a speed-friendly level."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in text_chunks.items():
-        # iTXt keeps non-Latin-1 prompts intact; plain tEXt is what most viewers read first.
-        if value.isascii():
-            info.add_text(key, value)
-        else:
-            info.add_itxt(key, value)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info, compress_level=4)
-    return buffer.getvalue()
-
-
 def save_image(layout, record, image, kind: str, name: str | None = None, embed: str = "full") -> Path:
     """Write an image with the record's chunks; for stage1 and final also the metadata JSON.
 
@@ -260,12 +243,12 @@ def save_image(layout, record, image, kind: str, name: str | None = None, embed:
     name = name or image_name(record.tag, kind, image.width, image.height)
     if kind in ("stage1", "final"):
         record.files[kind] = name
-    png = encode_png(image, record.png_chunks(embed))
+    png_bytes = png.encode(image, record.png_chunks(embed))
     if kind in ("stage1", "final"):
         write_json(layout.metadata / f"{record.tag}.json", record.to_dict())
     # Stage-1 images and finals are named once, by tag: never replaced, whoever shares the folder.
     # Intermediates of an upscale cut short are written again by its retry.
-    return atomic_write(_folder_for(layout, kind) / name, png, overwrite=kind not in ("stage1", "final"))
+    return atomic_write(_folder_for(layout, kind) / name, png_bytes, overwrite=kind not in ("stage1", "final"))
 
 
 def _folder_for(layout, kind: str) -> Path:

@@ -1,0 +1,85 @@
+"""sdxld's PNG writer: files any reader opens, pixel for pixel, with the text chunks intact."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxld import png
+
+
+def random_image(mode: str, width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode)
+
+
+def chunk_kinds(data: bytes) -> list[bytes]:
+    kinds, offset = [], len(png.SIGNATURE)
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset:offset + 4])
+        kinds.append(data[offset + 4:offset + 8])
+        offset += 12 + length
+    return kinds
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+@pytest.mark.parametrize("size", [(1, 1), (7, 3), (300, 17), (17, 300)])
+def test_pixels_come_back_exactly_as_written(mode, size):
+    image = random_image(mode, *size)
+    decoded = Image.open(io.BytesIO(png.encode(image)))
+    decoded.load()
+    assert decoded.mode == mode and decoded.size == size
+    assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_every_chunk_checksum_is_valid():
+    data = png.encode(random_image("RGB", 64, 48), {"parameters": "a cat"})
+    Image.open(io.BytesIO(data)).verify()  # raises on a bad CRC or a truncated stream
+
+
+def test_text_chunks_come_before_the_pixels_ascii_as_text_and_the_rest_as_utf8():
+    text = {"parameters": "1girl, smile\nSteps: 30", "sdxld": '{"prompt": "桜の下の少女, café"}'}
+    data = png.encode(random_image("RGB", 16, 16), text)
+    assert chunk_kinds(data) == [b"IHDR", b"tEXt", b"iTXt", b"IDAT", b"IEND"]
+    assert Image.open(io.BytesIO(data)).text == text
+
+
+def test_a_keyword_png_cannot_hold_is_refused_with_the_rule():
+    image = random_image("RGB", 4, 4)
+    for bad in ["", " padded", "k" * 80, "名前"]:
+        with pytest.raises(ValueError, match="PNG text keyword"):
+            png.encode(image, {bad: "x"})
+
+
+def test_large_pixel_data_is_split_over_several_idat_chunks(monkeypatch):
+    monkeypatch.setattr(png, "IDAT_BYTES", 1000)
+    image = random_image("RGB", 120, 90)
+    data = png.encode(image)
+    assert chunk_kinds(data).count(b"IDAT") > 10
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(image))
+
+
+def test_without_isal_the_standard_zlib_writes_the_same_pixels(monkeypatch):
+    monkeypatch.setattr(png, "_deflater", zlib)
+    assert png.deflate_library() == "zlib"
+    image = random_image("RGBA", 33, 21)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png.encode(image)))), np.asarray(image))
+
+
+@pytest.mark.parametrize("mode", ["P", "I;16", "1"])
+def test_other_modes_are_written_by_pillow_with_their_text(mode):
+    image = random_image("L", 20, 10).convert(mode) if mode != "I;16" else Image.fromarray(
+        np.arange(200, dtype=np.uint16).reshape(10, 20) * 300)
+    decoded = Image.open(io.BytesIO(png.encode(image, {"parameters": "x"})))
+    assert decoded.text == {"parameters": "x"}
+    assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_the_up_filter_stores_each_row_minus_the_one_above():
+    pixels = np.array([[[10, 20, 30]], [[5, 20, 255]]], dtype=np.uint8)  # 1 pixel wide, 2 rows
+    assert png.up_filtered(pixels).tolist() == [[png.UP_FILTER, 10, 20, 30], [png.UP_FILTER, 251, 0, 225]]
