@@ -223,3 +223,44 @@ def test_progress_counts_the_whole_stage_with_the_refiners_steps_following_the_b
     assert [step for _, step, _ in seen] == [1, 2, 3, 4, 5]  # 10 steps at strength 0.5
     assert {total for _, _, total in seen} == {5}
     assert seen[-1][0] == "stage2 refiner"
+
+
+def test_images_become_8_bit_on_the_device_with_the_pixels_the_numpy_path_made():
+    import torch
+
+    from sdxld.stages import tensor_to_pil, to_pil
+
+    levels = torch.arange(256).float() / 255
+    edges = torch.cat([levels, levels + 0.5 / 255, levels - 0.5 / 255, torch.tensor([-0.3, 1.7, 0.0, 1.0])])
+    images = torch.cat([edges, torch.rand(2 * 3 * 16 * 16 - edges.numel())]).reshape(2, 3, 16, 16)
+    for dtype in (torch.float32, torch.bfloat16):
+        as_numpy = images.to(dtype).permute(0, 2, 3, 1).float().numpy()  # what the pipelines' "np" output was
+        made = tensor_to_pil(images.to(dtype), "test")
+        for index, image in enumerate(made):
+            assert np.array_equal(np.asarray(image), np.asarray(to_pil(as_numpy[index:index + 1], "test")))
+
+
+def test_a_nan_image_is_refused_on_the_device_too():
+    import torch
+
+    from sdxld.stages import NaNImageError, tensor_to_pil
+
+    images = torch.rand(1, 3, 8, 8)
+    images[0, 1, 2, 3] = float("nan")
+    with pytest.raises(NaNImageError, match="stage 3 produced NaN pixels.*bf16"):
+        tensor_to_pil(images, "stage 3")
+
+
+def test_the_vae_gets_the_values_and_memory_layout_of_diffusers_preprocess():
+    """Same values and strides: the strides pick the VAE's convolution kernels, so anything else
+    would move the final's pixels (it did: a contiguous tensor changed a latent-mode final)."""
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sdxld.stages import pil_to_tensor
+
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    expected = VaeImageProcessor(vae_scale_factor=8).preprocess(image)
+    for dtype in (torch.float32, torch.bfloat16):
+        made = pil_to_tensor(image, "cpu", dtype)
+        assert torch.equal(made, expected.to(dtype)) and made.stride() == expected.stride()
