@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The throughput figures (docs/performance.md) in one call on a GPU machine: batch sizes, the
-# fast section (baselines, quantize, compile max, approved path), written to bench/results/ and,
+# fast section (baselines, quantize, compile max, approved path), the host's share of an approved
+# image (bench/host_costs.py), written to bench/results/ and,
 # when the caller collects files from $OUT, there too. Extra arguments go to bench/gpu.py.
 #   bash bench/fetch_wheels.sh    # here, once: .whl/ for what the GPU machine lacks
 #   bash bench/device.sh          # there, with .whl carried along
@@ -19,5 +20,8 @@ results=${RESULTS:-bench/results}
 "$PYTHON" bench/gpu.py --skip stages,pixel,esrgan,switches,compile,offload,sequential --budget-s "${BUDGET_S:-450}" \
   --out "$results" "$@"
 status=$?
+# The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part.
+device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
 if [ -n "${OUT:-}" ]; then cp -r "$results"/. "$OUT"/; fi
 exit $status

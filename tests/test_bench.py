@@ -30,3 +30,12 @@ def test_taste_bench_runs():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "approval rate  uniform" in result.stdout and "Ledger.load() 200 records" in result.stdout
+
+
+def test_host_costs_bench_runs():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "host_costs.py"), "--final", "256x448", "--repeat", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final 256x448 with grain" in result.stdout and "per approved image, the final" in result.stdout

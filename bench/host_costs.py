@@ -1,0 +1,164 @@
+"""What an approved image costs the CPU between the GPU's last step and the final on disk.
+
+At the final's size (3072x5376 by default) and a stage-1 image's (768x1344), old against new in
+one run, alternating, median of --repeat:
+
+- the PNG: Pillow at compress_level 4 (what sdxld used) vs sdxld.png (Up filter + ISA-L deflate;
+  and with the standard zlib, its fallback), seconds and megabytes, on two synthetic images: an
+  illustration (flat colours, outlines, soft shading) and the same with film grain (the hardest
+  case for any PNG);
+- float pixels to 8 bits: the pipelines' numpy output + to_pil vs tensor_to_pil on --device;
+- the stage-3 input for the VAE: diffusers' preprocess vs pil_to_tensor on --device.
+
+    python bench/host_costs.py [--device cuda] [--repeat 3] [--final 3072x5376]
+
+No model is needed; the figures are the host's (CPU cores, memory bandwidth), which is why this
+also runs on the GPU machine's CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+
+
+def illustration(width: int, height: int, grain: float, seed: int = 0):
+    """Flat-coloured outlined shapes, upscaled and softened like a refined final, plus grain."""
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFilter
+
+    rng = np.random.default_rng(seed)
+    small = Image.new("RGB", (width // 4, height // 4), (230, 220, 200))
+    draw = ImageDraw.Draw(small)
+    for _ in range(300):
+        x, y = (int(v) for v in rng.integers(0, small.width, 1).tolist() + rng.integers(0, small.height, 1).tolist())
+        size = int(rng.integers(10, max(11, small.width // 4)))
+        colour = tuple(int(v) for v in rng.integers(0, 255, 3))
+        draw.ellipse([x, y, x + size, y + size * 1.5], fill=colour, outline=(20, 20, 20), width=3)
+    pixels = np.asarray(small.resize((width, height), Image.LANCZOS).filter(ImageFilter.GaussianBlur(1.5)))
+    if grain:
+        pixels = np.clip(pixels + rng.normal(0, grain, pixels.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times), result
+
+
+def pillow_png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=4)
+    return buffer.getvalue()
+
+
+def bench_png(images: dict, repeat: int) -> list[tuple]:
+    import zlib
+
+    from sdxld import png
+
+    rows = []
+    for name, image in images.items():
+        old_s, old = timed(lambda: pillow_png(image), repeat)
+        new_s, new = timed(lambda: png.encode(image), repeat)
+        fast = png._deflater
+        png._deflater = zlib
+        try:
+            zlib_s, via_zlib = timed(lambda: png.encode(image), repeat)
+        finally:
+            png._deflater = fast
+        rows.append((name, old_s, len(old), new_s, len(new), zlib_s, len(via_zlib)))
+    return rows
+
+
+def bench_conversions(size: tuple[int, int], device: str, repeat: int) -> list[tuple]:
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sdxld.stages import pil_to_tensor, tensor_to_pil, to_pil
+
+    processor = VaeImageProcessor(vae_scale_factor=8)
+    width, height = size
+    decoded = torch.rand(1, 3, height, width, device=device) * 2 - 1  # a VAE decode's range
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def numpy_path():
+        image = to_pil(processor.postprocess(decoded, output_type="np"), "bench")
+        sync()
+        return image
+
+    def device_path():
+        image = tensor_to_pil(processor.postprocess(decoded, output_type="pt"), "bench")[0]
+        sync()
+        return image
+
+    image = numpy_path()
+
+    def preprocess_path():
+        pixels = processor.preprocess(image).to(device, torch.float32)
+        sync()
+        return pixels
+
+    def device_preprocess():
+        pixels = pil_to_tensor(image, device, torch.float32)
+        sync()
+        return pixels
+
+    rows = []
+    for label, old, new in (("float pixels -> 8-bit image", numpy_path, device_path),
+                            ("image -> VAE input", preprocess_path, device_preprocess)):
+        old_s, _ = timed(old, repeat)
+        new_s, _ = timed(new, repeat)
+        rows.append((label, old_s, new_s))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--final", default="3072x5376", help="the final's WIDTHxHEIGHT")
+    args = parser.parse_args()
+
+    import torch
+
+    from sdxld import png
+
+    final = tuple(int(v) for v in args.final.split("x"))
+    stage1 = (final[0] // 4, final[1] // 4)
+    print(f"host costs, device {args.device}, {torch.get_num_threads()} CPU threads, deflate {png.deflate_library()}, "
+          f"median of {args.repeat}")
+    images = {
+        f"final {final[0]}x{final[1]} illustration": illustration(*final, grain=0),
+        f"final {final[0]}x{final[1]} with grain": illustration(*final, grain=3),
+        f"stage 1 {stage1[0]}x{stage1[1]} illustration": illustration(*stage1, grain=0),
+    }
+    print("\nPNG                                   Pillow-4 s    MB   sdxld s    MB  x faster  size  | zlib s")
+    finals = {}
+    for name, old_s, old_b, new_s, new_b, zlib_s, _ in bench_png(images, args.repeat):
+        print(f"  {name:34} {old_s:8.3f} {old_b / 1e6:6.1f} {new_s:8.3f} {new_b / 1e6:6.1f} {old_s / new_s:8.1f}x"
+              f" {new_b / old_b:5.2f}  | {zlib_s:.3f}")
+        if name.startswith("final"):
+            finals[name] = (old_s, new_s)
+    print(f"\nconversions at {final[0]}x{final[1]}          old s   new s   ratio new/old")
+    conversions_old = conversions_new = 0.0
+    for label, old_s, new_s in bench_conversions(final, args.device, args.repeat):
+        print(f"  {label:34} {old_s:6.3f} {new_s:7.3f} {new_s / old_s:8.2f}")
+        conversions_old += old_s
+        conversions_new += new_s
+    print("\nper approved image, the final's PNG + both conversions:")
+    for name, (old_s, new_s) in finals.items():
+        before, after = old_s + conversions_old, new_s + conversions_new
+        print(f"  {name:34} {before:.2f} s -> {after:.2f} s ({after / before:.2f}x)")
+
+if __name__ == "__main__":
+    main()
