@@ -45,6 +45,10 @@ def claims(root, host=None):
     return [p for p in found if host is None or p.name.startswith(f"{host}.")]
 
 
+def done(root, image) -> bool:
+    return (root / "inbox" / "done" / image.name).exists()
+
+
 def status_of(view):
     """`sdxld status` as a third machine sees the share: {host: state}."""
     result = run_sdxld("status", "--root", str(view), cwd=view.parent)
@@ -97,7 +101,9 @@ def test_two_hosts_on_one_share_finish_every_image_once_and_take_over_a_dead_hos
         victim = survivor = None
         for spare in spares:
             shutil.move(spare, approved / spare.name)
-            claim = wait_for(lambda: claims(root), 30, interval=0.01, what="a claim on the spare")[0]
+            claim = wait_for(lambda: claims(root) or ([True] if done(root, spare) else []), 30, interval=0.01, what="a claim on the spare")[0]
+            if claim is True:
+                continue  # made into a final between two looks: try the next spare
             victim = claim.name.split(".")[0]
             hosts[victim].process.send_signal(signal.SIGSTOP)
             if claim.exists():
@@ -111,14 +117,15 @@ def test_two_hosts_on_one_share_finish_every_image_once_and_take_over_a_dead_hos
         hosts[victim].kill()
         survivor = next(name for name in hosts if name != victim)
 
-        taken = wait_for(lambda: claims(root, survivor), LEASE_S + 30, interval=0.05, what="the take-over")
+        # The survivor's log, not processing/: a small final is made faster than a look at the
+        # folder comes round, and the claim is gone again.
+        wait_for(lambda: f"recovered {spare.name} (attempt 2), left unfinished: host {victim} did not renew its lease"
+                 in hosts[survivor].log, LEASE_S + 30, interval=0.05, what="the take-over")
         takeover_s = time.time() - last_renewal
         print(f"\ntake-over {takeover_s:.1f} s after the dead host's last renewal (lease {LEASE_S:g} s, rescan {RESCAN_S:g} s)")
-        assert taken[0].name.endswith(f"__{spare.name}") and ".2__" in taken[0].name, "attempt 2, same image"
         assert takeover_s >= LEASE_S, "never before the lease expired"
         assert takeover_s <= LEASE_S + RESCAN_S + 5
-        wait_for(lambda: (root / "inbox" / "done" / spare.name).exists(), 60, what="the survivor finishing it")
-        assert f"host {victim} did not renew its lease" in hosts[survivor].log
+        wait_for(lambda: done(root, spare), 60, what="the survivor finishing it")
         assert len(files(root / "outputs" / "final")) == 21 and files(root / "inbox" / "failed") == []
 
         states, text = wait_for(lambda: (s := status_of(view_b))[0].get(victim, "").startswith("gone") and s, 15,
