@@ -10,7 +10,8 @@ standard zlib does the deflate (slower, same file).
 
 The container is written by hand because it is four chunk kinds (IHDR, tEXt/iTXt, IDAT, IEND)
 and neither Pillow nor the PNG libraries on PyPI take a deflate of our choosing. Images of modes
-other than L, RGB and RGBA (none of sdxld's own) go through Pillow.
+other than L, RGB and RGBA, or with a transparent colour key (none of sdxld's own), go through
+Pillow.
 """
 
 from __future__ import annotations
@@ -46,13 +47,19 @@ def encode(image, text: dict[str, str] | None = None) -> bytes:
     where readers that stop at the image data still find them): tEXt when the value is ASCII (what
     most viewers read), iTXt (UTF-8) otherwise."""
     text = text or {}
-    if image.mode not in COLOR_TYPES:
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"cannot write an empty image ({image.width}x{image.height}) as PNG")
+    if image.mode not in COLOR_TYPES or "transparency" in image.info:
         return _pillow_encode(image, text)
     pixels = np.asarray(image)
     height, width = pixels.shape[:2]
     header = struct.pack(">IIBBBBB", width, height, 8, COLOR_TYPES[image.mode], 0, 0, 0)
     compressed = _deflater.compress(up_filtered(pixels).tobytes(), DEFLATE_LEVEL)
     out = [SIGNATURE, chunk(b"IHDR", header)]
+    if image.info.get("icc_profile"):
+        # A colour profile the image came with (Pillow keeps it through convert and resize) stays
+        # with it, as Pillow's writer kept it.
+        out.append(chunk(b"iCCP", b"ICC Profile\0\0" + zlib.compress(image.info["icc_profile"])))
     out += [text_chunk(key, value) for key, value in text.items()]
     out += [chunk(b"IDAT", compressed[start:start + IDAT_BYTES]) for start in range(0, len(compressed), IDAT_BYTES)]
     out.append(chunk(b"IEND", b""))

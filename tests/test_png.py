@@ -83,3 +83,25 @@ def test_other_modes_are_written_by_pillow_with_their_text(mode):
 def test_the_up_filter_stores_each_row_minus_the_one_above():
     pixels = np.array([[[10, 20, 30]], [[5, 20, 255]]], dtype=np.uint8)  # 1 pixel wide, 2 rows
     assert png.up_filtered(pixels).tolist() == [[png.UP_FILTER, 10, 20, 30], [png.UP_FILTER, 251, 0, 225]]
+
+
+def test_a_colour_profile_the_image_carries_is_kept():
+    from PIL import ImageCms
+
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()
+    image = random_image("RGB", 8, 8)
+    image.info["icc_profile"] = profile
+    decoded = Image.open(io.BytesIO(png.encode(image, {"parameters": "x"})))
+    assert decoded.info["icc_profile"] == profile and decoded.text == {"parameters": "x"}
+    assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_a_transparent_colour_key_goes_through_pillow_and_survives():
+    image = random_image("RGB", 8, 8)
+    image.info["transparency"] = (1, 2, 3)
+    assert Image.open(io.BytesIO(png.encode(image))).info["transparency"] == (1, 2, 3)
+
+
+def test_an_empty_image_is_refused():
+    with pytest.raises(ValueError, match="empty image"):
+        png.encode(Image.new("RGB", (0, 5)))

@@ -83,8 +83,11 @@ def test_a_record_beside_the_image_is_preferred_and_travels_with_it(root, make_s
 
 def test_an_image_that_already_has_a_final_is_skipped_and_moved_to_done(root, make_stage1):
     [stage1] = make_stage1()
-    shutil.copy(stage1, approved(root) / stage1.name)
-    assert run_sdxld("upscale", "--demo", cwd=root).returncode == 0
+    (root / "inbox" / "done").mkdir(parents=True, exist_ok=True)
+    shutil.copy(stage1, root / "inbox" / "done" / stage1.name)  # approved once already...
+    tag = stage1.name.split("_stage1_")[0]
+    (root / "outputs" / "final").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (256, 448)).save(root / "outputs" / "final" / f"{tag}_final_256x448.png")  # ...and made
     before = finals(root)[0].stat().st_mtime_ns
     shutil.copy(stage1, approved(root) / stage1.name)
     result = run_sdxld("upscale", "--demo", cwd=root)
