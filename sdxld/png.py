@@ -54,7 +54,7 @@ def encode(image, text: dict[str, str] | None = None) -> bytes:
     pixels = np.asarray(image)
     height, width = pixels.shape[:2]
     header = struct.pack(">IIBBBBB", width, height, 8, COLOR_TYPES[image.mode], 0, 0, 0)
-    compressed = _deflater.compress(up_filtered(pixels).tobytes(), DEFLATE_LEVEL)
+    compressed = _deflater.compress(up_filtered(pixels), DEFLATE_LEVEL)  # a C-contiguous buffer: no copy
     out = [SIGNATURE, chunk(b"IHDR", header)]
     if image.info.get("icc_profile"):
         # A colour profile the image came with (Pillow keeps it through convert and resize) stays
