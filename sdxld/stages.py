@@ -303,8 +303,10 @@ def stage3_pixel(models, record: Record, image, settings, hooks: Hooks | None = 
             seed=base_seed + index * TILE_SEED_STRIDE, hooks=hooks, phase=f"stage3 tile {index + 1}/{len(tiles)}",
             micro=micro,
         )
-        tile_image = tensor_to_pil(pixels[None], f"stage 3 tile {index}")[0]  # refuses NaN tiles
-        refined.append((tile, pixels.float().permute(1, 2, 0).cpu().numpy()))
+        # The blend runs on the CPU in floats: one download, and the tile image made from it.
+        pixels = pixels.float().permute(1, 2, 0).cpu().numpy()
+        tile_image = to_pil(pixels[None], f"stage 3 tile {index}")  # refuses NaN tiles
+        refined.append((tile, pixels))
         if on_tile is not None:
             on_tile(index, tile_image)
     return to_pil(blend(refined, width, height, settings.tile_overlap, settings.blend_mode)[None], "stage 3"), len(tiles)
