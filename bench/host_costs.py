@@ -8,7 +8,10 @@ one run, alternating, median of --repeat:
   illustration (flat colours, outlines, soft shading) and the same with film grain (the hardest
   case for any PNG);
 - float pixels to 8 bits: the pipelines' numpy output + to_pil vs tensor_to_pil on --device;
-- the stage-3 input for the VAE: diffusers' preprocess vs pil_to_tensor on --device.
+- the stage-3 input for the VAE: diffusers' preprocess vs pil_to_tensor on --device;
+- the upscaler's 4x output (twice the final's size) to the final's size: to the CPU + Pillow's
+  Lanczos vs esrgan.lanczos on --device + the smaller image to the CPU (the daemon resizes on the
+  device only on CUDA; on the CPU the row shows what that code costs there).
 
     python bench/host_costs.py [--device cuda] [--repeat 3] [--final 3072x5376]
 
@@ -122,6 +125,28 @@ def bench_conversions(size: tuple[int, int], device: str, repeat: int) -> list[t
     return rows
 
 
+def bench_resize(size: tuple[int, int], device: str, repeat: int) -> tuple[float, float, bool]:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from esrgan import lanczos
+
+    width, height = size
+    upscaled = torch.randint(0, 256, (height * 2, width * 2, 3), dtype=torch.uint8, device=device)
+
+    def pillow_path():
+        return Image.fromarray(upscaled.cpu().numpy()).resize(size, Image.LANCZOS)
+
+    def device_path():
+        return Image.fromarray(lanczos.resize(upscaled, size).cpu().numpy())
+
+    device_path()  # the taps are computed once per size and kept
+    old_s, old = timed(pillow_path, repeat)
+    new_s, new = timed(device_path, repeat)
+    return old_s, new_s, np.array_equal(np.asarray(old), np.asarray(new))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -155,9 +180,14 @@ def main() -> None:
         print(f"  {label:34} {old_s:6.3f} {new_s:7.3f} {new_s / old_s:8.2f}")
         conversions_old += old_s
         conversions_new += new_s
-    print("\nper approved image, the final's PNG + both conversions:")
+    resize_old, resize_new, same = bench_resize(final, args.device, args.repeat)
+    print(f"  {'upscaler output -> final (Lanczos)':34} {resize_old:6.3f} {resize_new:7.3f} {resize_new / resize_old:8.2f}"
+          f"   {'same pixels' if same else 'PIXELS DIFFER'}")
+    # What the daemon runs: the device's resize on CUDA only, Pillow elsewhere.
+    resize_used = resize_new if args.device.startswith("cuda") else resize_old
+    print("\nper approved image, the final's PNG + the conversions + the resize:")
     for name, (old_s, new_s) in finals.items():
-        before, after = old_s + conversions_old, new_s + conversions_new
+        before, after = old_s + conversions_old + resize_old, new_s + conversions_new + resize_used
         print(f"  {name:34} {before:.2f} s -> {after:.2f} s ({after / before:.2f}x)")
 
 if __name__ == "__main__":

@@ -40,6 +40,50 @@ def test_output_is_resized_to_the_exact_target(tmp_path):
     assert two.upscale(noise_image(24, 16), (96, 64)).size == (96, 64)
 
 
+def test_the_output_resized_where_it_was_made_is_pillows_image(tmp_path, monkeypatch):
+    """On a GPU the network's output is resized there (resize_on_device, automatic on CUDA); the
+    CPU runs the same code on a CPU tensor. The first image of a size is compared with Pillow."""
+    from esrgan import lanczos
+
+    weights = write_esrgan(tmp_path / "x4.pth")
+    image = noise_image(48, 40)
+    pillow = Upscaler.load(weights, resize_on_device=False).upscale(image, (100, 84))
+    on_device = Upscaler.load(weights, resize_on_device=True)
+    assert Upscaler.load(weights).resize_on_device is None and not Upscaler.load(weights)._resizes_on_device((192, 160), (100, 84))
+    calls = []
+    real_resize = lanczos.resize
+    monkeypatch.setattr(lanczos, "resize", lambda pixels, size: calls.append(size) or real_resize(pixels, size))
+    for _ in range(2):
+        assert np.array_equal(np.asarray(on_device.upscale(image, (100, 84))), np.asarray(pillow))
+    assert calls == [(100, 84), (100, 84)]
+    assert on_device._device_resize_matches == {(192, 160, 100, 84): True}
+    # The network's own size needs no resize at all.
+    assert on_device.upscale(image, (192, 160)).size == (192, 160) and len(calls) == 2
+
+
+def test_a_device_resize_that_differs_from_pillow_is_dropped_for_that_size(tmp_path, monkeypatch, caplog):
+    """A future Pillow that changes its arithmetic: the first image still comes out as Pillow
+    makes it, the log says so, and that size is resized by Pillow from then on."""
+    from esrgan import lanczos
+
+    weights = write_esrgan(tmp_path / "x4.pth")
+    image = noise_image(48, 40)
+    pillow = np.asarray(Upscaler.load(weights, resize_on_device=False).upscale(image, (100, 84)))
+    upscaler = Upscaler.load(weights, resize_on_device=True)
+    calls = []
+
+    def nearest(pixels, size):  # not Lanczos: differs from Pillow
+        calls.append(size)
+        return torch.nn.functional.interpolate(pixels.permute(2, 0, 1)[None].float(), size=size[::-1])[0].permute(1, 2, 0).byte()
+
+    monkeypatch.setattr(lanczos, "resize", nearest)
+    with caplog.at_level(logging.WARNING):
+        assert np.array_equal(np.asarray(upscaler.upscale(image, (100, 84))), pillow)
+    assert "differs from Pillow" in caplog.text and "192x160 -> 100x84" in caplog.text
+    assert np.array_equal(np.asarray(upscaler.upscale(image, (100, 84))), pillow)
+    assert calls == [(100, 84)]
+
+
 def test_tiled_matches_untiled_within_one_level_on_average(tmp_path):
     upscaler = Upscaler.load(write_esrgan(tmp_path / "x4.pth"), tile_size=32, tile_pad=16)
     pixels = np.asarray(noise_image(96, 80))
