@@ -166,10 +166,12 @@ class Engine:
         re-makes the same image; `replay` = a record's `rotation` draws with the counts it kept."""
         return self._draw(self.seeds.next() if seed is None else seed, replay).record
 
-    def _draw(self, seed: int, replay: dict | None = None, lead: Draw | None = None) -> Draw:
+    def _draw(self, seed: int, replay: dict | None = None, lead: Draw | None = None, merge: bool = True) -> Draw:
         """One image's draw; with `lead`, it takes the lead image's rotated LoRAs instead of its own
         (a batch shares one set of merged weights). Its own LoRA draw still runs first, so the rest
-        of its prompt is what its seed gives alone; only the trigger words are the lead's."""
+        of its prompt is what its seed gives alone; only the trigger words are the lead's.
+        merge=False leaves the model's weights alone: the record names the LoRAs it wants, and the
+        caller merges them (a batch, once per group of images that want the same)."""
         rng = random.Random(seed)
         rotation = Rotation(self.config, replay=replay) if replay is not None else self.rotation
         if replay is None and rotation.any_learned:
@@ -184,7 +186,7 @@ class Engine:
         triggers = [escape(e.triggers) if syntax == "a1111" else e.triggers for e in rotated]
         composed = self.prompts.compose(rng, triggers, rotation.option_chooser(drawn))
         tagged = self.loras.tagged_in(composed.prompt, composed.negative)
-        uses = self.loras.activate(rotated, tagged=tagged)
+        uses = self.loras.activate(rotated, tagged=tagged) if merge else self.loras.wanted_uses(rotated, tagged=tagged)
         gen = self.config.generation
         # model.use_refiner decides for stage 1; stages 2 and 3 have their own switches.
         use_refiner = self.models.refiner is not None and self.config.model.use_refiner
@@ -220,13 +222,14 @@ class Engine:
     def stage1_batch(self, count: int, hooks: Hooks | None = None) -> list[Stage1Result]:
         """`count` stage-1 images in one UNet call per step. They share the first image's LoRA
         draw (the model holds one set of merged weights); each has its own seed, prompt and
-        record, whose `batch` says so. An image whose <lora:> tags ask for other weights runs in
-        a call of its own."""
+        record, whose `batch` says so. Images whose <lora:> tags ask for other weights run in a
+        call of their own, one per set of weights: each set is merged once per batch, however the
+        images that want it are interleaved. Returns the results in the order the seeds came."""
         self.sync_loras()
         self.layout.ensure_output_dirs()
         draws: list[Draw] = []
         for _ in range(count):
-            draws.append(self._draw(self.seeds.next(), lead=draws[0] if draws else None))
+            draws.append(self._draw(self.seeds.next(), lead=draws[0] if draws else None, merge=False))
         if count > 1:
             for index, draw in enumerate(draws):
                 draw.record.batch = {"size": count, "index": index, "lora_seed": draws[0].record.seed}
@@ -234,12 +237,15 @@ class Engine:
         for draw in draws:
             key = tuple((use.kind, use.name, use.strength, use.via) for use in draw.record.loras)
             groups.setdefault(key, []).append(draw)
-        results = []
+        results: dict[int, Stage1Result] = {}
         for group in groups.values():
-            self.loras.activate(group[0].rotated, tagged=group[0].tagged)
+            uses = self.loras.activate(group[0].rotated, tagged=group[0].tagged)
+            for draw in group:
+                draw.record.loras = list(uses)
             images = self._stage1_measured([draw.record for draw in group], hooks)
-            results += [self._publish_stage1(draw.record, image) for draw, image in zip(group, images)]
-        return results
+            for draw, image in zip(group, images):
+                results[id(draw)] = self._publish_stage1(draw.record, image)
+        return [results[id(draw)] for draw in draws]
 
     def stage1_batch_size(self) -> int:
         """generation.batch_size now: 'auto' resolved from the free VRAM and the measured peak of

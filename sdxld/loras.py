@@ -296,24 +296,20 @@ class LoraLibrary:
 
         A newly chosen file is read from disk now. If it became unreadable since it was checked
         it leaves the rotation and the image goes on without it (the record says what was used)."""
-        if strengths is None:
-            strengths = [self.strengths[e.kind] for e in chosen]
-        requests = [(entry.kind, entry, float(strength), "rotation") for entry, strength in zip(chosen, strengths)]
-        requests += [(f"tag {entry.kind}/{entry.name}", entry, float(weight), "tag") for entry, weight in tagged]
         wanted: dict[str, Merged] = {}
         entries: dict[str, LoraEntry] = {}
         uses: list[tuple[str, LoraUse]] = []
-        for slot, entry, strength, via in requests:
-            key = (entry.path, entry.signature, strength)
+        for slot, entry, use in self._requests(chosen, strengths, tagged):
+            key = (entry.path, entry.signature, use.strength)
             if self.merger.holds(slot, key):
                 wanted[slot] = self.merger.current(slot)
             else:
                 weights = self._read(entry)
                 if weights is None:
                     continue
-                wanted[slot] = Merged(key, weights, strength)
+                wanted[slot] = Merged(key, weights, use.strength)
             entries[slot] = entry
-            uses.append((slot, LoraUse(entry.kind, entry.name, entry.path.name, strength, entry.hash, entry.triggers, via)))
+            uses.append((slot, use))
         try:
             self.merger.apply(wanted)
         except LoraMergeError as err:
@@ -327,6 +323,21 @@ class LoraLibrary:
             uses = [(slot, use) for slot, use in uses if slot not in err.slots]
             self.merger.apply(wanted)
         return [use for _, use in uses]
+
+    def wanted_uses(self, chosen: list[LoraEntry], strengths: list[float] | None = None,
+                    tagged: list[tuple[LoraEntry, float]] = ()) -> list[LoraUse]:
+        """What `activate` would merge, without touching the model: lets a batch group its images
+        by the weights they need and merge once per group (a file that fails then still drops out
+        of the records, which take `activate`'s answer)."""
+        return [use for _, _, use in self._requests(chosen, strengths, tagged)]
+
+    def _requests(self, chosen, strengths, tagged) -> list[tuple[str, LoraEntry, LoraUse]]:
+        if strengths is None:
+            strengths = [self.strengths[e.kind] for e in chosen]
+        requests = [(entry.kind, entry, float(strength), "rotation") for entry, strength in zip(chosen, strengths)]
+        requests += [(f"tag {entry.kind}/{entry.name}", entry, float(weight), "tag") for entry, weight in tagged]
+        return [(slot, entry, LoraUse(entry.kind, entry.name, entry.path.name, strength, entry.hash, entry.triggers, via))
+                for slot, entry, strength, via in requests]
 
     def _read(self, entry: LoraEntry) -> LoraWeights | None:
         try:

@@ -59,6 +59,35 @@ def test_each_image_of_a_batch_is_the_image_its_record_makes_alone(root, loras, 
         assert result.record.parts["manual"] == alone.parts["manual"]
 
 
+def test_images_whose_tags_want_other_loras_run_apart_and_each_set_is_merged_once(root, loras, make_engine):
+    write_tiny_lora(root / "loras/extra/glow.safetensors", seed=6, scale=0.1)
+    (root / "prompts/wildcards").mkdir(exist_ok=True)
+    (root / "prompts/wildcards/effect.txt").write_text("<lora:glow:0.5>\nsoft light\n")
+    (root / "prompts/manual_prompt.txt").write_text("1girl, __effect__\n")
+    engine = make_engine(generation__base_width=64, generation__base_height=64)
+    engine.sync_loras()
+
+    def wants_glow(seed):
+        return any(use.name == "glow" for use in engine.new_stage1_record(seed=seed).loras)
+
+    # Three seeds in a row whose images want glow, not glow, glow: interleaved.
+    first = next(seed for seed in range(500) if [wants_glow(seed + i) for i in range(3)] == [True, False, True])
+    engine.new_stage1_record(seed=first + 1)  # the model without glow, as after any other image
+    reads = []
+    real_read = engine.loras._read
+    engine.loras._read = lambda entry: reads.append(entry.name) or real_read(entry)
+    engine.seeds = type(engine.seeds)(first)
+
+    made = engine.stage1_batch(3)
+
+    assert reads.count("glow") == 1, reads
+    assert [[use.name for use in r.record.loras if use.via == "tag"] for r in made] == [["glow"], [], ["glow"]]
+    engine.loras._read = real_read
+    for result in made:
+        engine.activate_recorded_loras(result.record)
+        assert_same_image(result.image, stage1(engine.models, result.record), f"seed {result.record.seed}")
+
+
 def test_prompts_of_different_lengths_share_the_batch_without_padding_each_other(root, make_engine):
     engine = make_engine(model__refiner=None)
     short = engine.new_stage1_record(seed=1)
