@@ -9,6 +9,9 @@ one run, alternating, median of --repeat:
   case for any PNG);
 - float pixels to 8 bits: the pipelines' numpy output + to_pil vs tensor_to_pil on --device;
 - the stage-3 input for the VAE: diffusers' preprocess vs pil_to_tensor on --device;
+- the VAE's tile seams at the final's size, as diffusers' tiled decode (1024-pixel tiles, 256
+  rows of overlap) and encode (32 latent rows) blend them: its Python loops vs the vectorized
+  blend sdxld gives its VAE, fp32 (the SDXL VAE's upcast) on --device;
 - the upscaler's 4x output (twice the final's size) to the final's size: to the CPU + Pillow's
   Lanczos vs esrgan.lanczos on --device + the smaller image to the CPU (the daemon resizes on the
   device only on CUDA; on the CPU the row shows what that code costs there).
@@ -125,6 +128,55 @@ def bench_conversions(size: tuple[int, int], device: str, repeat: int) -> list[t
     return rows
 
 
+def bench_vae_seams(size: tuple[int, int], device: str, repeat: int) -> tuple[float, float, bool]:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from sdxld import diffusers_private
+
+    width, height = size
+
+    def tile_grid(channels: int, tile: int, stride: int, scale: int):
+        """Tiles as diffusers' tiled decode (scale 8: latent -> pixels) or encode (scale 1/8) cut them."""
+        rows = []
+        for top in range(0, height // 8 if scale == 8 else height, stride):
+            row = []
+            for left in range(0, width // 8 if scale == 8 else width, stride):
+                tile_height = min(tile, (height // 8 if scale == 8 else height) - top)
+                tile_width = min(tile, (width // 8 if scale == 8 else width) - left)
+                out = (tile_height * 8, tile_width * 8) if scale == 8 else (tile_height // 8, tile_width // 8)
+                row.append(torch.rand(1, channels, *out, device=device))
+            rows.append(row)
+        return rows
+
+    grids = [(tile_grid(3, 128, 96, 8), 256), (tile_grid(8, 1024, 768, 1), 32)]
+
+    def blend_all(blend_v, blend_h):
+        results = []
+        for rows, extent in grids:
+            for i, row in enumerate(rows):
+                for j, tile in enumerate(row):
+                    tile = tile.clone()
+                    if i > 0:
+                        tile = blend_v(rows[i - 1][j], tile, extent)
+                    if j > 0:
+                        tile = blend_h(row[j - 1], tile, extent)
+                    results.append(tile)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return results
+
+    def looped():
+        return blend_all(lambda a, b, e: AutoencoderKL.blend_v(None, a, b, e), lambda a, b, e: AutoencoderKL.blend_h(None, a, b, e))
+
+    def vectorized():
+        return blend_all(diffusers_private._blend_rows, diffusers_private._blend_columns)
+
+    old_s, old = timed(looped, repeat)
+    new_s, new = timed(vectorized, repeat)
+    return old_s, new_s, all(torch.equal(x, y) for x, y in zip(old, new))
+
+
 def bench_resize(size: tuple[int, int], device: str, repeat: int) -> tuple[float, float, bool]:
     import numpy as np
     import torch
@@ -180,14 +232,18 @@ def main() -> None:
         print(f"  {label:34} {old_s:6.3f} {new_s:7.3f} {new_s / old_s:8.2f}")
         conversions_old += old_s
         conversions_new += new_s
+    seams_old, seams_new, seams_same = bench_vae_seams(final, args.device, args.repeat)
+    print(f"  {'VAE tile seams (decode + encode)':34} {seams_old:6.3f} {seams_new:7.3f} {seams_new / seams_old:8.2f}"
+          f"   {'same values' if seams_same else 'VALUES DIFFER'}")
     resize_old, resize_new, same = bench_resize(final, args.device, args.repeat)
     print(f"  {'upscaler output -> final (Lanczos)':34} {resize_old:6.3f} {resize_new:7.3f} {resize_new / resize_old:8.2f}"
           f"   {'same pixels' if same else 'PIXELS DIFFER'}")
     # What the daemon runs: the device's resize on CUDA only, Pillow elsewhere.
     resize_used = resize_new if args.device.startswith("cuda") else resize_old
-    print("\nper approved image, the final's PNG + the conversions + the resize:")
+    print("\nper approved image, the final's PNG + the conversions + the seams + the resize:")
     for name, (old_s, new_s) in finals.items():
-        before, after = old_s + conversions_old + resize_old, new_s + conversions_new + resize_used
+        before = old_s + conversions_old + seams_old + resize_old
+        after = new_s + conversions_new + seams_new + resize_used
         print(f"  {name:34} {before:.2f} s -> {after:.2f} s ({after / before:.2f}x)")
 
 if __name__ == "__main__":

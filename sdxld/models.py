@@ -426,6 +426,7 @@ def _configure_vae(config: Config, vae) -> None:
         vae.enable_slicing()
     if config.memory.vae_tiling:
         vae.enable_tiling()
+    diffusers_private.vectorize_tile_blending(vae)
 
 
 def _configure_attention(config: Config, device: str, pipes: list, notes: list[str]) -> None:

@@ -40,3 +40,4 @@ def test_host_costs_bench_runs():
     assert result.returncode == 0, result.stderr[-3000:]
     assert "final 256x448 with grain" in result.stdout and "per approved image, the final" in result.stdout
     assert "upscaler output -> final (Lanczos)" in result.stdout and "same pixels" in result.stdout
+    assert "VAE tile seams (decode + encode)" in result.stdout and "same values" in result.stdout

@@ -74,3 +74,35 @@ def test_the_offload_device_defaults_to_cuda_and_is_shared_from_the_base(models)
 def test_own_parameters_are_told_from_those_of_submodules():
     assert diffusers_private.has_own_parameters(torch.nn.Linear(2, 2))
     assert not diffusers_private.has_own_parameters(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vectorized_tile_blending_gives_the_loops_values_bit_for_bit(models, dtype):
+    import copy
+
+    vae = copy.deepcopy(models.base.vae).to(dtype)
+    vae.enable_tiling()
+    assert vae.blend_v.__name__ == "_blend_rows" and vae.blend_h.__name__ == "_blend_columns"
+    looped = copy.deepcopy(vae)
+    del looped.blend_v, looped.blend_h  # the class's own Python loops again
+    assert looped.blend_v.__func__ is type(vae).blend_v
+    generator = torch.Generator().manual_seed(0)
+    # 2x2 tiles of the tiny VAE (256-pixel tiles, 64 pixels of overlap): both seam directions.
+    latent = torch.randn(1, 4, 40, 40, generator=generator).to(dtype)
+    image = torch.rand(1, 3, 320, 320, generator=generator).to(dtype) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vae.decode(latent).sample, looped.decode(latent).sample)
+        assert torch.equal(vae.encode(image).latent_dist.mean, looped.encode(image).latent_dist.mean)
+    for extent in (0, 5, 64, 1000):  # the overlap cut to the tensors' size, as the loop cuts it
+        a, b = torch.randn(2, 1, 4, 30, 40, generator=generator).to(dtype)
+        assert torch.equal(vae.blend_v(a, b.clone(), extent), looped.blend_v(a, b.clone(), extent))
+        assert torch.equal(vae.blend_h(a, b.clone(), extent), looped.blend_h(a, b.clone(), extent))
+
+
+def test_a_vae_without_the_blend_methods_keeps_its_own_code():
+    class OtherVae(torch.nn.Module):
+        pass
+
+    vae = OtherVae()
+    diffusers_private.vectorize_tile_blending(vae)
+    assert not hasattr(vae, "blend_v") and not hasattr(vae, "blend_h")
