@@ -49,7 +49,8 @@ def test_the_output_resized_where_it_was_made_is_pillows_image(tmp_path, monkeyp
     image = noise_image(48, 40)
     pillow = Upscaler.load(weights, resize_on_device=False).upscale(image, (100, 84))
     on_device = Upscaler.load(weights, resize_on_device=True)
-    assert Upscaler.load(weights).resize_on_device is None and not Upscaler.load(weights)._resizes_on_device((192, 160), (100, 84))
+    automatic = Upscaler.load(weights)
+    assert automatic.resize_on_device is None and not automatic._on_device(), "on the CPU: Pillow, as before"
     calls = []
     real_resize = lanczos.resize
     monkeypatch.setattr(lanczos, "resize", lambda pixels, size: calls.append(size) or real_resize(pixels, size))
@@ -168,3 +169,19 @@ def test_other_file_types_are_refused(tmp_path):
     path.write_bytes(b"x")
     with pytest.raises(UpscalerError, match="unsupported file type"):
         Upscaler.load(path)
+
+
+def test_no_gpu_memory_for_the_resize_means_pillow_resizes_that_image(tmp_path, monkeypatch, caplog):
+    from esrgan import lanczos
+
+    weights = write_esrgan(tmp_path / "x4.pth")
+    image = noise_image(48, 40)
+    pillow = np.asarray(Upscaler.load(weights, resize_on_device=False).upscale(image, (100, 84)))
+
+    def out_of_memory(pixels, size):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(lanczos, "resize", out_of_memory)
+    with caplog.at_level(logging.WARNING):
+        assert np.array_equal(np.asarray(Upscaler.load(weights, resize_on_device=True).upscale(image, (100, 84))), pillow)
+    assert "no GPU memory to resize" in caplog.text
