@@ -43,7 +43,7 @@ class Upscaler:
     dtype_name: str = "fp32"
     fallback_reason: str = ""
     # Assemble and resize the network's output where it was made (None: on CUDA devices only).
-    resize_on_device: bool | None = None
+    output_on_device: bool | None = None
     # (input width, height, output width, height) -> whether the device's resize gave Pillow's
     # pixels on the first image of that size; False keeps Pillow for the size.
     _device_resize_matches: dict = field(default_factory=dict, repr=False)
@@ -52,7 +52,7 @@ class Upscaler:
 
     @classmethod
     def load(cls, path: Path | str, *, device: str = "cpu", dtype: str = "fp32", tile_size: int = 512, tile_pad: int = 32,
-             resize_on_device: bool | None = None) -> "Upscaler":
+             output_on_device: bool | None = None) -> "Upscaler":
         """Load super-resolution weights; raises UpscalerError with the reason when they can't be used."""
         import torch
         from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
@@ -77,7 +77,7 @@ class Upscaler:
         descriptor.to(torch.device(device)).eval()
         if dtype != "fp32":
             descriptor.to({"fp16": torch.float16, "bf16": torch.bfloat16}[dtype])
-        return cls(descriptor, str(path), tile_size, tile_pad, device, dtype, resize_on_device=resize_on_device)
+        return cls(descriptor, str(path), tile_size, tile_pad, device, dtype, output_on_device=output_on_device)
 
     @classmethod
     def lanczos(cls, reason: str) -> "Upscaler":
@@ -182,8 +182,8 @@ class Upscaler:
 
     def _on_device(self) -> bool:
         """Whether the output is assembled (and resized) where the network runs, crossing to the
-        CPU once at the end: on CUDA unless resize_on_device says otherwise."""
-        return str(self.device).startswith("cuda") if self.resize_on_device is None else self.resize_on_device
+        CPU once at the end: on CUDA unless output_on_device says otherwise."""
+        return str(self.device).startswith("cuda") if self.output_on_device is None else self.output_on_device
 
     def _to_size_from_device(self, pixels, size: tuple[int, int]):
         from PIL import Image

@@ -41,16 +41,16 @@ def test_output_is_resized_to_the_exact_target(tmp_path):
 
 
 def test_the_output_resized_where_it_was_made_is_pillows_image(tmp_path, monkeypatch):
-    """On a GPU the network's output is resized there (resize_on_device, automatic on CUDA); the
+    """On a GPU the network's output is resized there (output_on_device, automatic on CUDA); the
     CPU runs the same code on a CPU tensor. The first image of a size is compared with Pillow."""
     from esrgan import lanczos
 
     weights = write_esrgan(tmp_path / "x4.pth")
     image = noise_image(48, 40)
-    pillow = Upscaler.load(weights, resize_on_device=False).upscale(image, (100, 84))
-    on_device = Upscaler.load(weights, resize_on_device=True)
+    pillow = Upscaler.load(weights, output_on_device=False).upscale(image, (100, 84))
+    on_device = Upscaler.load(weights, output_on_device=True)
     automatic = Upscaler.load(weights)
-    assert automatic.resize_on_device is None and not automatic._on_device(), "on the CPU: Pillow, as before"
+    assert automatic.output_on_device is None and not automatic._on_device(), "on the CPU: Pillow, as before"
     calls = []
     real_resize = lanczos.resize
     monkeypatch.setattr(lanczos, "resize", lambda pixels, size: calls.append(size) or real_resize(pixels, size))
@@ -69,8 +69,8 @@ def test_a_device_resize_that_differs_from_pillow_is_dropped_for_that_size(tmp_p
 
     weights = write_esrgan(tmp_path / "x4.pth")
     image = noise_image(48, 40)
-    pillow = np.asarray(Upscaler.load(weights, resize_on_device=False).upscale(image, (100, 84)))
-    upscaler = Upscaler.load(weights, resize_on_device=True)
+    pillow = np.asarray(Upscaler.load(weights, output_on_device=False).upscale(image, (100, 84)))
+    upscaler = Upscaler.load(weights, output_on_device=True)
     calls = []
 
     def nearest(pixels, size):  # not Lanczos: differs from Pillow
@@ -176,12 +176,12 @@ def test_no_gpu_memory_for_the_resize_means_pillow_resizes_that_image(tmp_path, 
 
     weights = write_esrgan(tmp_path / "x4.pth")
     image = noise_image(48, 40)
-    pillow = np.asarray(Upscaler.load(weights, resize_on_device=False).upscale(image, (100, 84)))
+    pillow = np.asarray(Upscaler.load(weights, output_on_device=False).upscale(image, (100, 84)))
 
     def out_of_memory(pixels, size):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
     monkeypatch.setattr(lanczos, "resize", out_of_memory)
     with caplog.at_level(logging.WARNING):
-        assert np.array_equal(np.asarray(Upscaler.load(weights, resize_on_device=True).upscale(image, (100, 84))), pillow)
+        assert np.array_equal(np.asarray(Upscaler.load(weights, output_on_device=True).upscale(image, (100, 84))), pillow)
     assert "no GPU memory to resize" in caplog.text
