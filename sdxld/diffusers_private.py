@@ -89,14 +89,18 @@ def _seam_weights(extent: int, device, axis: int):
 
 
 def _blend_rows(a, b, blend_extent: int):
-    extent = min(a.shape[2], b.shape[2], blend_extent)
-    before, after = _seam_weights(extent, b.device, 2)
-    b[:, :, :extent, :] = (a[:, :, a.shape[2] - extent :, :] * before).to(b.dtype) + (b[:, :, :extent, :] * after).to(b.dtype)
-    return b
+    return _blend_along(2, a, b, blend_extent)
 
 
 def _blend_columns(a, b, blend_extent: int):
-    extent = min(a.shape[3], b.shape[3], blend_extent)
-    before, after = _seam_weights(extent, b.device, 3)
-    b[:, :, :, :extent] = (a[:, :, :, a.shape[3] - extent :] * before).to(b.dtype) + (b[:, :, :, :extent] * after).to(b.dtype)
+    return _blend_along(3, a, b, blend_extent)
+
+
+def _blend_along(axis: int, a, b, blend_extent: int):
+    """The start of `b` along `axis` faded in over the end of `a` (diffusers' blend_v / blend_h)."""
+    extent = min(a.shape[axis], b.shape[axis], blend_extent)
+    before, after = _seam_weights(extent, b.device, axis)
+    start_of_b = b.narrow(axis, 0, extent)
+    end_of_a = a.narrow(axis, a.shape[axis] - extent, extent)
+    start_of_b.copy_((end_of_a * before).to(b.dtype) + (start_of_b * after).to(b.dtype))
     return b
