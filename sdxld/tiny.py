@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,18 @@ def _lora_targets(pipe):
                 yield component, name, module.in_features, module.out_features
 
 
+@lru_cache(maxsize=4)
+def _tiny_model_lora_targets(model_folder: str) -> tuple:
+    """The tiny model's LoRA targets, read once per process: loading the pipeline to learn them
+    took ~0.2 s of every LoRA written (a demo root's four, a test's fifty)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from .models import quiet_libraries
+
+    quiet_libraries()
+    return tuple(_lora_targets(StableDiffusionXLPipeline.from_pretrained(model_folder)))
+
+
 def write_tiny_lora(path: Path, fmt: str = "kohya", seed: int = 0, rank: int = 4, scale: float = 0.5, pipe=None,
                     alpha: float | None = None) -> Path:
     """A random LoRA for the tiny model, in kohya/A1111 naming or diffusers (peft) naming.
@@ -336,17 +349,11 @@ def write_tiny_lora(path: Path, fmt: str = "kohya", seed: int = 0, rank: int = 4
     import torch
     from safetensors.torch import save_file
 
-    if pipe is None:
-        from diffusers import StableDiffusionXLPipeline
-
-        from .models import quiet_libraries
-
-        quiet_libraries()
-        pipe = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0])
+    targets = _lora_targets(pipe) if pipe is not None else _tiny_model_lora_targets(str(ensure_tiny_model()[0]))
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-    for component, name, n_in, n_out in _lora_targets(pipe):
+    for component, name, n_in, n_out in targets:
         down = torch.randn(rank, n_in, generator=generator) * scale
         up = torch.randn(n_out, rank, generator=generator) * scale
         if fmt == "kohya":
