@@ -1,0 +1,63 @@
+"""Reading a full-size SDXL LoRA file as sdxld does when it is chosen: parse, name mapping, and
+the check that every layer's difference fits its weight. No model weights: SDXL is built on the
+meta device (shapes only), the LoRA (rank 32, every layer real SDXL LoRAs adapt) written to a
+temporary file. Prints the layer checks asked per layer (as before) against once per combination
+of factor shapes (as now), interleaved, medians of --rounds, and the ratio.
+
+    python bench/lora_read.py [--rounds 3] [--rank 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=32)
+    args = parser.parse_args()
+
+    import torch
+    from gpu import build_full
+
+    from sdxld import lora_formats
+    from sdxld.lora_merge import read_lora_weights
+    from sdxld.models import quiet_libraries
+    from sdxld.tiny import write_tiny_lora
+
+    quiet_libraries()
+    base, _ = build_full("meta", torch.float16, with_refiner=False)
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_tiny_lora(Path(folder) / "full.safetensors", seed=1, rank=args.rank, scale=0.01, pipe=base)
+        data = path.read_bytes()
+    cached = lora_formats._difference_shape
+    ways = {"per layer": cached.__wrapped__, "per shape combination": cached}
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    try:
+        for _ in range(args.rounds):
+            for name, check in ways.items():
+                lora_formats._difference_shape = check
+                cached.cache_clear()  # each read starts cold, as the first file of a run does
+                started = time.perf_counter()
+                weights = read_lora_weights(base, data)
+                times[name].append(time.perf_counter() - started)
+    finally:
+        lora_formats._difference_shape = cached
+    layers = sum(len(patches) for patches in weights.layers.values())
+    print(f"SDXL-shaped LoRA, rank {args.rank}, {len(data) / 1e6:.0f} MB, {layers} layers, "
+          f"{cached.cache_info().currsize} combinations of factor shapes; {torch.get_num_threads()} CPU threads")
+    before, now = (statistics.median(times[name]) for name in ways)
+    print(f"  read with layer checks per layer           {before:.3f} s")
+    print(f"  read with checks per shape combination     {now:.3f} s   ({now / before:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
