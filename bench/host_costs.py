@@ -136,20 +136,17 @@ def bench_vae_seams(size: tuple[int, int], device: str, repeat: int) -> tuple[fl
 
     width, height = size
 
-    def tile_grid(channels: int, tile: int, stride: int, scale: int):
-        """Tiles as diffusers' tiled decode (scale 8: latent -> pixels) or encode (scale 1/8) cut them."""
-        rows = []
-        for top in range(0, height // 8 if scale == 8 else height, stride):
-            row = []
-            for left in range(0, width // 8 if scale == 8 else width, stride):
-                tile_height = min(tile, (height // 8 if scale == 8 else height) - top)
-                tile_width = min(tile, (width // 8 if scale == 8 else width) - left)
-                out = (tile_height * 8, tile_width * 8) if scale == 8 else (tile_height // 8, tile_width // 8)
-                row.append(torch.rand(1, channels, *out, device=device))
-            rows.append(row)
-        return rows
+    def tile_grid(channels: int, across: int, down: int, tile: int, stride: int, tile_output):
+        """Tiles cut as diffusers' tiled decode / encode cuts its input (`across` x `down`), each
+        the size its decoder / encoder gives (`tile_output(height, width)`)."""
+        return [[torch.rand(1, channels, *tile_output(min(tile, down - top), min(tile, across - left)), device=device)
+                 for left in range(0, across, stride)]
+                for top in range(0, down, stride)]
 
-    grids = [(tile_grid(3, 128, 96, 8), 256), (tile_grid(8, 1024, 768, 1), 32)]
+    grids = [
+        (tile_grid(3, width // 8, height // 8, 128, 96, lambda h, w: (h * 8, w * 8)), 256),  # decode
+        (tile_grid(8, width, height, 1024, 768, lambda h, w: (h // 8, w // 8)), 32),  # encode
+    ]
 
     def blend_all(blend_v, blend_h):
         results = []
