@@ -192,7 +192,7 @@ class Upscaler:
         if scaled_size == size:
             return Image.fromarray(pixels.cpu().numpy())
         if self._device_resize_matches.get((*scaled_size, *size)) is False:
-            return Image.fromarray(pixels.cpu().numpy()).resize(size, Image.LANCZOS)
+            return _pillow_resize(pixels, size)
         return self._resized_on_device(pixels, size)
 
     def _resized_on_device(self, pixels, size: tuple[int, int]):
@@ -208,10 +208,10 @@ class Upscaler:
             resized = Image.fromarray(lanczos.resize(pixels, size).cpu().numpy())
         except torch.cuda.OutOfMemoryError:
             log.warning("no GPU memory to resize the upscaler's output; Pillow resizes it on the CPU")
-            return Image.fromarray(pixels.cpu().numpy()).resize(size, Image.LANCZOS)
+            return _pillow_resize(pixels, size)
         if key in self._device_resize_matches:
             return resized
-        reference = Image.fromarray(pixels.cpu().numpy()).resize(size, Image.LANCZOS)
+        reference = _pillow_resize(pixels, size)
         differing = int(np.any(np.asarray(resized) != np.asarray(reference), axis=2).sum())
         self._device_resize_matches[key] = differing == 0
         if differing:
@@ -231,6 +231,13 @@ class Upscaler:
 
     def tile_count(self, width: int, height: int) -> int:
         return math.ceil(width / self.tile_size) * math.ceil(height / self.tile_size)
+
+
+def _pillow_resize(pixels, size: tuple[int, int]):
+    """The network's output (a tensor anywhere) to `size` by Pillow's Lanczos, on the CPU."""
+    from PIL import Image
+
+    return Image.fromarray(pixels.cpu().numpy()).resize(size, Image.LANCZOS)
 
 
 def _pick_dtype(descriptor, device: str, wanted: str) -> str:
