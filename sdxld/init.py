@@ -118,7 +118,9 @@ def _write_demo_loras(folder: Path, report: InitReport) -> None:
         if not (where / f"{name}.txt").exists():
             _write_new(where / f"{name}.txt", f"{triggers}\n".encode())
     other = folder / EXTRAS / "sd15_style.safetensors"
-    if not other.exists():
+    if other.exists():
+        report.kept.append(str(other.relative_to(folder)))
+    else:
         _write_lora(other, write_sd15_shaped_lora)
         report.created.append(str(other.relative_to(folder)))
     if not (folder / EXTRAS / "README.txt").exists():
@@ -127,12 +129,12 @@ def _write_demo_loras(folder: Path, report: InitReport) -> None:
 
 def _tiny_pipeline():
     """The tiny model, for the layer names and widths its LoRAs must have (built once, cached)."""
-    from diffusers import StableDiffusionXLPipeline
-
     from .models import quiet_libraries
     from .tiny import ensure_tiny_model
 
-    quiet_libraries()
+    quiet_libraries()  # before the pipeline's import: it imports torchao, whose notes are not for users
+    from diffusers import StableDiffusionXLPipeline
+
     return StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0])
 
 

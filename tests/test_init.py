@@ -57,6 +57,8 @@ def demo_root(tmp_path_factory, tiny_cache):
     result = run_sdxld("init", str(folder), "--demo", cwd=folder.parent)
     assert result.returncode == 0, result.stderr
     assert f"next:  sdxld run --demo --root {folder}" in result.stdout
+    # The user's terminal shows sdxld's own lines only: no notes libraries leave for their authors.
+    assert all(" INFO sdxld." in line for line in result.stderr.splitlines()), result.stderr
     return folder
 
 
