@@ -25,12 +25,19 @@ from .layout import status_folder
 # share), judged by the share's clock.
 HEARTBEAT_S = 10.0
 GONE_AFTER_BEATS = 3
+# A daemon of another host that ended (stopped, gone) stays listed this long; this host's own
+# ended ones until the next start here.
+ENDED_KEPT_S = 24 * 3600
 
 
 class StatusBoard:
     """What the daemon is doing, written atomically for `sdxld status` (and mirrored to systemd)."""
 
     def __init__(self, root: Path, notifier, heartbeat_s: float = HEARTBEAT_S):
+        try:
+            forget_ended(root)
+        except OSError:
+            pass  # a read-only or vanished status folder: this daemon's own writes say what is wrong
         self.path = status_folder(root) / f"{socket.gethostname()}.{os.getpid()}.json"
         self.notifier = notifier
         self.data = {
@@ -166,12 +173,29 @@ def read_status(root: Path) -> list[dict]:
     """Status of every daemon on this root, of every host sharing it. A daemon of this host whose
     process is gone is marked dead at once; one of any host whose file has not changed for
     GONE_AFTER_BEATS of its heartbeats (by the share's clock) is marked gone."""
+    return [data for _, data, _ in _status_files(root)]
+
+
+def forget_ended(root: Path) -> int:
+    """Remove the status files of daemons that ended: this host's (stopped, dead) and any host's
+    unchanged for ENDED_KEPT_S. Run as a daemon starts, so `sdxld status` shows what runs and what
+    ended lately, not every restart since the root was made (systemd restarts, reboots, pods)."""
+    removed = 0
+    for path, data, age in _status_files(root):
+        ended_here = data.get("host") == socket.gethostname() and data["state"].startswith(("stopped", "dead"))
+        if ended_here or (not is_live(data) and age > ENDED_KEPT_S):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _status_files(root: Path):
+    """(path, status with its state judged, seconds since last written by the share's clock)."""
     from .owners import pid_alive_since
 
     folder = status_folder(root)
-    found = []
     if not folder.is_dir():
-        return found
+        return
     now = store.share_clock(folder)
     for path in sorted(folder.glob("*.json")):
         try:
@@ -187,8 +211,7 @@ def read_status(root: Path) -> list[dict]:
             data["state"] = "dead (stale status)"
         elif age > GONE_AFTER_BEATS * float(data.get("heartbeat_s") or HEARTBEAT_S):
             data["state"] = f"gone (no sign of life for {age:.0f} s)"
-        found.append(data)
-    return found
+        yield path, data, age
 
 
 def is_live(data: dict) -> bool:

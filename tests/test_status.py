@@ -73,6 +73,49 @@ def test_daemons_of_other_hosts_go_stale_by_the_shares_clock_and_the_rest_are_su
     assert not list(folder.glob(".clock*")), "the clock probe is removed"
 
 
+def test_a_starting_daemon_forgets_the_ended_ones_of_its_host_and_those_of_others_after_a_day(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from sdxld.layout import status_folder
+    from sdxld.status import ENDED_KEPT_S, StatusBoard, read_status
+    from sdxld.store import share_clock
+
+    me = socket.gethostname()
+    exited = subprocess.Popen([sys.executable, "-c", "pass"])
+    exited.wait()
+    folder = status_folder(tmp_path)
+    folder.mkdir(parents=True)
+    files = {
+        "stopped here": _daemon(me, 21, state="stopped"),
+        "died here": dict(_daemon(me, exited.pid), started=0.0),
+        "running here": dict(_daemon(me, os.getppid()), started=share_clock(folder)),
+        "stopped elsewhere lately": _daemon("gpu-b", 22, state="stopped"),
+        "stopped elsewhere long ago": _daemon("gpu-c", 23, state="stopped"),
+        "silent elsewhere for a day": _daemon("gpu-d", 24),
+    }
+    for name, data in files.items():
+        path = folder / f"{name.replace(' ', '-')}.json"
+        path.write_text(json.dumps(dict(data, name=name)))
+        if name.endswith(("long ago", "for a day")):
+            stamp = share_clock(folder) - ENDED_KEPT_S - 60
+            os.utime(path, (stamp, stamp))
+
+    class Quiet:
+        def status(self, line):
+            pass
+
+    board = StatusBoard(tmp_path, Quiet())
+    try:
+        board.update(force=True, state="loading models")
+        listed = {d.get("name", "this one") for d in read_status(tmp_path)}
+        assert listed == {"running here", "stopped elsewhere lately", "this one"}
+    finally:
+        board.finish()
+
+
 def test_gone_means_three_missed_heartbeats_of_the_daemons_own_interval(tmp_path):
     import os
 
