@@ -600,8 +600,8 @@ COMPILE_MAX_NEEDS_S = 240
 
 
 def bench_fast(run: Run) -> None:
-    """The throughput switches, each against a baseline measured in this call: one stage-1 image,
-    a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent), a LoRA swap,
+    """The throughput switches, each against a baseline measured in this call: one stage-1 image
+    (and once more under the profiler, to see where its time goes), a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent), a LoRA swap,
     the stage-1 VAE decode tiled and whole, a batch's prompts through the text encoders (alone and
     as a batch); then the UNets quantized (fp8 where the card has it, else int8), with the
     quantized UNet's error against the unquantized one on fixed inputs; then compile max (CUDA
@@ -615,6 +615,7 @@ def bench_fast(run: Run) -> None:
     batch = 4 if run.args.tiny else 8
     approved_path = _approved_path(run)
     single = bench.measure("fast: stage 1, one image (baseline)", lambda: stage1(models, plain), run.unets)
+    _profile_stage1(run)
     batched = _batched_stage1(run, batch, "baseline", single, 1)
     approved = bench.measure("fast: approved image, stage 2 + ESRGAN + stage 3 latent + final PNG (baseline)", approved_path, run.unets)
     plain_swap = _measure_swap(run, run.library, "fast: LoRA swap (baseline)")
@@ -741,6 +742,68 @@ def _approved_path(run: Run):
         return png.encode(final, run.refined.png_chunks())
 
     return approved
+
+
+def _profile_stage1(run: Run) -> None:
+    """Where one stage-1 image's time goes, from torch's profiler: the device's busy time in the
+    text encoders, the UNet (all steps) and the VAE decode, the rest of its work (scheduler,
+    latents, pixel conversion), its idle time, and how often the host waited for it (syncs and
+    scalar reads; each one leaves the device idle while the host catches up). The profiler adds
+    host overhead, so the wall time here is longer than the timed rows'; busy times are the
+    kernels' own."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from sdxld.stages import stage1
+
+    cuda = run.device == "cuda"
+    parts = {"text encoders": [run.base.text_encoder, run.base.text_encoder_2], "UNet": [run.base.unet],
+             "VAE decode": [run.base.vae.decoder]}
+    handles, open_ranges = [], []
+    for label, modules in parts.items():
+        for module in modules:
+            def enter(*_, _label=label):
+                open_ranges.append(record_function(f"sdxld: {_label}"))
+                open_ranges[-1].__enter__()
+
+            def leave(*_):
+                open_ranges.pop().__exit__(None, None, None)
+
+            handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    try:
+        run.bench.sync()
+        started = time.perf_counter()
+        with profile(activities=activities) as profiler:
+            stage1(run.models, run.plain)
+            run.bench.sync()
+        wall = time.perf_counter() - started
+    except Exception as err:  # noqa: BLE001 - the profile is a diagnosis; the timed rows stand without it
+        run.bench.rows.append(Row("fast: stage 1 profiled", 0.0, note=f"FAILED: {type(err).__name__}: {str(err)[:120]}"))
+        return
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def seconds(event, name: str) -> float:
+        value = getattr(event, name, None)  # torch >= 2.4: device_time_*, before: cuda_time_*
+        return (value if value is not None else getattr(event, name.replace("device", "cuda"), 0.0)) / 1e6
+
+    # Host-side events only: their device times are their kernels' (the device's copies of the
+    # ranges would count the gaps between kernels as well).
+    events = [e for e in profiler.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    kind = "device" if cuda else "cpu"
+    busy = sum(seconds(e, f"self_{kind}_time_total") for e in events) if cuda else wall
+    by_part = {label: sum(seconds(e, f"{kind}_time_total") for e in events if e.name == f"sdxld: {label}") for label in parts}
+    waits = Counter(e.name for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize",
+                                                        "cudaEventSynchronize", "cudaMemcpy", "aten::_local_scalar_dense"))
+    shares = ", ".join(f"{label} {value:.3f} s" for label, value in by_part.items())
+    note = (f"{'device busy' if cuda else 'host'} {busy:.3f} s of {wall:.3f} s wall: {shares}, "
+            f"the rest {busy - sum(by_part.values()):.3f} s"
+            + (f"; idle {wall - busy:.3f} s; host waits {dict(sorted(waits.items()))}" if cuda else ""))
+    run.bench.rows.append(Row("fast: stage 1 profiled (profiler overhead included)", wall, note=note))
+    print(f"{'fast: stage 1 profiled':48} {note}", flush=True)
+    run.bench.write()
 
 
 def _measure_swap(run: Run, library, name: str):
