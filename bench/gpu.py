@@ -616,6 +616,7 @@ def bench_fast(run: Run) -> None:
     approved_path = _approved_path(run)
     single = bench.measure("fast: stage 1, one image (baseline)", lambda: stage1(models, plain), run.unets)
     _profile_stage1(run)
+    _measure_scheduler_waits(run)
     batched = _batched_stage1(run, batch, "baseline", single, 1)
     approved = bench.measure("fast: approved image, stage 2 + ESRGAN + stage 3 latent + final PNG (baseline)", approved_path, run.unets)
     plain_swap = _measure_swap(run, run.library, "fast: LoRA swap (baseline)")
@@ -742,6 +743,33 @@ def _approved_path(run: Run):
         return png.encode(final, run.refined.png_chunks())
 
     return approved
+
+
+def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
+    """Stage 1 with the default UniPC, whose steps make the host wait for the GPU ~7 times each
+    (bench/scheduler_waits.py), against DPM++ 2M, whose steps never do: the same UNet work, so the
+    difference is about what the waits cost. Alternated, medians of `repeats` (a small difference
+    on a drifting card)."""
+    import statistics
+    from dataclasses import replace
+
+    from sdxld.stages import stage1
+
+    samplers = {"UniPC": run.plain, "DPM++ 2M": replace(run.plain, sampler="DPM++ 2M")}
+    seconds = {name: [] for name in samplers}
+    for _ in range(repeats):
+        for name, record in samplers.items():
+            run.bench.sync()
+            started = time.perf_counter()
+            stage1(run.models, record)
+            run.bench.sync()
+            seconds[name].append(time.perf_counter() - started)
+    unipc, dpm = (statistics.median(seconds[name]) for name in samplers)
+    row = Row(f"fast: stage 1, DPM++ 2M (no host waits) / UniPC (~7 a step), medians of {repeats} alternated", dpm,
+              note=f"{dpm:.3f} s / {unipc:.3f} s = {dpm / unipc:.3f}")
+    run.bench.rows.append(row)
+    print(f"{'fast: stage 1, DPM++ 2M / UniPC':48} {row.note}", flush=True)
+    run.bench.write()
 
 
 def _profile_stage1(run: Run) -> None:
