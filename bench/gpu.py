@@ -616,7 +616,7 @@ def bench_fast(run: Run) -> None:
     approved_path = _approved_path(run)
     single = bench.measure("fast: stage 1, one image (baseline)", lambda: stage1(models, plain), run.unets)
     _profile_stage1(run)
-    _measure_scheduler_waits(run)
+    _measure_scheduler_waits(run, repeats=1 if run.args.tiny else 3)
     batched = _batched_stage1(run, batch, "baseline", single, 1)
     approved = bench.measure("fast: approved image, stage 2 + ESRGAN + stage 3 latent + final PNG (baseline)", approved_path, run.unets)
     plain_swap = _measure_swap(run, run.library, "fast: LoRA swap (baseline)")
