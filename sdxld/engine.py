@@ -87,6 +87,7 @@ class Engine:
             {"character": config.lora.character_strength, "style": config.lora.style_strength},
             settle_s=lora_settle_s,
             quantized=models.quantized,
+            remember_in=self.layout.state / "lora-checks",
         )
         self.seeds = SeedSequence(config.generation.seed)
         # For batch_size auto: the largest peak VRAM per stage-1 image seen, and the batch size

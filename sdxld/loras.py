@@ -2,9 +2,10 @@
 
 `sync()` makes the set of usable files follow the folders: new files are checked (header, layer
 names and widths against this model) and join the rotation, changed files are checked again,
-files that left drop out. Only a small layout (layers, ranks) is kept per file; the weights are
-read when a file is chosen and merged into the model (lora_merge.py), so memory does not grow
-with the number of LoRAs and rotating them never changes the model's structure.
+files that left drop out; the verdicts outlive the process (lora_memory.py), so a restart reads
+only what changed. Only the verdict is kept per file; the weights are read when a file is chosen
+and merged into the model (lora_merge.py), so memory does not grow with the number of LoRAs and
+rotating them never changes the model's structure.
 A file that cannot be used is kept out of rotation with its reason until it changes on disk;
 it never stops the run.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .lora_formats import split_key, unsupported_kind
+from .lora_memory import LoraMemory, fingerprint
 from .lora_merge import LoraFileError, LoraMergeError, LoraMerger, LoraWeights, Merged, read_lora_weights
 from .prompt_syntax import lora_tag, lora_tags
 from .records import LORA_FOLDERS, LoraUse
@@ -40,8 +42,6 @@ class LoraEntry:
     signature: tuple
     status: str = "pending"  # loaded | rejected | pending
     reason: str = ""
-    # component -> layer -> rank: what this file adapts (checked against the model at load).
-    layout: dict = field(default_factory=dict, repr=False)
     hash: str = ""
     format: str = ""  # "LoRA", "LoHa", "DoRA (LoKr)"...
     triggers: str = ""
@@ -143,7 +143,9 @@ def read_triggers(txt: Path) -> str:
 
 
 class LoraLibrary:
-    def __init__(self, pipe, dirs: dict[str, Path], strengths: dict[str, float], settle_s: float = 0.0, quantized=None):
+    def __init__(self, pipe, dirs: dict[str, Path], strengths: dict[str, float], settle_s: float = 0.0, quantized=None,
+                 remember_in: Path | None = None):
+        """`remember_in`: the folder where verdicts are kept across runs (None: checked anew each run)."""
         self.pipe = pipe
         self.dirs = {kind: Path(d) for kind, d in dirs.items()}
         self.strengths = dict(strengths)
@@ -152,6 +154,8 @@ class LoraLibrary:
         self._entries: dict[Path, LoraEntry] = {}
         self.merger = LoraMerger(pipe, quantized)
         self._tag_warnings: set[str] = set()
+        self._remember_in = Path(remember_in) if remember_in else None
+        self._memory: LoraMemory | None = None  # read at the first sync: the fingerprint needs the model
 
     # --- folder state -----------------------------------------------------------------------
 
@@ -202,14 +206,41 @@ class LoraLibrary:
                 self._unload(entry)
             entry = LoraEntry(kind, path, signature)
             self._entries[path] = entry
-            self._load(entry)
+            if not self._recall(entry) and self._load(entry):
+                self.memory.learn(self._key(entry), signature, status=entry.status, reason=entry.reason,
+                                  hash=entry.hash, format=entry.format)
             self._refresh_triggers(entry)
             label = f"{kind}/{entry.name}"
             if entry.status == "rejected":
                 report.rejected.append(label)
             else:
                 (report.reloaded if reloading else report.added).append(label)
+        self.memory.keep_only({self._key(entry) for entry in self._entries.values()})
+        self.memory.save()
         return report
+
+    @property
+    def memory(self) -> LoraMemory:
+        if self._memory is None:
+            folder = self._remember_in
+            self._memory = LoraMemory(folder / f"{fingerprint(self.pipe)}.json" if folder else None)
+        return self._memory
+
+    @staticmethod
+    def _key(entry: LoraEntry) -> str:
+        return f"{entry.kind}/{entry.path.name}"
+
+    def _recall(self, entry: LoraEntry) -> bool:
+        """Take an earlier run's verdict on this very file (same signature), logged as a check's."""
+        verdict = self.memory.recall(self._key(entry), entry.signature)
+        if verdict is None:
+            return False
+        entry.status, entry.reason, entry.hash, entry.format = (verdict[f] for f in ("status", "reason", "hash", "format"))
+        if entry.status == "loaded":
+            log.info("LoRA %s/%s loaded (%s, hash %s; checked in an earlier run)", entry.kind, entry.name, entry.format, entry.hash)
+        else:
+            log.warning("LoRA %s rejected: %s (checked in an earlier run)", entry.path, entry.reason)
+        return True
 
     def _refresh_triggers(self, entry: LoraEntry) -> None:
         txt = entry.path.with_suffix(".txt")
@@ -222,24 +253,25 @@ class LoraLibrary:
             entry.triggers = read_triggers(txt) if signature else ""
             entry.trigger_signature = signature
 
-    def _load(self, entry: LoraEntry) -> None:
+    def _load(self, entry: LoraEntry) -> bool:
+        """Check the file; True when the verdict is the file's own (not a read that failed and may
+        succeed later), so that it can be remembered."""
         try:
             check_lora_header(read_safetensors_header(entry.path))
             # One read serves the hash and the weights, so both describe the same bytes.
             data = entry.path.read_bytes()
             entry.hash = addnet_hash(data)
-            weights = read_lora_weights(self.pipe, data)
-            entry.layout, entry.format = weights.layout(), weights.formats()
+            entry.format = read_lora_weights(self.pipe, data).formats()
         except Exception as err:  # noqa: BLE001 - any failure of a user file keeps it out of rotation
-            entry.status, entry.layout = "rejected", {}
+            entry.status = "rejected"
             entry.reason = _explain(err)
             log.warning("LoRA %s rejected: %s", entry.path, entry.reason)
-            return
+            return not isinstance(err, OSError)
         entry.status, entry.reason = "loaded", ""
         log.info("LoRA %s/%s loaded (%s, hash %s)", entry.kind, entry.name, entry.format, entry.hash)
+        return True
 
     def _unload(self, entry: LoraEntry) -> None:
-        entry.layout = {}
         entry.status = "pending"
 
     # --- queries ----------------------------------------------------------------------------
@@ -317,7 +349,7 @@ class LoraLibrary:
             # (until it changes on disk) and this image goes on without it.
             for slot in err.slots:
                 entry = entries[slot]
-                entry.status, entry.layout, entry.reason = "rejected", {}, str(err)
+                entry.status, entry.reason = "rejected", str(err)
                 log.warning("LoRA %s rejected: %s", entry.path, err)
                 del wanted[slot]
             uses = [(slot, use) for slot, use in uses if slot not in err.slots]
