@@ -16,12 +16,14 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 "$PYTHON" -c 'import torch, diffusers, torchao; print("torch", torch.__version__, "diffusers", diffusers.__version__, "torchao", torchao.__version__)' \
   || echo "an import failed: the rows that need it will say FAILED"
-results=${RESULTS:-bench/results}
+# Straight into $OUT when the caller collects it: a call cut off by its time limit still returns
+# every row written so far (the results file is rewritten after each row).
+results=${RESULTS:-${OUT:-bench/results}}
 "$PYTHON" bench/gpu.py --skip stages,pixel,esrgan,switches,compile,offload,sequential --budget-s "${BUDGET_S:-450}" \
   --out "$results" "$@"
 status=$?
 # The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part.
 device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
 timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
-if [ -n "${OUT:-}" ]; then cp -r "$results"/. "$OUT"/; fi
+if [ -n "${OUT:-}" ] && [ "$results" != "$OUT" ]; then cp -r "$results"/. "$OUT"/; fi
 exit $status

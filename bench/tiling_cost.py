@@ -1,8 +1,9 @@
-"""What tiling costs in FLOPs: the SDXL VAE tiled or whole, the upscaler's tiles or the whole image.
+"""What tiling costs in FLOPs: the SDXL VAE tiled or whole, the upscaler's tiles or the whole image,
+stage 3's tile grids.
 
 Counted with torch.utils.flop_counter through the code sdxld runs (diffusers' tiled encode and
-decode; `esrgan.Upscaler`'s tile loop), on SDXL's VAE and an anime_6B-shaped ESRGAN built on the
-meta device: exact counts for those architectures, no weights, no GPU, a few seconds on a CPU.
+decode; `esrgan.Upscaler`'s tile loop; `tiling.tile_grid`), on SDXL's VAE and UNet and an
+anime_6B-shaped ESRGAN built on the meta device: exact counts for those architectures, no weights, no GPU, a few seconds on a CPU.
 FLOPs are not seconds (a GPU's speed also depends on the shapes), but they say what a change can
 at most win, and where the whole image costs more than its tiles.
 
@@ -77,6 +78,36 @@ def upscaler_rows() -> list[str]:
     return rows
 
 
+def stage3_grid_rows() -> list[str]:
+    """The UNet's work per stage-3 step (CFG pair, every tile) for each generation.stage3.tile_fit."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from gpu import SDXL_UNET
+    from sdxld.tiling import TILE_FITS, tile_grid
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET).to(torch.bfloat16)
+
+    def unet_step(width: int, height: int) -> float:
+        meta = {"device": "meta", "dtype": torch.bfloat16}
+        conditions = {"text_embeds": torch.empty(2, 1280, **meta), "time_ids": torch.empty(2, 6, **meta)}
+        return teraflops(lambda: unet(torch.empty(2, 4, height // 8, width // 8, **meta), torch.tensor(500, device="meta"),
+                                      encoder_hidden_states=torch.empty(2, 77, 2048, **meta), added_cond_kwargs=conditions))
+
+    width, height = SIZES["stage 3"]
+    rows = [f"| stage 3 at {width}x{height}, tile 2048 / overlap 256 | tiles | megapixels through the UNet | TFLOP per step | / grow_overlap |",
+            "|---|---:|---:|---:|---:|"]
+    first = None
+    for fit in TILE_FITS:
+        tiles = tile_grid(width, height, 2048, 256, fit)
+        flops = len(tiles) * unet_step(tiles[0].width, tiles[0].height)
+        first = first or flops
+        rows.append(f"| {fit}: {tiles[0].width}x{tiles[0].height} | {len(tiles)} | "
+                    f"{sum(t.width * t.height for t in tiles) / 1e6:.1f} | {flops:.0f} | {flops / first:.2f} |")
+    return rows
+
+
 def main() -> None:
     from sdxld.models import quiet_libraries
 
@@ -84,6 +115,8 @@ def main() -> None:
     print("\n".join(vae_rows()))
     print()
     print("\n".join(upscaler_rows()))
+    print()
+    print("\n".join(stage3_grid_rows()))
 
 
 if __name__ == "__main__":

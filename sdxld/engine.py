@@ -407,6 +407,7 @@ class Engine:
                 refiner_split=settings3.denoise_split if use_refiner and settings3.use_refiner else None,
                 tile_size=settings3.tile_size, tile_overlap=settings3.tile_overlap, blend_mode=settings3.blend_mode,
                 tile_batch=settings3.tile_batch, tiles=tiles, seed=record.seed + STAGE3_SEED_OFFSET, upscaler=method,
+                tile_fit=settings3.tile_fit,
             ),
             final=FinalReport(
                 scale=gen.final_scale, upscaler=method,

@@ -76,6 +76,7 @@ class Stage3Report:
     tiles: int
     seed: int
     upscaler: str
+    tile_fit: str = "grow_overlap"  # records from before the choice existed grew their overlaps
 
 
 @dataclass

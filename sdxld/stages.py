@@ -289,7 +289,7 @@ def stage3_pixel(models, record: Record, image, settings, hooks: Hooks | None = 
     hooks = hooks or Hooks()
     models.set_sampler(record.sampler)
     width, height = image.size
-    tiles = tile_grid(width, height, settings.tile_size, settings.tile_overlap)
+    tiles = tile_grid(width, height, settings.tile_size, settings.tile_overlap, settings.tile_fit)
     refined = []
     base_seed = record.seed + STAGE3_SEED_OFFSET
     for index, tile in enumerate(tiles):
@@ -342,7 +342,7 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
     device = models.execution_device
     width, height = image.size
     factor = pipe.vae_scale_factor
-    pixel_tiles = tile_grid(width, height, settings.tile_size, settings.tile_overlap)
+    pixel_tiles = tile_grid(width, height, settings.tile_size, settings.tile_overlap, settings.tile_fit)
     latent_tiles = [t.scaled(factor) for t in pixel_tiles]
     generator = _generator(device, record.seed + STAGE3_SEED_OFFSET)
 

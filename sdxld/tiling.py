@@ -36,6 +36,9 @@ class Tile:
         return Tile(self.x // factor, self.y // factor, self.width // factor, self.height // factor)
 
 
+TILE_FITS = ("grow_overlap", "shrink_tiles")
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Start offsets covering [0, length): stride tile - overlap, the last tile flush with the end."""
     if length <= tile:
@@ -46,13 +49,39 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return starts
 
 
-def tile_grid(width: int, height: int, tile: int, overlap: int) -> list[Tile]:
-    """Tiles row by row; a tile is never larger than the image, edges are flush."""
-    tw, th = min(tile, width), min(tile, height)
+def tile_spans(length: int, tile: int, overlap: int, fit: str = "grow_overlap") -> list[tuple[int, int]]:
+    """(start, size) of each tile along one side. grow_overlap: tiles of `tile` pixels, the last
+    flush with the end, so the spare length widens the overlaps (3072 px in two 2048 tiles overlap
+    by 1024). shrink_tiles: as many tiles, shrunk to the smallest size (a multiple of 64 where it
+    fits, of 8 always) whose even spacing keeps every overlap at least `overlap`: the same tiles'
+    worth of context with less of the image computed twice."""
+    starts = tile_starts(length, tile, overlap)
+    count = len(starts)
+    if fit == "grow_overlap" or count == 1:
+        return [(start, min(tile, length)) for start in starts]
+    needed = -(-(length + (count - 1) * overlap) // count)  # count tiles overlapping by `overlap` exactly
+
+    def round_up(value: int, step: int) -> int:
+        return -(-value // step) * step
+
+    size = round_up(needed, 64) if round_up(needed, 64) <= tile else round_up(needed, 8)
+    while True:  # starts on the 8-pixel grid may cut an overlap short by a few pixels: grow to keep it
+        spaced = [(index * (length - size) // (count - 1)) // 8 * 8 for index in range(count)]
+        if size >= tile or all(size - (b - a) >= overlap for a, b in zip(spaced, spaced[1:])):
+            break
+        size += 8
+    if size >= tile:
+        return [(start, min(tile, length)) for start in starts]
+    return [(start, size) for start in spaced]
+
+
+def tile_grid(width: int, height: int, tile: int, overlap: int, fit: str = "grow_overlap") -> list[Tile]:
+    """Tiles row by row, all of one size, never larger than the image or `tile`, edges flush;
+    `fit` as in tile_spans."""
     return [
-        Tile(x, y, tw, th)
-        for y in tile_starts(height, tile, overlap)
-        for x in tile_starts(width, tile, overlap)
+        Tile(x, y, tile_width, tile_height)
+        for y, tile_height in tile_spans(height, tile, overlap, fit)
+        for x, tile_width in tile_spans(width, tile, overlap, fit)
     ]
 
 

@@ -86,6 +86,27 @@ def test_full_upscale_makes_a_4x_final_with_its_record(make_engine, mode):
     assert result.path.name in saved
 
 
+@pytest.mark.parametrize("mode", ["latent", "pixel"])
+def test_shrunk_tiles_reach_the_unet_and_the_record(make_engine, mode):
+    engine = make_engine(generation__stage3__mode=mode, generation__stage3__tile_fit="shrink_tiles",
+                         generation__stage3__use_refiner=False)
+    first = engine.stage1_once(seed=6)
+    latent_sizes = []
+    handle = engine.models.base.unet.register_forward_hook(lambda mod, args, out: latent_sizes.append(tuple(args[0].shape[-2:])))
+    try:
+        result = engine.upscale(first.record, first.image)
+    finally:
+        handle.remove()
+    # The demo's 512x896 final in 352-pixel tiles overlapping by 48: 2x3 tiles of 320x336, not 352x352.
+    assert tile_grid(512, 896, 352, 48, "shrink_tiles")[0].width == 320
+    stage3_sizes = set(latent_sizes[-3:])
+    assert stage3_sizes == {(336 // 8, 320 // 8)}
+    stage3 = result.record.stages["stage3"]
+    assert (stage3["tile_fit"], stage3["tiles"]) == ("shrink_tiles", 6)
+    with Image.open(result.path) as image:
+        assert image.size == (512, 896)
+
+
 def test_esrgan_weights_are_used_and_recorded(root, make_engine):
     write_esrgan(root / "weights" / "RealESRGAN_x4plus_anime_6B.pth", "new")
     engine = make_engine()

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdxld.tiling import Tile, blend, fuse, gaussian_weights, ramp_weights, tile_grid, tile_starts, unet_calls
+from sdxld.tiling import TILE_FITS, Tile, blend, fuse, gaussian_weights, ramp_weights, tile_grid, tile_starts, unet_calls
 
 
 @settings(max_examples=300, deadline=None)
@@ -14,22 +14,29 @@ from sdxld.tiling import Tile, blend, fuse, gaussian_weights, ramp_weights, tile
     height=st.integers(8, 1200).map(lambda v: v * 8),
     tile=st.integers(8, 512).map(lambda v: v * 8),
     overlap_fraction=st.floats(0, 0.49),
+    fit=st.sampled_from(TILE_FITS),
 )
-def test_grids_cover_exactly_with_flush_edges(width, height, tile, overlap_fraction):
+def test_grids_cover_exactly_with_flush_edges(width, height, tile, overlap_fraction, fit):
     overlap = int(tile * overlap_fraction) // 8 * 8
-    tiles = tile_grid(width, height, tile, overlap)
+    tiles = tile_grid(width, height, tile, overlap, fit)
     covered = np.zeros((height, width), dtype=bool)
     for t in tiles:
         assert t.x >= 0 and t.y >= 0 and t.x + t.width <= width and t.y + t.height <= height
-        assert t.width == min(tile, width) and t.height == min(tile, height)
         assert t.x % 8 == 0 and t.y % 8 == 0 and t.width % 8 == 0 and t.height % 8 == 0
         covered[t.y : t.y + t.height, t.x : t.x + t.width] = True
     assert covered.all()
     assert max(t.x + t.width for t in tiles) == width
     assert max(t.y + t.height for t in tiles) == height
+    # One tile size (latent tiles are batched), never above `tile`; as many tiles either way.
+    assert len({(t.width, t.height) for t in tiles}) == 1
+    assert tiles[0].width <= min(tile, width) and tiles[0].height <= min(tile, height)
+    assert len(tiles) == len(tile_grid(width, height, tile, overlap))
+    if fit == "grow_overlap":
+        assert tiles[0].width == min(tile, width) and tiles[0].height == min(tile, height)
     # Neighbours overlap by at least the requested amount, and no two tiles start at the same place.
-    xs = sorted({t.x for t in tiles})
-    assert all(b - a <= tile - overlap for a, b in zip(xs, xs[1:]))
+    for starts, size in (({t.x for t in tiles}, tiles[0].width), ({t.y for t in tiles}, tiles[0].height)):
+        starts = sorted(starts)
+        assert all(size - (b - a) >= overlap for a, b in zip(starts, starts[1:]))
     assert len({(t.x, t.y) for t in tiles}) == len(tiles)
 
 
@@ -39,6 +46,15 @@ def test_default_final_size_is_six_tiles():
     assert len(tiles) == 6
     assert tile_starts(3072, 2048, 256) == [0, 1024]
     assert tile_starts(5376, 2048, 256) == [0, 1792, 3328]
+
+
+def test_shrunk_tiles_at_the_default_size_compute_a_fifth_less_of_the_image_twice():
+    """The same six tiles, 1664x1984 instead of 2048x2048: overlaps of 256 and 288 pixels instead
+    of 1024 and 256-464; 19.8 instead of 25.2 megapixels through the UNet at each step."""
+    tiles = tile_grid(3072, 5376, 2048, 256, "shrink_tiles")
+    assert [(t.x, t.y) for t in tiles] == [(0, 0), (1408, 0), (0, 1696), (1408, 1696), (0, 3392), (1408, 3392)]
+    assert {(t.width, t.height) for t in tiles} == {(1664, 1984)}
+    assert sum(t.width * t.height for t in tiles) / sum(t.width * t.height for t in tile_grid(3072, 5376, 2048, 256)) < 0.79
 
 
 @settings(max_examples=60, deadline=None)
