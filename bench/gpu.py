@@ -22,6 +22,7 @@ import random
 import shutil
 import re
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -387,7 +388,16 @@ def main() -> None:
                         help="seconds this run may take: the compile max part of 'fast' is skipped, saying so, when too little is left")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
+    # The LoRA and upscaler files the sections write (a gigabyte at full size) live apart from
+    # --out, which a GPU call may hand back as it is when its time runs out.
+    args.scratch = Path(tempfile.mkdtemp(prefix="sdxld-gpu-bench-"))
+    try:
+        run_sections(args, skip)
+    finally:
+        shutil.rmtree(args.scratch, ignore_errors=True)
 
+
+def run_sections(args, skip: set[str]) -> None:
     run = setup(args)
     bench_stages(run, skip)
     if "esrgan" not in skip:
@@ -406,7 +416,6 @@ def main() -> None:
         bench_offload(run)
     if run.device == "cuda" and "sequential" not in skip:
         bench_sequential(run)
-    shutil.rmtree(args.out / ".loras", ignore_errors=True)
     run.bench.write()
     print(f"wrote {args.out}", flush=True)
 
@@ -521,8 +530,7 @@ def random_upscaler(run: Run, name: str, blocks: int, filters: int):
 
     from esrgan import Upscaler
 
-    path = run.args.out / f".esrgan-{name}.safetensors"
-    run.args.out.mkdir(parents=True, exist_ok=True)
+    path = run.args.scratch / f"esrgan-{name}.safetensors"
     save_file(ESRGAN(in_nc=3, out_nc=3, num_filters=filters, num_blocks=blocks, scale=4).state_dict(), str(path))
     upscaler = Upscaler.load(path, device=run.device, dtype="fp16" if run.device == "cuda" else "fp32")
     path.unlink()
@@ -963,7 +971,7 @@ def bench_loras(bench, base, models, plain, unets, args, quick: bool):
     from sdxld.stages import stage1
     from sdxld.tiny import write_tiny_lora
 
-    folder = args.out / ".loras"
+    folder = args.scratch / "loras"
     dirs = {"character": folder / "character", "style": folder / "style"}
     rank = 4 if quick else 32
     started = time.perf_counter()
