@@ -608,12 +608,13 @@ COMPILE_MAX_NEEDS_S = 240
 
 
 def bench_fast(run: Run) -> None:
-    """The throughput switches, each against a baseline measured in this call: one stage-1 image
-    (and once more under the profiler, to see where its time goes), a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent), a LoRA swap,
+    """The throughput switches, each against a baseline measured in this call: one stage-1 image,
+    a batch, the approved path (stage 2, ESRGAN anime_6B-shaped, stage 3 latent), a LoRA swap,
     the stage-1 VAE decode tiled and whole, a batch's prompts through the text encoders (alone and
     as a batch); then the UNets quantized (fp8 where the card has it, else int8), with the
     quantized UNet's error against the unquantized one on fixed inputs; then compile max (CUDA
-    graphs) on top. Leaves the models as it found them."""
+    graphs) on top; then, budget allowing, the diagnostics (`_diagnose`). Leaves the models as it
+    found them."""
     import torch
 
     from sdxld import quantize
@@ -623,13 +624,8 @@ def bench_fast(run: Run) -> None:
     batch = 4 if run.args.tiny else 8
     approved_path = _approved_path(run)
     single = bench.measure("fast: stage 1, one image (baseline)", lambda: stage1(models, plain), run.unets)
-    _profile_stage1(run)
-    _measure_scheduler_waits(run, repeats=1 if run.args.tiny else 3)
     batched = _batched_stage1(run, batch, "baseline", single, 1)
     approved = bench.measure("fast: approved image, stage 2 + ESRGAN + stage 3 latent + final PNG (baseline)", approved_path, run.unets)
-    # Less work rather than faster work: the same tiles shrunk to overlaps of tile_overlap.
-    bench.ratio(bench.measure("fast: approved image, generation.stage3.tile_fit shrink_tiles",
-                              _approved_path(run, "shrink_tiles"), run.unets), approved)
     plain_swap = _measure_swap(run, run.library, "fast: LoRA swap (baseline)")
     _measure_vae_decode(run)
     _measure_text_encoders(run, batch)
@@ -650,6 +646,7 @@ def bench_fast(run: Run) -> None:
             # torchao missing or refusing: the compile max runs go on, on the unquantized UNets.
             _unquantize_all(run, kept)
             _bench_compile_max(run, run.dtype_name, single, batched, batch)
+            _diagnose(run, approved)
             return
         with torch.inference_mode():
             error = quantize.relative_error(reference, unet(*probe_args, **probe_kwargs).sample)
@@ -671,6 +668,25 @@ def bench_fast(run: Run) -> None:
         _bench_compile_max(run, mode, single, batched, batch)
     finally:
         _unquantize_all(run, kept)
+    _diagnose(run, approved)
+
+
+# Seconds the diagnostic rows at the end of bench_fast need (a profiled image, six alternated
+# images, an approved path): below this they are skipped, saying so.
+DIAGNOSE_NEEDS_S = 45
+
+
+def _diagnose(run: Run, approved) -> None:
+    """After the switches (they come first: the call's budget is theirs), on the unquantized,
+    uncompiled models: where stage 1's time goes, what UniPC's host waits cost, and the approved
+    path with tile_fit shrink_tiles (less work, not faster work) against its baseline."""
+    if run.bench.left_s() < DIAGNOSE_NEEDS_S:
+        run.bench.rows.append(Row(f"fast: diagnostics skipped: {run.bench.left_s():.0f} s of --budget-s left", 0.0))
+        return
+    _profile_stage1(run)
+    _measure_scheduler_waits(run, repeats=1 if run.args.tiny else 3)
+    run.bench.ratio(run.bench.measure("fast: approved image, generation.stage3.tile_fit shrink_tiles",
+                                      _approved_path(run, "shrink_tiles"), run.unets), approved)
 
 
 def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None:
