@@ -31,8 +31,10 @@ def test_grids_cover_exactly_with_flush_edges(width, height, tile, overlap_fract
     assert len({(t.width, t.height) for t in tiles}) == 1
     assert tiles[0].width <= min(tile, width) and tiles[0].height <= min(tile, height)
     assert len(tiles) == len(tile_grid(width, height, tile, overlap))
-    if fit == "grow_overlap":
+    if fit == "grow_overlap":  # the grid finals were always made with
         assert tiles[0].width == min(tile, width) and tiles[0].height == min(tile, height)
+        assert sorted({t.x for t in tiles}) == tile_starts(width, tile, overlap)
+        assert sorted({t.y for t in tiles}) == tile_starts(height, tile, overlap)
     # Neighbours overlap by at least the requested amount, and no two tiles start at the same place.
     for starts, size in (({t.x for t in tiles}, tiles[0].width), ({t.y for t in tiles}, tiles[0].height)):
         starts = sorted(starts)
