@@ -222,8 +222,13 @@ class LoraLibrary:
     @property
     def memory(self) -> LoraMemory:
         if self._memory is None:
-            folder = self._remember_in
-            self._memory = LoraMemory(folder / f"{fingerprint(self.pipe)}.json" if folder else None)
+            path = None
+            if self._remember_in:
+                try:
+                    path = self._remember_in / f"{fingerprint(self.pipe)}.json"
+                except (OSError, AttributeError) as err:  # e.g. sdxld's own source not on disk
+                    log.warning("LoRA checks are not remembered across runs: no fingerprint of the model (%s)", err)
+            self._memory = LoraMemory(path)
         return self._memory
 
     @staticmethod
