@@ -1,7 +1,7 @@
 """What earlier runs found out about each LoRA file, so that a restart does not read them all again.
 
 Checking a LoRA reads the whole file: its hash (A1111's, over the tensors) and the check that
-every layer fits this model. A full-size SDXL LoRA takes ~0.7 s that way on two cores with the
+every layer fits this model. A full-size SDXL LoRA took 0.87 s that way on two cores with the
 file already in memory (`python bench/lora_startup.py`), and a user's folders hold hundreds:
 minutes before the first image, at every start. The verdicts (loaded with hash and format, or
 rejected with the reason) are kept in `<root>/.sdxld/lora-checks/<fingerprint>.json`, each
