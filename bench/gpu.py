@@ -171,17 +171,15 @@ def _detach(value):
 
 def build_full(device, dtype, with_refiner=True):
     import torch
-    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from diffusers import AutoencoderKL, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdxld.tiny import build_tokenizer
+    from sdxld.tiny import build_tokenizer, sdxl_scheduler
 
     tokenizer = build_tokenizer()
     ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")
+    scheduler = sdxl_scheduler()
     with torch.device(device):
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_L, **ids)).to(dtype)
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G, **ids)).to(dtype)

@@ -19,6 +19,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def sdxl_and_full_size_lora(path: Path, rank: int):
+    """SDXL's base pipeline built on the meta device (shapes only) and a LoRA of `rank` for every
+    layer real SDXL LoRAs adapt, written to `path`: (pipeline, path)."""
+    import torch
+    from gpu import build_full
+
+    from sdxld.models import quiet_libraries
+    from sdxld.tiny import write_tiny_lora
+
+    quiet_libraries()
+    base, _ = build_full("meta", torch.float16, with_refiner=False)
+    return base, write_tiny_lora(path, seed=1, rank=rank, scale=0.01, pipe=base)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -26,17 +40,12 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from gpu import build_full
 
     from sdxld import lora_formats
     from sdxld.lora_merge import read_lora_weights
-    from sdxld.models import quiet_libraries
-    from sdxld.tiny import write_tiny_lora
 
-    quiet_libraries()
-    base, _ = build_full("meta", torch.float16, with_refiner=False)
     with tempfile.TemporaryDirectory() as folder:
-        path = write_tiny_lora(Path(folder) / "full.safetensors", seed=1, rank=args.rank, scale=0.01, pipe=base)
+        base, path = sdxl_and_full_size_lora(Path(folder) / "full.safetensors", args.rank)
         data = path.read_bytes()
     cached = lora_formats._difference_shape
     ways = {"per layer": cached.__wrapped__, "per shape combination": cached}

@@ -27,20 +27,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from gpu import build_full
+    from lora_read import sdxl_and_full_size_lora
 
     from sdxld.loras import LoraLibrary
-    from sdxld.models import quiet_libraries
-    from sdxld.tiny import write_tiny_lora
 
-    quiet_libraries()
-    base, _ = build_full("meta", torch.float16, with_refiner=False)
     with tempfile.TemporaryDirectory(dir=Path.home()) as folder:
         folder = Path(folder)
         dirs = {kind: folder / kind for kind in ("character", "style")}
-        for path in dirs.values():
-            path.mkdir()
-        first = write_tiny_lora(dirs["character"] / "lora0.safetensors", seed=1, rank=args.rank, scale=0.01, pipe=base)
+        base, first = sdxl_and_full_size_lora(dirs["character"] / "lora0.safetensors", args.rank)
+        dirs["style"].mkdir()
         for index in range(1, args.count):
             shutil.copy(first, dirs["character" if index % 2 == 0 else "style"] / f"lora{index}.safetensors")
 

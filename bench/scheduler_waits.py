@@ -18,17 +18,12 @@ import argparse
 import inspect
 from collections import Counter
 
-# SDXL's noise schedule (its scheduler_config.json).
-SDXL_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                 "beta_schedule": "scaled_linear", "steps_offset": 1, "timestep_spacing": "leading",
-                 "prediction_type": "epsilon"}
-
-
 def waits_per_step(sampler: str, steps: int) -> Counter:
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from sdxld.models import make_scheduler
+    from sdxld.tiny import sdxl_scheduler
 
     class CountWaits(TorchDispatchMode):
         def __init__(self):
@@ -48,7 +43,7 @@ def waits_per_step(sampler: str, steps: int) -> Counter:
                 self.counts["linalg.solve"] += 1
             return func(*args, **kwargs)
 
-    scheduler = make_scheduler(sampler, SDXL_SCHEDULE)
+    scheduler = make_scheduler(sampler, sdxl_scheduler().config)  # SDXL's own noise schedule
     # Where the pipeline keeps them: the schedule on the host, the timesteps with the latents.
     scheduler.set_timesteps(steps, device="cpu")
     scheduler.timesteps = scheduler.timesteps.to("meta")

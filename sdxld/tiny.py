@@ -170,7 +170,7 @@ def _vae():
     )
 
 
-def _scheduler():
+def sdxl_scheduler():
     from diffusers import EulerDiscreteScheduler
 
     # SDXL's own training schedule; sdxld swaps in the configured sampler from this config.
@@ -201,7 +201,7 @@ def build_pipelines():
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
         unet=_unet(refiner=False),
-        scheduler=_scheduler(),
+        scheduler=sdxl_scheduler(),
     )
     refiner = StableDiffusionXLImg2ImgPipeline(
         vae=base.vae,
@@ -210,7 +210,7 @@ def build_pipelines():
         tokenizer=None,
         tokenizer_2=tokenizer,
         unet=_unet(refiner=True),
-        scheduler=_scheduler(),
+        scheduler=sdxl_scheduler(),
         requires_aesthetics_score=True,
         force_zeros_for_empty_prompt=False,
     )
