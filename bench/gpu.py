@@ -772,6 +772,17 @@ def _approved_path(run: Run, tile_fit: str = "grow_overlap"):
     return approved
 
 
+def _stage1_work(run: Run, record) -> None:
+    """One stage-1 image; a NaN refusal (random weights may overflow) comes after all the work,
+    so it counts as done, as in Bench.measure."""
+    from sdxld.stages import NaNImageError, stage1
+
+    try:
+        stage1(run.models, record)
+    except NaNImageError:
+        pass
+
+
 def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
     """Stage 1 with the default UniPC, whose steps make the host wait for the GPU ~7 times each
     (bench/scheduler_waits.py), against DPM++ 2M, whose steps never do: the same UNet work, so the
@@ -780,17 +791,19 @@ def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
     import statistics
     from dataclasses import replace
 
-    from sdxld.stages import stage1
-
     samplers = {"UniPC": run.plain, "DPM++ 2M": replace(run.plain, sampler="DPM++ 2M")}
     seconds = {name: [] for name in samplers}
-    for _ in range(repeats):
-        for name, record in samplers.items():
-            run.bench.sync()
-            started = time.perf_counter()
-            stage1(run.models, record)
-            run.bench.sync()
-            seconds[name].append(time.perf_counter() - started)
+    try:
+        for _ in range(repeats):
+            for name, record in samplers.items():
+                run.bench.sync()
+                started = time.perf_counter()
+                _stage1_work(run, record)
+                run.bench.sync()
+                seconds[name].append(time.perf_counter() - started)
+    except Exception as err:  # noqa: BLE001 - a diagnosis; the rows before it stand
+        run.bench.rows.append(Row("fast: stage 1, DPM++ 2M / UniPC", 0.0, note=f"FAILED: {type(err).__name__}: {str(err)[:120]}"))
+        return
     unipc, dpm = (statistics.median(seconds[name]) for name in samplers)
     row = Row(f"fast: stage 1, DPM++ 2M (no host waits) / UniPC (~7 a step), medians of {repeats} alternated", dpm,
               note=f"{dpm:.3f} s / {unipc:.3f} s = {dpm / unipc:.3f}")
@@ -808,8 +821,6 @@ def _profile_stage1(run: Run) -> None:
     kernels' own."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
-
-    from sdxld.stages import stage1
 
     cuda = run.device == "cuda"
     parts = {"text encoders": [run.base.text_encoder, run.base.text_encoder_2], "UNet": [run.base.unet],
@@ -830,7 +841,7 @@ def _profile_stage1(run: Run) -> None:
         run.bench.sync()
         started = time.perf_counter()
         with profile(activities=activities) as profiler:
-            stage1(run.models, run.plain)
+            _stage1_work(run, run.plain)
             run.bench.sync()
         wall = time.perf_counter() - started
     except Exception as err:  # noqa: BLE001 - the profile is a diagnosis; the timed rows stand without it
