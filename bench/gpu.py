@@ -275,6 +275,12 @@ class Bench:
 
         return torch.cuda.max_memory_allocated() / 2**30 if self.device.startswith("cuda") else 0.0
 
+    def failed(self, name: str, err: Exception) -> None:
+        """A row that could not be measured, with the reason: the rows before and after stand."""
+        self.rows.append(Row(name, 0.0, note=f"FAILED: {type(err).__name__}: {str(err)[:120]}"))
+        print(f"{name:48} FAILED: {type(err).__name__}: {err}", flush=True)
+        self.write()
+
     def measure(self, name, fn, modules=None, note=""):
         from sdxld.stages import NaNImageError
 
@@ -293,9 +299,7 @@ class Bench:
 
                 traceback.print_exc()
                 self.sync()
-                self.rows.append(Row(name, 0.0, note=f"FAILED: {type(err).__name__}: {str(err)[:120]}"))
-                print(f"{name:48} FAILED: {type(err).__name__}: {err}", flush=True)
-                self.write()
+                self.failed(name, err)
                 return None
         self.sync()
         seconds = time.perf_counter() - started
@@ -802,7 +806,7 @@ def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
                 run.bench.sync()
                 seconds[name].append(time.perf_counter() - started)
     except Exception as err:  # noqa: BLE001 - a diagnosis; the rows before it stand
-        run.bench.rows.append(Row("fast: stage 1, DPM++ 2M / UniPC", 0.0, note=f"FAILED: {type(err).__name__}: {str(err)[:120]}"))
+        run.bench.failed("fast: stage 1, DPM++ 2M / UniPC", err)
         return
     unipc, dpm = (statistics.median(seconds[name]) for name in samplers)
     row = Row(f"fast: stage 1, DPM++ 2M (no host waits) / UniPC (~7 a step), medians of {repeats} alternated", dpm,
@@ -845,7 +849,7 @@ def _profile_stage1(run: Run) -> None:
             run.bench.sync()
         wall = time.perf_counter() - started
     except Exception as err:  # noqa: BLE001 - the profile is a diagnosis; the timed rows stand without it
-        run.bench.rows.append(Row("fast: stage 1 profiled", 0.0, note=f"FAILED: {type(err).__name__}: {str(err)[:120]}"))
+        run.bench.failed("fast: stage 1 profiled", err)
         return
     finally:
         for handle in handles:

@@ -176,17 +176,14 @@ def read_status(root: Path) -> list[dict]:
     return [data for _, data, _ in _status_files(root)]
 
 
-def forget_ended(root: Path) -> int:
+def forget_ended(root: Path) -> None:
     """Remove the status files of daemons that ended: this host's (stopped, dead) and any host's
     unchanged for ENDED_KEPT_S. Run as a daemon starts, so `sdxld status` shows what runs and what
     ended lately, not every restart since the root was made (systemd restarts, reboots, pods)."""
-    removed = 0
     for path, data, age in _status_files(root):
         ended_here = data.get("host") == socket.gethostname() and data["state"].startswith(("stopped", "dead"))
         if ended_here or (not is_live(data) and age > ENDED_KEPT_S):
             path.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 def _status_files(root: Path):

@@ -64,15 +64,15 @@ def tile_spans(length: int, tile: int, overlap: int, fit: str = "grow_overlap") 
     def round_up(value: int, step: int) -> int:
         return -(-value // step) * step
 
-    size = round_up(needed, 64) if round_up(needed, 64) <= tile else round_up(needed, 8)
-    while True:  # starts on the 8-pixel grid may cut an overlap short by a few pixels: grow to keep it
+    size = round_up(needed, 64)
+    if size > tile:
+        size = round_up(needed, 8)
+    while size < tile:  # starts on the 8-pixel grid may cut an overlap short by a few pixels: grow to keep it
         spaced = [(index * (length - size) // (count - 1)) // 8 * 8 for index in range(count)]
-        if size >= tile or all(size - (b - a) >= overlap for a, b in zip(spaced, spaced[1:])):
-            break
+        if all(size - (b - a) >= overlap for a, b in zip(spaced, spaced[1:])):
+            return [(start, size) for start in spaced]
         size += 8
-    if size >= tile:
-        return [(start, min(tile, length)) for start in starts]
-    return [(start, size) for start in spaced]
+    return [(start, min(tile, length)) for start in starts]
 
 
 def tile_grid(width: int, height: int, tile: int, overlap: int, fit: str = "grow_overlap") -> list[Tile]:
