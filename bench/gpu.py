@@ -788,14 +788,18 @@ def _stage1_work(run: Run, record) -> None:
 
 
 def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
-    """Stage 1 with the default UniPC, whose steps make the host wait for the GPU ~7 times each
-    (bench/scheduler_waits.py), against DPM++ 2M, whose steps never do: the same UNet work, so the
-    difference is about what the waits cost. Alternated, medians of `repeats` (a small difference
-    on a drifting card)."""
+    """Stage 1 with sdxld's UniPC (sdxld/unipc.py: its steps never wait for the GPU) against
+    diffusers' own, whose steps make the host wait ~7 times each (bench/scheduler_waits.py): the
+    same UNet work and the same samples, so the difference is what the waits cost. Alternated,
+    medians of `repeats` (a small difference on a drifting card)."""
     import statistics
     from dataclasses import replace
 
-    samplers = {"UniPC": run.plain, "DPM++ 2M": replace(run.plain, sampler="DPM++ 2M")}
+    from sdxld.config import SAMPLERS
+
+    diffusers_unipc = "UniPC (diffusers)"
+    SAMPLERS[diffusers_unipc] = ("UniPCMultistepScheduler", {})
+    samplers = {"sdxld": run.plain, "diffusers": replace(run.plain, sampler=diffusers_unipc)}
     seconds = {name: [] for name in samplers}
     try:
         for _ in range(repeats):
@@ -806,13 +810,15 @@ def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
                 run.bench.sync()
                 seconds[name].append(time.perf_counter() - started)
     except Exception as err:  # noqa: BLE001 - a diagnosis; the rows before it stand
-        run.bench.failed("fast: stage 1, DPM++ 2M / UniPC", err)
+        run.bench.failed("fast: stage 1, UniPC: sdxld's / diffusers'", err)
         return
-    unipc, dpm = (statistics.median(seconds[name]) for name in samplers)
-    row = Row(f"fast: stage 1, DPM++ 2M (no host waits) / UniPC (~7 a step), medians of {repeats} alternated", dpm,
-              note=f"{dpm:.3f} s / {unipc:.3f} s = {dpm / unipc:.3f}")
+    finally:
+        del SAMPLERS[diffusers_unipc]
+    ours, theirs = (statistics.median(seconds[name]) for name in samplers)
+    row = Row(f"fast: stage 1, UniPC: sdxld's (no host waits) / diffusers' (~7 a step), medians of {repeats} alternated",
+              ours, note=f"{ours:.3f} s / {theirs:.3f} s = {ours / theirs:.3f}")
     run.bench.rows.append(row)
-    print(f"{'fast: stage 1, DPM++ 2M / UniPC':48} {row.note}", flush=True)
+    print(f"{'fast: stage 1, UniPC sdxld / diffusers':48} {row.note}", flush=True)
     run.bench.write()
 
 

@@ -24,9 +24,10 @@ EX_CONFIG = 78
 
 log = logging.getLogger(__name__)
 
-# A1111's sampler names -> the diffusers scheduler class and its options (models.make_scheduler).
+# A1111's sampler names -> the scheduler class (diffusers', or sdxld's own subclass in sdxld/unipc.py)
+# and its options (models.make_scheduler).
 SAMPLERS = {
-    "UniPC": ("UniPCMultistepScheduler", {}),
+    "UniPC": ("NoWaitUniPCScheduler", {}),
     "Euler": ("EulerDiscreteScheduler", {}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),

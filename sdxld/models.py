@@ -43,8 +43,11 @@ def make_scheduler(sampler: str, scheduler_config):
     """The scheduler for an A1111-style sampler name, configured from the model's own schedule."""
     import diffusers
 
+    from . import unipc
+
     class_name, options = SAMPLERS[sampler]
-    return getattr(diffusers, class_name).from_config(scheduler_config, **options)
+    scheduler_class = getattr(unipc, class_name, None) or getattr(diffusers, class_name)
+    return scheduler_class.from_config(scheduler_config, **options)
 
 
 def pick_device(setting: str) -> str:

@@ -19,7 +19,7 @@ def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
     report = (tmp_path / "tiny-cpu.md").read_text()
     for row in ("stage 1 128x224", "stage 1 batch 4", "LoRA swap: character re-read", "fast: approved image, int8",
                 "fast: LoRA swap, int8", "relative error", "fast: stage 1, one image, int8 + compile max",
-                "fast: stage 1 profiled", "fast: stage 1, DPM++ 2M (no host waits) / UniPC"):
+                "fast: stage 1 profiled", "fast: stage 1, UniPC: sdxld's (no host waits) / diffusers'"):
         assert row in report
     assert "FAILED" not in report
 

@@ -12,7 +12,7 @@ from sdxld.config import SAMPLERS
 from sdxld.stages import stage1, stage2, stage3_latent, stage3_pixel
 
 SCHEDULERS = {
-    "UniPC": "UniPCMultistepScheduler",
+    "UniPC": "NoWaitUniPCScheduler",  # sdxld's (sdxld/unipc.py)
     "Euler": "EulerDiscreteScheduler",
     "Euler a": "EulerAncestralDiscreteScheduler",
     "DPM++ 2M": "DPMSolverMultistepScheduler",

@@ -1,0 +1,58 @@
+"""Count what makes the host wait for the GPU in a sampler's steps, on a machine without one.
+
+A blocking copy from host memory to the GPU, a GPU value read on the host (`.item()`) and
+`torch.linalg.solve` on the GPU (it reads its error flag back) each wait until the GPU has run
+everything queued. Run with the latents on PyTorch's meta device (shapes, no data), a copy to the
+GPU shows up as a copy from the CPU to meta: exact counts, no GPU. Used by
+bench/scheduler_waits.py (every sampler) and tests/test_unipc.py (sdxld's UniPC never waits).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class CountHostWaits(TorchDispatchMode):
+    """Counts, by kind, the operations that would make the host wait, meta standing in for the GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        op = str(func.overloadpacket)
+        if op == "aten._to_copy" and args[0].device.type == "cpu" and str(kwargs.get("device", "cpu")) == "meta":
+            self.counts["host->device copies"] += 1
+        elif op == "aten.copy_" and args[1].device.type == "cpu" and args[0].device.type == "meta":
+            self.counts["host->device copies"] += 1
+        elif op == "aten._local_scalar_dense" and args[0].device.type != "cpu":
+            self.counts["device values read"] += 1
+        elif op.startswith("aten._linalg_solve") and args[0].device.type != "cpu":
+            self.counts["linalg.solve"] += 1
+        return func(*args, **kwargs)
+
+
+def waits_per_step(scheduler, steps: int = 30, latent_shape=(1, 4, 168, 96)) -> Counter:
+    """The average count per step of each kind of wait over a `steps`-step run of `scheduler`."""
+    # Where the pipeline keeps them: the schedule on the host, the timesteps with the latents.
+    scheduler.set_timesteps(steps, device="cpu")
+    scheduler.timesteps = scheduler.timesteps.to("meta")
+    # The pipeline's first step looks its index up (one nonzero(), one wait per image): set here,
+    # since meta tensors have no values to look up.
+    scheduler.set_begin_index(0)
+    latents = torch.empty(*latent_shape, device="meta", dtype=torch.bfloat16)
+    # sdxld's generators are on the CPU (the same noise on any device): ancestral samplers draw
+    # their step's noise there and copy it over. As the pipelines pass it: only to a step that takes one.
+    generator = torch.Generator("cpu").manual_seed(0)
+    extra = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    counter = CountHostWaits()
+    with counter:
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            latents = scheduler.step(torch.empty_like(model_input), t, latents, return_dict=False, **extra)[0]
+    return Counter({what: count / steps for what, count in counter.counts.items()})

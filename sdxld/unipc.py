@@ -1,0 +1,117 @@
+"""UniPC, sdxld's default sampler, with steps that never make the host wait for the GPU.
+
+diffusers' UniPCMultistepScheduler keeps the noise schedule on the host, and each step copies the
+sigmas it needs to the GPU (about 6 blocking copies a step at order 2) and solves its small
+coefficient system there (`torch.linalg.solve` reads its error flag back). Each of those waits until
+the GPU has run everything queued, so every step starts with the card idle while the host catches
+up (bench/scheduler_waits.py counts them; docs/performance.md). The coefficients depend on the
+schedule only, never on the latents, so this subclass computes them on the host from the same
+float32 sigmas with the same formulas and hands them to the GPU's kernels as scalars (a 0-dim CPU
+tensor in an op with GPU tensors is passed as a kernel argument, no copy): the same samples, no
+waits. The step's bookkeeping (orders, warm-up, corrector, history) stays diffusers'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UniPCMultistepScheduler
+
+
+@dataclass
+class _Coefficients:
+    """One UniP or UniC update's scalars, all 0-dim float32 tensors on the host."""
+
+    alpha_t: torch.Tensor
+    sigma_t: torch.Tensor
+    alpha_s0: torch.Tensor
+    sigma_s0: torch.Tensor
+    h_phi_1: torch.Tensor
+    B_h: torch.Tensor
+    rks: list[torch.Tensor]  # older outputs' log-SNR offsets, relative to this step's
+    R: torch.Tensor  # the order-conditions system, R @ rhos = b
+    b: torch.Tensor
+
+
+class NoWaitUniPCScheduler(UniPCMultistepScheduler):
+    """diffusers' UniPC (B(h) variants, data or noise prediction, any order), with its scalars kept
+    on the host; `solver_p` (another scheduler as the predictor) is left to diffusers."""
+
+    def _coefficients(self, t: int, s0: int, older: list[int], order: int) -> _Coefficients:
+        """For the update from schedule index `s0` to `t`, using the outputs made at `older`."""
+
+        def log_snr(index: int):
+            alpha, sigma = self._sigma_to_alpha_sigma_t(self.sigmas[index])
+            return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
+        alpha_t, sigma_t, lambda_t = log_snr(t)
+        alpha_s0, sigma_s0, lambda_s0 = log_snr(s0)
+        h = lambda_t - lambda_s0
+        rks = [(log_snr(index)[2] - lambda_s0) / h for index in older] + [torch.ones(())]
+
+        hh = -h if self.predict_x0 else h
+        h_phi_1 = torch.expm1(hh)  # h * phi_1(h) = e^h - 1
+        h_phi_k = h_phi_1 / hh - 1
+        if self.config.solver_type == "bh1":
+            B_h = hh
+        elif self.config.solver_type == "bh2":
+            B_h = torch.expm1(hh)
+        else:
+            raise NotImplementedError(f"UniPC solver_type {self.config.solver_type!r}")
+
+        powers, b, factorial = [], [], 1
+        stacked_rks = torch.stack(rks)
+        for i in range(1, order + 1):
+            powers.append(torch.pow(stacked_rks, i - 1))
+            b.append(h_phi_k * factorial / B_h)
+            factorial *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial
+        return _Coefficients(alpha_t, sigma_t, alpha_s0, sigma_s0, h_phi_1, B_h, rks[:-1],
+                             torch.stack(powers), torch.stack(b))
+
+    def _base_update(self, c: _Coefficients, x: torch.Tensor, m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-order part of the update, and the factor its higher-order correction takes."""
+        if self.predict_x0:
+            return c.sigma_t / c.sigma_s0 * x - c.alpha_t * c.h_phi_1 * m0, c.alpha_t * c.B_h
+        return c.alpha_t / c.alpha_s0 * x - c.sigma_t * c.h_phi_1 * m0, c.sigma_t * c.B_h
+
+    @staticmethod
+    def _weighted_sum(rhos: torch.Tensor, differences: list[torch.Tensor]):
+        # rhos in the latents' dtype, as diffusers rounds them before its einsum.
+        return sum(rho * difference for rho, difference in zip(rhos.unbind(), differences))
+
+    def multistep_uni_p_bh_update(self, model_output, *args, sample=None, order=None, **kwargs):
+        if self.solver_p or args or sample is None or order is None:
+            return super().multistep_uni_p_bh_update(model_output, *args, sample=sample, order=order, **kwargs)
+        outputs = self.model_outputs
+        m0 = outputs[-1]
+        older = range(1, order)
+        c = self._coefficients(self.step_index + 1, self.step_index, [self.step_index - i for i in older], order)
+        x_t, factor = self._base_update(c, sample, m0)
+        if order > 1:
+            differences = [(outputs[-(i + 1)] - m0) / rk for i, rk in zip(older, c.rks)]
+            if order == 2:
+                rhos = torch.full((1,), 0.5, dtype=sample.dtype)
+            else:
+                rhos = torch.linalg.solve(c.R[:-1, :-1], c.b[:-1]).to(sample.dtype)
+            x_t = x_t - factor * self._weighted_sum(rhos, differences)
+        return x_t.to(sample.dtype)
+
+    def multistep_uni_c_bh_update(self, this_model_output, *args, last_sample=None, this_sample=None, order=None,
+                                  **kwargs):
+        if args or last_sample is None or this_sample is None or order is None:
+            return super().multistep_uni_c_bh_update(this_model_output, *args, last_sample=last_sample,
+                                                     this_sample=this_sample, order=order, **kwargs)
+        outputs = self.model_outputs
+        m0 = outputs[-1]
+        older = range(1, order)
+        c = self._coefficients(self.step_index, self.step_index - 1, [self.step_index - (i + 1) for i in older], order)
+        x_t, factor = self._base_update(c, last_sample, m0)
+        differences = [(outputs[-(i + 1)] - m0) / rk for i, rk in zip(older, c.rks)] + [this_model_output - m0]
+        if order == 1:
+            rhos = torch.full((1,), 0.5, dtype=last_sample.dtype)
+        else:
+            rhos = torch.linalg.solve(c.R, c.b).to(last_sample.dtype)
+        x_t = x_t - factor * self._weighted_sum(rhos, differences)
+        return x_t.to(last_sample.dtype)

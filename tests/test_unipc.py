@@ -1,0 +1,102 @@
+"""sdxld's UniPC: diffusers' samples, with no step ever waiting for the GPU."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from diffusers import UniPCMultistepScheduler
+
+from sdxld.host_waits import waits_per_step
+from sdxld.models import make_scheduler
+from sdxld.tiny import sdxl_scheduler
+from sdxld.unipc import NoWaitUniPCScheduler
+
+VARIANTS = {
+    "SDXL's default (order 2, bh2, data prediction)": {},
+    "order 3": {"solver_order": 3},
+    "bh1": {"solver_type": "bh1", "final_sigmas_type": "sigma_min"},  # to sigma 0: the last test
+    # These two fail in diffusers down to sigma 0 (NaN; a singular system), so stop at the last sigma.
+    "noise prediction": {"predict_x0": False, "final_sigmas_type": "sigma_min"},
+    "v-prediction model": {"prediction_type": "v_prediction"},
+    "Karras sigmas": {"use_karras_sigmas": True},
+    "no lower order at the end": {"lower_order_final": False, "solver_order": 3, "final_sigmas_type": "sigma_min"},
+    "corrector off for the first steps": {"disable_corrector": [0, 1, 2]},
+    "flow sigmas": {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": 3.0},
+}
+
+
+def fake_unet(sample: torch.Tensor, t) -> torch.Tensor:
+    """A fixed, nonlinear function of the sample and the timestep: the sampler's history matters."""
+    weights = torch.linspace(-1.0, 1.0, sample.shape[1], dtype=torch.float32).view(1, -1, 1, 1)
+    return (torch.tanh(sample.float() * weights + float(t) / 1000) - 0.1 * sample.float()).to(sample.dtype)
+
+
+def sample_with(scheduler, steps: int, dtype=torch.float32, begin_at: int | None = None) -> torch.Tensor:
+    scheduler.set_timesteps(steps, device="cpu")
+    timesteps = scheduler.timesteps
+    if begin_at is not None:  # img2img: start part-way, as the pipelines do
+        timesteps = timesteps[begin_at:]
+        scheduler.set_begin_index(begin_at)
+    latents = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for t in timesteps:
+        model_input = scheduler.scale_model_input(latents, t)
+        latents = scheduler.step(fake_unet(model_input, t), t, latents, return_dict=False)[0]
+    return latents
+
+
+@pytest.mark.parametrize("options", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_variant_samples_what_diffusers_unipc_samples(options):
+    config = sdxl_scheduler().config
+    ours = sample_with(NoWaitUniPCScheduler.from_config(config, **options), 30)
+    theirs = sample_with(UniPCMultistepScheduler.from_config(config, **options), 30)
+    assert ours.abs().max() > 0.1
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxls_default_is_bit_for_bit_on_the_cpu():
+    # Same float32 scalars, same formulas: the images in old records come out again exactly.
+    config = sdxl_scheduler().config
+    assert torch.equal(sample_with(NoWaitUniPCScheduler.from_config(config), 30),
+                       sample_with(UniPCMultistepScheduler.from_config(config), 30))
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 8])
+def test_short_schedules_and_img2img_starts_sample_the_same(steps):
+    config = sdxl_scheduler().config
+    torch.testing.assert_close(sample_with(NoWaitUniPCScheduler.from_config(config), steps),
+                               sample_with(UniPCMultistepScheduler.from_config(config), steps), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sample_with(NoWaitUniPCScheduler.from_config(config), 20, begin_at=12),
+                               sample_with(UniPCMultistepScheduler.from_config(config), 20, begin_at=12),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_latents_sample_the_same_and_keep_their_dtype():
+    config = sdxl_scheduler().config
+    ours = sample_with(NoWaitUniPCScheduler.from_config(config), 30, dtype=torch.bfloat16)
+    theirs = sample_with(UniPCMultistepScheduler.from_config(config), 30, dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("options", [{}, {"solver_order": 3}], ids=["order 2", "order 3"])
+def test_no_step_waits_for_the_device_where_diffusers_waits_every_step(options):
+    config = sdxl_scheduler().config
+    assert sum(waits_per_step(UniPCMultistepScheduler.from_config(config, **options)).values()) >= 1
+    assert waits_per_step(NoWaitUniPCScheduler.from_config(config, **options)) == Counter()
+
+
+def test_bh1_down_to_zero_noise_ends_on_an_image_where_diffusers_ends_on_nan():
+    # The last step's B(h) is infinite there; diffusers multiplies it by a correction of 0.
+    config = sdxl_scheduler().config
+    theirs = sample_with(UniPCMultistepScheduler.from_config(config, solver_type="bh1"), 30)
+    ours = sample_with(NoWaitUniPCScheduler.from_config(config, solver_type="bh1"), 30)
+    assert theirs.isnan().all() and ours.isfinite().all()
+    with_final_sigma = sample_with(NoWaitUniPCScheduler.from_config(config, solver_type="bh1", final_sigmas_type="sigma_min"), 30)
+    assert (ours - with_final_sigma).abs().max() < 0.05 * ours.abs().max()
+
+
+def test_the_unipc_sampler_is_sdxlds_own():
+    scheduler = make_scheduler("UniPC", sdxl_scheduler().config)
+    assert type(scheduler) is NoWaitUniPCScheduler and isinstance(scheduler, UniPCMultistepScheduler)
