@@ -788,7 +788,7 @@ def _stage1_work(run: Run, record) -> None:
 
 
 def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
-    """Stage 1 with sdxld's UniPC (sdxld/unipc.py: its steps never wait for the GPU) against
+    """Stage 1 with sdxld's UniPC (sdxld/samplers.py: its steps never wait for the GPU) against
     diffusers' own, whose steps make the host wait ~7 times each (bench/scheduler_waits.py): the
     same UNet work and the same samples, so the difference is what the waits cost. Alternated,
     medians of `repeats` (a small difference on a drifting card)."""

@@ -4,11 +4,11 @@ A copy from host memory to the GPU (`tensor.to("cuda")` of a CPU tensor, blockin
 a GPU value on the host (`.item()`, the error check of `torch.linalg.solve`) each wait until the
 GPU has finished everything queued. Once per step, that empties the queue the host had built
 ahead: the next step's first kernels start only as the host issues them. This counts those
-operations in each sampler's scheduler steps (and in diffusers' own UniPC, which sdxld's replaces)
-with the latents on PyTorch's meta device (shapes, no data), so a host->device copy shows as a copy
-from the CPU to meta: exact counts, no GPU needed (the counter: sdxld/host_waits.py). What they
-cost in seconds is the GPU bench's (`bench/gpu.py`, fast section: stage 1 profiled, and stage 1
-with sdxld's UniPC against diffusers').
+operations in each sampler's scheduler steps (and in diffusers' own UniPC and Euler a, which
+sdxld's replace) with the latents on PyTorch's meta device (shapes, no data), so a host->device
+copy shows as a copy from the CPU to meta: exact counts, no GPU needed (the counter:
+sdxld/host_waits.py). What they cost in seconds is the GPU bench's (`bench/gpu.py`, fast section:
+stage 1 profiled, and stage 1 with sdxld's UniPC against diffusers').
 
     python bench/scheduler_waits.py [--steps 30]
 """
@@ -17,18 +17,18 @@ from __future__ import annotations
 
 import argparse
 
-# What sdxld's UniPC (sdxld/unipc.py) replaces, for comparison.
-DIFFUSERS_UNIPC = "UniPC, diffusers'"
+# What sdxld's UniPC and Euler a (sdxld/samplers.py) replace, for comparison.
+DIFFUSERS_OWN = {"UniPC, diffusers'": "UniPCMultistepScheduler", "Euler a, diffusers'": "EulerAncestralDiscreteScheduler"}
 
 
 def scheduler_for(sampler: str):
     from sdxld.models import make_scheduler
     from sdxld.tiny import sdxl_scheduler
 
-    if sampler == DIFFUSERS_UNIPC:
-        from diffusers import UniPCMultistepScheduler
+    if sampler in DIFFUSERS_OWN:
+        import diffusers
 
-        return UniPCMultistepScheduler.from_config(sdxl_scheduler().config)
+        return getattr(diffusers, DIFFUSERS_OWN[sampler]).from_config(sdxl_scheduler().config)
     return make_scheduler(sampler, sdxl_scheduler().config)  # SDXL's own noise schedule
 
 
@@ -43,11 +43,11 @@ def main() -> None:
 
     quiet_libraries()
     print(f"host waits per step, {args.steps} steps (plus one per image: the first step's index lookup)")
-    for sampler in [*SAMPLERS, DIFFUSERS_UNIPC]:
+    for sampler in [*SAMPLERS, *DIFFUSERS_OWN]:
         counts = waits_per_step(scheduler_for(sampler), args.steps)
         total = sum(counts.values())
         detail = ", ".join(f"{what} {count:.1f}" for what, count in sorted(counts.items())) or "none"
-        print(f"  {sampler:17} {total:4.1f}  ({detail})")
+        print(f"  {sampler:19} {total:4.1f}  ({detail})")
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ EX_CONFIG = 78
 
 log = logging.getLogger(__name__)
 
-# A1111's sampler names -> the scheduler class (diffusers', or sdxld's own subclass in sdxld/unipc.py)
-# and its options (models.make_scheduler).
+# A1111's sampler names -> the scheduler class (diffusers', or sdxld's own subclass of one in
+# sdxld/samplers.py) and its options (models.make_scheduler).
 SAMPLERS = {
     "UniPC": ("NoWaitUniPCScheduler", {}),
     "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "Euler a": ("NoWaitEulerAncestralScheduler", {}),
     "DPM++ 2M": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler",
                         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True}),

@@ -4,7 +4,7 @@ A blocking copy from host memory to the GPU, a GPU value read on the host (`.ite
 `torch.linalg.solve` on the GPU (it reads its error flag back) each wait until the GPU has run
 everything queued. Run with the latents on PyTorch's meta device (shapes, no data), a copy to the
 GPU shows up as a copy from the CPU to meta: exact counts, no GPU. Used by
-bench/scheduler_waits.py (every sampler) and tests/test_unipc.py (sdxld's UniPC never waits).
+bench/scheduler_waits.py (every sampler) and tests/test_samplers.py (sdxld's samplers never wait).
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ class CountHostWaits(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = str(func.overloadpacket)
-        if op == "aten._to_copy" and args[0].device.type == "cpu" and str(kwargs.get("device", "cpu")) == "meta":
+        # A non-blocking copy is queued, not waited for (on a GPU, from pinned memory: sdxld pins).
+        if op == "aten._to_copy" and args[0].device.type == "cpu" and str(kwargs.get("device", "cpu")) == "meta" \
+                and not kwargs.get("non_blocking"):
             self.counts["host->device copies"] += 1
-        elif op == "aten.copy_" and args[1].device.type == "cpu" and args[0].device.type == "meta":
+        elif op == "aten.copy_" and args[1].device.type == "cpu" and args[0].device.type == "meta" \
+                and not (args[2:3] and args[2]) and not kwargs.get("non_blocking"):
             self.counts["host->device copies"] += 1
         elif op == "aten._local_scalar_dense" and args[0].device.type != "cpu":
             self.counts["device values read"] += 1

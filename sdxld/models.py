@@ -43,10 +43,10 @@ def make_scheduler(sampler: str, scheduler_config):
     """The scheduler for an A1111-style sampler name, configured from the model's own schedule."""
     import diffusers
 
-    from . import unipc
+    from . import samplers
 
     class_name, options = SAMPLERS[sampler]
-    scheduler_class = getattr(unipc, class_name, None) or getattr(diffusers, class_name)
+    scheduler_class = getattr(samplers, class_name, None) or getattr(diffusers, class_name)
     return scheduler_class.from_config(scheduler_config, **options)
 
 

@@ -12,9 +12,9 @@ from sdxld.config import SAMPLERS
 from sdxld.stages import stage1, stage2, stage3_latent, stage3_pixel
 
 SCHEDULERS = {
-    "UniPC": "NoWaitUniPCScheduler",  # sdxld's (sdxld/unipc.py)
+    "UniPC": "NoWaitUniPCScheduler",  # sdxld's (sdxld/samplers.py)
     "Euler": "EulerDiscreteScheduler",
-    "Euler a": "EulerAncestralDiscreteScheduler",
+    "Euler a": "NoWaitEulerAncestralScheduler",
     "DPM++ 2M": "DPMSolverMultistepScheduler",
     "DPM++ 2M Karras": "DPMSolverMultistepScheduler",
 }

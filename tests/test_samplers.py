@@ -1,4 +1,4 @@
-"""sdxld's UniPC: diffusers' samples, with no step ever waiting for the GPU."""
+"""sdxld's UniPC and Euler a: diffusers' samples, with no step ever waiting for the GPU."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ from collections import Counter
 
 import pytest
 import torch
-from diffusers import UniPCMultistepScheduler
+from diffusers import EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 from sdxld.host_waits import waits_per_step
 from sdxld.models import make_scheduler
 from sdxld.tiny import sdxl_scheduler
-from sdxld.unipc import NoWaitUniPCScheduler
+from sdxld.samplers import NoWaitEulerAncestralScheduler, NoWaitUniPCScheduler, noise_without_wait
 
 VARIANTS = {
     "SDXL's default (order 2, bh2, data prediction)": {},
@@ -33,16 +34,22 @@ def fake_unet(sample: torch.Tensor, t) -> torch.Tensor:
     return (torch.tanh(sample.float() * weights + float(t) / 1000) - 0.1 * sample.float()).to(sample.dtype)
 
 
-def sample_with(scheduler, steps: int, dtype=torch.float32, begin_at: int | None = None) -> torch.Tensor:
+def sample_with(scheduler, steps: int, dtype=torch.float32, begin_at: int | None = None, seeds=None) -> torch.Tensor:
     scheduler.set_timesteps(steps, device="cpu")
     timesteps = scheduler.timesteps
     if begin_at is not None:  # img2img: start part-way, as the pipelines do
         timesteps = timesteps[begin_at:]
         scheduler.set_begin_index(begin_at)
     latents = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3)).to(dtype)
+    # As sdxld passes them to a sampler that draws noise: a CPU generator per image.
+    extra = {}
+    if seeds is not None:
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        latents = latents[: len(seeds)]
+        extra["generator"] = generators if len(generators) > 1 else generators[0]
     for t in timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        latents = scheduler.step(fake_unet(model_input, t), t, latents, return_dict=False)[0]
+        latents = scheduler.step(fake_unet(model_input, t), t, latents, return_dict=False, **extra)[0]
     return latents
 
 
@@ -80,11 +87,39 @@ def test_half_precision_latents_sample_the_same_and_keep_their_dtype():
     torch.testing.assert_close(ours.float(), theirs.float(), rtol=0.02, atol=0.02)
 
 
-@pytest.mark.parametrize("options", [{}, {"solver_order": 3}], ids=["order 2", "order 3"])
-def test_no_step_waits_for_the_device_where_diffusers_waits_every_step(options):
+@pytest.mark.parametrize("ours, theirs, options", [
+    (NoWaitUniPCScheduler, UniPCMultistepScheduler, {}),
+    (NoWaitUniPCScheduler, UniPCMultistepScheduler, {"solver_order": 3}),
+    (NoWaitEulerAncestralScheduler, EulerAncestralDiscreteScheduler, {}),
+], ids=["UniPC", "UniPC order 3", "Euler a"])
+def test_no_step_waits_for_the_device_where_diffusers_waits_every_step(ours, theirs, options):
     config = sdxl_scheduler().config
-    assert sum(waits_per_step(UniPCMultistepScheduler.from_config(config, **options)).values()) >= 1
-    assert waits_per_step(NoWaitUniPCScheduler.from_config(config, **options)) == Counter()
+    assert sum(waits_per_step(theirs.from_config(config, **options)).values()) >= 1
+    assert waits_per_step(ours.from_config(config, **options)) == Counter()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seeds", [(5,), (5, 6)], ids=["one image", "a batch of 2"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_euler_a_samples_what_diffusers_euler_a_samples_bit_for_bit(prediction, seeds, dtype):
+    config = sdxl_scheduler().config
+    ours = sample_with(NoWaitEulerAncestralScheduler.from_config(config, prediction_type=prediction), 30, dtype, seeds=seeds)
+    theirs = sample_with(EulerAncestralDiscreteScheduler.from_config(config, prediction_type=prediction), 30, dtype,
+                         seeds=seeds)
+    assert ours.dtype == dtype and ours.abs().max() > 0.1
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, sample_with(NoWaitEulerAncestralScheduler.from_config(config, prediction_type=prediction),
+                                             30, dtype, seeds=[seed + 1 for seed in seeds]))
+
+
+def test_noise_for_the_device_is_the_generators_next_numbers_as_diffusers_draws_them():
+    device_latents = torch.empty(2, 4, 12, 10, device="meta", dtype=torch.bfloat16)
+    ours = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    theirs = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    noise = noise_without_wait(device_latents, ours)
+    assert noise.device.type == "meta" and noise.shape == device_latents.shape and noise.dtype == torch.bfloat16
+    randn_tensor(device_latents.shape, generator=theirs, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(ours, theirs))
 
 
 def test_bh1_down_to_zero_noise_ends_on_an_image_where_diffusers_ends_on_nan():
@@ -97,6 +132,8 @@ def test_bh1_down_to_zero_noise_ends_on_an_image_where_diffusers_ends_on_nan():
     assert (ours - with_final_sigma).abs().max() < 0.05 * ours.abs().max()
 
 
-def test_the_unipc_sampler_is_sdxlds_own():
-    scheduler = make_scheduler("UniPC", sdxl_scheduler().config)
-    assert type(scheduler) is NoWaitUniPCScheduler and isinstance(scheduler, UniPCMultistepScheduler)
+@pytest.mark.parametrize("sampler, ours, theirs", [("UniPC", NoWaitUniPCScheduler, UniPCMultistepScheduler),
+                                                   ("Euler a", NoWaitEulerAncestralScheduler, EulerAncestralDiscreteScheduler)])
+def test_the_unipc_and_euler_a_samplers_are_sdxlds_own(sampler, ours, theirs):
+    scheduler = make_scheduler(sampler, sdxl_scheduler().config)
+    assert type(scheduler) is ours and isinstance(scheduler, theirs)

@@ -1,14 +1,21 @@
-"""UniPC, sdxld's default sampler, with steps that never make the host wait for the GPU.
+"""sdxld's own UniPC and Euler a: diffusers' samplers, with steps that never make the host wait
+for the GPU.
 
-diffusers' UniPCMultistepScheduler keeps the noise schedule on the host, and each step copies the
+A blocking copy to the GPU or a read of a GPU value waits until the GPU has run everything queued:
+the host stops queuing ahead, and the next step starts with the card idle while the host catches
+up (bench/scheduler_waits.py counts them per sampler; docs/performance.md).
+
+UniPC: diffusers' UniPCMultistepScheduler keeps the noise schedule on the host, and each step copies the
 sigmas it needs to the GPU (about 6 blocking copies a step at order 2) and solves its small
-coefficient system there (`torch.linalg.solve` reads its error flag back). Each of those waits until
-the GPU has run everything queued, so every step starts with the card idle while the host catches
-up (bench/scheduler_waits.py counts them; docs/performance.md). The coefficients depend on the
+coefficient system there (`torch.linalg.solve` reads its error flag back). The coefficients depend on the
 schedule only, never on the latents, so this subclass computes them on the host from the same
 float32 sigmas with the same formulas and hands them to the GPU's kernels as scalars (a 0-dim CPU
 tensor in an op with GPU tensors is passed as a kernel argument, no copy): the same samples, no
 waits. The step's bookkeeping (orders, warm-up, corrector, history) stays diffusers'.
+
+Euler a: each step adds noise drawn from the image's generator, which sdxld keeps on the CPU (a seed
+gives the same image on any card); diffusers copies that noise to the GPU with a blocking copy.
+sdxld's draws the same numbers the same way, into pinned memory, and copies them without waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import UniPCMultistepScheduler
+from diffusers import EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
+from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
 
 
 @dataclass
@@ -115,3 +124,47 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
             rhos = torch.linalg.solve(c.R, c.b).to(last_sample.dtype)
         x_t = x_t - factor * self._weighted_sum(rhos, differences)
         return x_t.to(last_sample.dtype)
+
+
+def noise_without_wait(like: torch.Tensor, generator) -> torch.Tensor:
+    """Noise shaped like `like`, the numbers diffusers' `randn_tensor` draws from `generator` (one,
+    or one per image), on `like`'s device, copied there without making the host wait."""
+    first = generator[0] if isinstance(generator, list) else generator
+    if first is None or first.device.type != "cpu" or like.device.type == "cpu":
+        return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    noise = randn_tensor(like.shape, generator=generator, device=torch.device("cpu"), dtype=like.dtype)
+    if like.device.type == "cuda":
+        # From pageable memory a copy blocks; from pinned memory it is queued like a kernel (torch
+        # keeps the pinned block until the copy has run).
+        noise = noise.pin_memory()
+    return noise.to(like.device, non_blocking=True)
+
+
+class NoWaitEulerAncestralScheduler(EulerAncestralDiscreteScheduler):
+    """diffusers' Euler a step (epsilon or v prediction), its noise from `noise_without_wait`."""
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        prediction = self.config.prediction_type
+        integer_timestep = not isinstance(timestep, torch.Tensor) or not timestep.is_floating_point()
+        if prediction not in ("epsilon", "v_prediction") or (integer_timestep and not isinstance(timestep, float)):
+            # diffusers' own errors for what it refuses
+            return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        sigma = self.sigmas[self.step_index]
+        sample = sample.to(torch.float32)  # as diffusers: the update in float32
+        if prediction == "epsilon":
+            denoised = sample - sigma * model_output
+        else:
+            denoised = model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (sample / (sigma**2 + 1))
+        sigma_to = self.sigmas[self.step_index + 1]
+        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        derivative = (sample - denoised) / sigma
+        prev_sample = sample + derivative * (sigma_down - sigma)
+        prev_sample = prev_sample + noise_without_wait(model_output, generator) * sigma_up
+        prev_sample = prev_sample.to(model_output.dtype)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=denoised)
