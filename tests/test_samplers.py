@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 
 import pytest
@@ -30,26 +31,30 @@ VARIANTS = {
 
 def fake_unet(sample: torch.Tensor, t) -> torch.Tensor:
     """A fixed, nonlinear function of the sample and the timestep: the sampler's history matters."""
-    weights = torch.linspace(-1.0, 1.0, sample.shape[1], dtype=torch.float32).view(1, -1, 1, 1)
-    return (torch.tanh(sample.float() * weights + float(t) / 1000) - 0.1 * sample.float()).to(sample.dtype)
+    weights = torch.linspace(-1.0, 1.0, sample.shape[1], dtype=torch.float32, device=sample.device).view(1, -1, 1, 1)
+    return (torch.tanh(sample.float() * weights + t / 1000) - 0.1 * sample.float()).to(sample.dtype)
 
 
-def sample_with(scheduler, steps: int, dtype=torch.float32, begin_at: int | None = None, seeds=None) -> torch.Tensor:
-    scheduler.set_timesteps(steps, device="cpu")
+def sample_with(scheduler, steps: int, dtype=torch.float32, begin_at: int | None = None, seeds=None,
+                device: str = "cpu", during_steps=contextlib.nullcontext) -> torch.Tensor:
+    scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     if begin_at is not None:  # img2img: start part-way, as the pipelines do
         timesteps = timesteps[begin_at:]
         scheduler.set_begin_index(begin_at)
-    latents = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3)).to(dtype)
+    elif device != "cpu":
+        scheduler.set_begin_index(0)  # the first step's index lookup, once per image: not a step's wait
+    latents = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     # As sdxld passes them to a sampler that draws noise: a CPU generator per image.
     extra = {}
     if seeds is not None:
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         latents = latents[: len(seeds)]
         extra["generator"] = generators if len(generators) > 1 else generators[0]
-    for t in timesteps:
-        model_input = scheduler.scale_model_input(latents, t)
-        latents = scheduler.step(fake_unet(model_input, t), t, latents, return_dict=False, **extra)[0]
+    with during_steps():
+        for t in timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            latents = scheduler.step(fake_unet(model_input, t), t, latents, return_dict=False, **extra)[0]
     return latents
 
 
@@ -110,6 +115,38 @@ def test_euler_a_samples_what_diffusers_euler_a_samples_bit_for_bit(prediction, 
     assert torch.equal(ours, theirs)
     assert not torch.equal(ours, sample_with(NoWaitEulerAncestralScheduler.from_config(config, prediction_type=prediction),
                                              30, dtype, seeds=[seed + 1 for seed in seeds]))
+
+
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU; this machine has none")
+
+
+@ON_CUDA
+@pytest.mark.parametrize("ours, theirs, seeds", [
+    (NoWaitUniPCScheduler, UniPCMultistepScheduler, None),
+    (NoWaitEulerAncestralScheduler, EulerAncestralDiscreteScheduler, (5, 6)),
+], ids=["UniPC", "Euler a"])
+def test_on_cuda_no_step_synchronizes_and_the_samples_are_diffusers(ours, theirs, seeds):
+    config = sdxl_scheduler().config
+
+    @contextlib.contextmanager
+    def no_synchronizing():
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # torch raises at any synchronizing CUDA call
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def sample(scheduler_class, dtype=torch.float32, during_steps=contextlib.nullcontext):
+        return sample_with(scheduler_class.from_config(config), 30, dtype, seeds=seeds, device="cuda",
+                           during_steps=during_steps)
+
+    ours_fp32 = sample(ours, during_steps=no_synchronizing)
+    ours_bf16 = sample(ours, torch.bfloat16, during_steps=no_synchronizing)
+    with pytest.raises(RuntimeError, match="synchroniz"):
+        sample(theirs, during_steps=no_synchronizing)
+    torch.testing.assert_close(ours_fp32, sample(theirs), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_bf16.float(), sample(theirs, torch.bfloat16).float(), rtol=0.02, atol=0.02)
 
 
 def test_noise_for_the_device_is_the_generators_next_numbers_as_diffusers_draws_them():
