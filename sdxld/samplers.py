@@ -5,13 +5,15 @@ A blocking copy to the GPU or a read of a GPU value waits until the GPU has run 
 the host stops queuing ahead, and the next step starts with the card idle while the host catches
 up (bench/scheduler_waits.py counts them per sampler; docs/performance.md).
 
-UniPC: diffusers' UniPCMultistepScheduler keeps the noise schedule on the host, and each step copies the
-sigmas it needs to the GPU (about 6 blocking copies a step at order 2) and solves its small
-coefficient system there (`torch.linalg.solve` reads its error flag back). The coefficients depend on the
-schedule only, never on the latents, so this subclass computes them on the host from the same
-float32 sigmas with the same formulas and hands them to the GPU's kernels as scalars (a 0-dim CPU
-tensor in an op with GPU tensors is passed as a kernel argument, no copy): the same samples, no
-waits. The step's bookkeeping (orders, warm-up, corrector, history) stays diffusers'.
+UniPC: diffusers' UniPCMultistepScheduler keeps the noise schedule on the host, and each step
+copies the sigmas it needs to the GPU (about 6 blocking copies a step at order 2) and solves its
+small coefficient system there (`torch.linalg.solve` reads its error flag back). The coefficients
+depend on the schedule only, never on the latents, so this subclass computes them on the host from
+the same float32 sigmas with the same formulas and hands them to the GPU's kernels as scalars (a
+0-dim CPU tensor in an op with GPU tensors is passed as a kernel argument, no copy), rounded to the
+latents' dtype as diffusers' kernels round its device copies (`_like`): no waits, and the same
+samples (bit for bit on the CPU; docs/performance.md on a GPU). The step's bookkeeping (orders,
+warm-up, corrector, history) stays diffusers'.
 
 Euler a: each step adds noise drawn from the image's generator, which sdxld keeps on the CPU (a seed
 gives the same image on any card); diffusers copies that noise to the GPU with a blocking copy.
@@ -26,6 +28,14 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+
+def _like(coefficient: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """A coefficient as diffusers' step applies it to `tensor`: its 0-dim GPU copy is loaded in the
+    tensor's dtype by torch's GPU kernels (bf16: 8 bits), while a host scalar would be used at full
+    float32 precision. Rounding it here keeps the samples diffusers' (the CPU's kernels round host
+    scalars so too)."""
+    return coefficient.to(tensor.dtype)
 
 
 @dataclass
@@ -82,8 +92,8 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
     def _base_update(self, c: _Coefficients, x: torch.Tensor, m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first-order part of the update, and the factor its higher-order correction takes."""
         if self.predict_x0:
-            return c.sigma_t / c.sigma_s0 * x - c.alpha_t * c.h_phi_1 * m0, c.alpha_t * c.B_h
-        return c.alpha_t / c.alpha_s0 * x - c.sigma_t * c.h_phi_1 * m0, c.sigma_t * c.B_h
+            return _like(c.sigma_t / c.sigma_s0, x) * x - _like(c.alpha_t * c.h_phi_1, m0) * m0, _like(c.alpha_t * c.B_h, x)
+        return _like(c.alpha_t / c.alpha_s0, x) * x - _like(c.sigma_t * c.h_phi_1, m0) * m0, _like(c.sigma_t * c.B_h, x)
 
     @staticmethod
     def _weighted_sum(rhos: torch.Tensor, differences: list[torch.Tensor]):
@@ -99,7 +109,7 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
         c = self._coefficients(self.step_index + 1, self.step_index, [self.step_index - i for i in older], order)
         x_t, factor = self._base_update(c, sample, m0)
         if order > 1:
-            differences = [(outputs[-(i + 1)] - m0) / rk for i, rk in zip(older, c.rks)]
+            differences = [(outputs[-(i + 1)] - m0) / _like(rk, m0) for i, rk in zip(older, c.rks)]
             if order == 2:
                 rhos = torch.full((1,), 0.5, dtype=sample.dtype)
             else:
@@ -117,7 +127,7 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
         older = range(1, order)
         c = self._coefficients(self.step_index, self.step_index - 1, [self.step_index - (i + 1) for i in older], order)
         x_t, factor = self._base_update(c, last_sample, m0)
-        differences = [(outputs[-(i + 1)] - m0) / rk for i, rk in zip(older, c.rks)] + [this_model_output - m0]
+        differences = [(outputs[-(i + 1)] - m0) / _like(rk, m0) for i, rk in zip(older, c.rks)] + [this_model_output - m0]
         if order == 1:
             rhos = torch.full((1,), 0.5, dtype=last_sample.dtype)
         else:

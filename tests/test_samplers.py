@@ -121,11 +121,13 @@ ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVI
 
 
 @ON_CUDA
-@pytest.mark.parametrize("ours, theirs, seeds", [
-    (NoWaitUniPCScheduler, UniPCMultistepScheduler, None),
-    (NoWaitEulerAncestralScheduler, EulerAncestralDiscreteScheduler, (5, 6)),
+@pytest.mark.parametrize("ours, theirs, seeds, same_bits", [
+    # UniPC: host scalars rounded as diffusers' kernels round its device ones; the last float32 bit
+    # of a coefficient may still differ (docs/performance.md). Euler a runs the same kernels.
+    (NoWaitUniPCScheduler, UniPCMultistepScheduler, None, False),
+    (NoWaitEulerAncestralScheduler, EulerAncestralDiscreteScheduler, (5, 6), True),
 ], ids=["UniPC", "Euler a"])
-def test_on_cuda_no_step_synchronizes_and_the_samples_are_diffusers(ours, theirs, seeds):
+def test_on_cuda_no_step_synchronizes_and_the_samples_are_diffusers(ours, theirs, seeds, same_bits):
     config = sdxl_scheduler().config
 
     @contextlib.contextmanager
@@ -145,8 +147,13 @@ def test_on_cuda_no_step_synchronizes_and_the_samples_are_diffusers(ours, theirs
     ours_bf16 = sample(ours, torch.bfloat16, during_steps=no_synchronizing)
     with pytest.raises(RuntimeError, match="synchroniz"):
         sample(theirs, during_steps=no_synchronizing)
-    torch.testing.assert_close(ours_fp32, sample(theirs), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours_bf16.float(), sample(theirs, torch.bfloat16).float(), rtol=0.02, atol=0.02)
+    theirs_fp32, theirs_bf16 = sample(theirs), sample(theirs, torch.bfloat16)
+    if same_bits:
+        assert torch.equal(ours_fp32, theirs_fp32) and torch.equal(ours_bf16, theirs_bf16)
+    torch.testing.assert_close(ours_fp32, theirs_fp32, rtol=1e-5, atol=1e-5)
+    # Coefficients used unrounded change most bf16 values (83 % in this model, up to 2.0).
+    assert (ours_bf16 != theirs_bf16).float().mean() < 0.05
+    torch.testing.assert_close(ours_bf16.float(), theirs_bf16.float(), rtol=0.02, atol=0.02)
 
 
 def test_noise_for_the_device_is_the_generators_next_numbers_as_diffusers_draws_them():
