@@ -92,8 +92,10 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
     def _base_update(self, c: _Coefficients, x: torch.Tensor, m0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The first-order part of the update, and the factor its higher-order correction takes."""
         if self.predict_x0:
-            return _like(c.sigma_t / c.sigma_s0, x) * x - _like(c.alpha_t * c.h_phi_1, m0) * m0, _like(c.alpha_t * c.B_h, x)
-        return _like(c.alpha_t / c.alpha_s0, x) * x - _like(c.sigma_t * c.h_phi_1, m0) * m0, _like(c.sigma_t * c.B_h, x)
+            decay, scale = c.sigma_t / c.sigma_s0, c.alpha_t
+        else:
+            decay, scale = c.alpha_t / c.alpha_s0, c.sigma_t
+        return _like(decay, x) * x - _like(scale * c.h_phi_1, m0) * m0, _like(scale * c.B_h, x)
 
     @staticmethod
     def _weighted_sum(rhos: torch.Tensor, differences: list[torch.Tensor]):
