@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 # performance.compile max builds the UNet for a new shape inside its first denoising step, and
 # no step ends to ping the watchdog meanwhile: minutes for SDXL (the unit's WatchdogSec is 300).
 BUILD_WATCHDOG_S = 3600
+# Checking a new LoRA reads the whole file (~1 s for a full-size one; verdicts are remembered for
+# the next start). A first start with hundreds would keep the first image waiting for minutes:
+# the daemon checks for at most this long before it starts, then this long between images.
+LORA_CHECKS_AT_START_S = 10.0
+LORA_CHECKS_BETWEEN_IMAGES_S = 1.0
 
 
 def watched_folders(layout: Layout, shared: bool) -> dict[str, Path]:
@@ -70,6 +75,7 @@ class Daemon:
         self.stage1_pacing = Stage1Pacing(wait=stop.event.wait)
         self.approved_hold = Hold()  # set while a final cannot be saved
         self._taste_shown = (-1, 0.0)
+        self._unchecked_loras = 0  # new LoRA files left for later by a sync's time budget
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -91,7 +97,9 @@ class Daemon:
         self.engine.layout.ensure_output_dirs()
         self._start_watcher()
         self.recovered.extend(self.inbox.recover())
-        self._refresh_loras(self.engine.sync_loras())
+        self._refresh_loras(self.engine.sync_loras(budget_s=LORA_CHECKS_AT_START_S))
+        if self._unchecked_loras:
+            self.changes.look_at_loras_again_soon()
         self._show_taste(force=True)
         self.notifier.ready()
         self.status.update(force=True, state="running")
@@ -164,8 +172,8 @@ class Daemon:
         self._show_taste(force=due.rescan)
         if due.loras:
             self.arrivals.prune()
-            report = self.engine.sync_loras()
-            if report.changed:
+            report = self.engine.sync_loras(budget_s=LORA_CHECKS_BETWEEN_IMAGES_S)
+            if report.changed or self._unchecked_loras != report.unchecked:
                 self._refresh_loras(report)
             if any(e.status == "pending" for e in self.engine.loras.entries()):
                 self.changes.look_at_loras_again_soon()
@@ -173,7 +181,14 @@ class Daemon:
     def _refresh_loras(self, report) -> None:
         entries = self.engine.loras.entries()
         rejected = [{"file": str(e.path), "reason": e.reason} for e in entries if e.status == "rejected"]
-        self.status.update(force=True, loras={"loaded": sum(e.status == "loaded" for e in entries), "rejected": rejected})
+        if report.unchecked and not self._unchecked_loras:
+            log.info("LoRAs: %d more to check, a few between images (each check reads the whole file once; the "
+                     "verdicts are remembered for the next start)", report.unchecked)
+        elif self._unchecked_loras and not report.unchecked:
+            log.info("LoRAs: every file checked")
+        self._unchecked_loras = report.unchecked
+        self.status.update(force=True, loras={"loaded": sum(e.status == "loaded" for e in entries), "rejected": rejected,
+                                              "unchecked": report.unchecked})
 
     def _show_taste(self, force: bool = False) -> None:
         """The last 24 hours' approval rate in the status, when the counts changed (recounting the

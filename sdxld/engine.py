@@ -143,12 +143,13 @@ class Engine:
 
         return cls(config, load_models(config), **kwargs)
 
-    def sync_loras(self):
+    def sync_loras(self, budget_s: float | None = None):
+        """The LoRA folders as they are now (LoraLibrary.sync; `budget_s` bounds the checking)."""
         missing = [str(d) for d in self.layout.lora_dirs.values() if not d.is_dir()]
         if missing and not self._warned_dirs:
             log.warning("LoRA folder(s) %s do not exist: no LoRA of that kind until they do", ", ".join(missing))
             self._warned_dirs = True
-        return self.loras.sync()
+        return self.loras.sync(budget_s)
 
     @property
     def ledger(self):

@@ -13,6 +13,7 @@ it never stops the run.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
@@ -58,10 +59,24 @@ class SyncReport:
     reloaded: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    unchecked: int = 0  # new files a sync's time budget left for a later sync
 
     @property
     def changed(self) -> bool:
         return bool(self.added or self.reloaded or self.removed or self.rejected)
+
+
+# The reason a pending LoRA gives while a sync's time budget has left it for later.
+NOT_CHECKED_YET = "not checked yet"
+
+
+def _kinds_in_turn(found: dict[Path, tuple[str, tuple]]):
+    """The found files with their kinds taking turns (character, style, character, ...)."""
+    by_kind: dict[str, list] = {}
+    for path, (kind, signature) in found.items():
+        by_kind.setdefault(kind, []).append((path, (kind, signature)))
+    for turn in itertools.zip_longest(*by_kind.values()):
+        yield from (item for item in turn if item is not None)
 
 
 def _signature(path: Path) -> tuple:
@@ -176,13 +191,18 @@ class LoraLibrary:
                     continue
         return found
 
-    def sync(self) -> SyncReport:
-        report = self._sync()
+    def sync(self, budget_s: float | None = None) -> SyncReport:
+        """Bring the entries in line with the folders. Checking a new file reads it whole (~1 s for a
+        full-size SDXL LoRA, more from a slow disk): with `budget_s`, new files past that many
+        seconds of checking (at least one is checked per call) stay pending as NOT_CHECKED_YET for
+        a later call, the kinds taking turns so that each gets some LoRAs early. Remembered
+        verdicts cost nothing and are always taken."""
+        report = self._sync(budget_s)
         if report.changed:
             self._tag_warnings.clear()  # a tag may name a file that just arrived, or left
         return report
 
-    def _sync(self) -> SyncReport:
+    def _sync(self, budget_s: float | None) -> SyncReport:
         report = SyncReport()
         found = self._scan()
         for path in list(self._entries):
@@ -192,7 +212,9 @@ class LoraLibrary:
                 report.removed.append(f"{entry.kind}/{entry.name}")
                 log.info("LoRA %s/%s left the folder; removed from rotation", entry.kind, entry.name)
         now = time.time()
-        for path, (kind, signature) in found.items():
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        checked = 0
+        for path, (kind, signature) in _kinds_in_turn(found):
             entry = self._entries.get(path)
             if entry and entry.signature == signature and entry.status != "pending":
                 self._refresh_triggers(entry)
@@ -206,9 +228,15 @@ class LoraLibrary:
                 self._unload(entry)
             entry = LoraEntry(kind, path, signature)
             self._entries[path] = entry
-            if not self._recall(entry) and self._load(entry):
-                self.memory.learn(self._key(entry), signature, status=entry.status, reason=entry.reason,
-                                  hash=entry.hash, format=entry.format)
+            if not self._recall(entry):
+                if checked and deadline is not None and time.monotonic() > deadline:
+                    entry.reason = NOT_CHECKED_YET
+                    report.unchecked += 1
+                    continue
+                checked += 1
+                if self._load(entry):
+                    self.memory.learn(self._key(entry), signature, status=entry.status, reason=entry.reason,
+                                      hash=entry.hash, format=entry.format)
             self._refresh_triggers(entry)
             label = f"{kind}/{entry.name}"
             if entry.status == "rejected":

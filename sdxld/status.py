@@ -152,7 +152,8 @@ def status_line(d: dict) -> str:
         parts.append(f"{d['seconds_per_image']:.1f} s/img")
     parts.append(f"{d['approved_queued']} approved queued")
     rejected = len(d["loras"]["rejected"])
-    parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected)")
+    unchecked = d["loras"].get("unchecked")  # status files of older versions have none
+    parts.append(f"{d['loras']['loaded']} LoRAs ({rejected} rejected{f', {unchecked} to check' if unchecked else ''})")
     if d.get("taste"):
         parts.append(describe_taste(d["taste"], short=True))
     if d.get("config_error"):
@@ -285,7 +286,9 @@ def format_status(entries: list[dict], config_problem: str | None = None) -> str
             lines.append(f"  finals:     {d['seconds_per_final']} s each, from taking the approved image to its saved final")
         lines.append(f"  queue:      {d['approved_queued']} approved waiting")
         rejected = d["loras"]["rejected"]
-        lines.append(f"  LoRAs:      {d['loras']['loaded']} loaded, {len(rejected)} rejected")
+        unchecked = d["loras"].get("unchecked")
+        lines.append(f"  LoRAs:      {d['loras']['loaded']} loaded, {len(rejected)} rejected"
+                     + (f", {unchecked} still to check (a few between images)" if unchecked else ""))
         for item in rejected:
             lines.append(f"              {Path(item['file']).name}: {item['reason']}")
         if d.get("taste"):

@@ -1,0 +1,99 @@
+"""A first start with many new LoRAs does not wait for all of them: the daemon checks them for a
+bounded time, the kinds taking turns, and the rest a few between images."""
+
+import re
+
+from sdxld.loras import NOT_CHECKED_YET
+from sdxld.status import format_status, status_line
+from sdxld.tiny import write_tiny_lora
+
+
+def six_new_loras(root):
+    for i, name in enumerate(["a", "b", "c"]):
+        write_tiny_lora(root / f"loras/character/{name}.safetensors", seed=i)
+        write_tiny_lora(root / f"loras/style/{name}_style.safetensors", seed=10 + i)
+
+
+def checks_read(engine) -> list[str]:
+    library, read = engine.loras, []
+    real_load = library._load
+    library._load = lambda entry: read.append(f"{entry.kind}/{entry.name}") or real_load(entry)
+    return read
+
+
+def test_a_spent_budget_checks_one_file_a_sync_with_the_kinds_taking_turns(root, make_engine):
+    six_new_loras(root)
+    engine = make_engine()
+    read = checks_read(engine)
+
+    report = engine.sync_loras(budget_s=0)
+    assert read == ["character/a"] and report.unchecked == 5
+    assert [e.name for e in engine.loras.available("character")] == ["a"] and engine.loras.available("style") == []
+    waiting = [e for e in engine.loras.entries() if e.status == "pending"]
+    assert len(waiting) == 5 and all(e.reason == NOT_CHECKED_YET for e in waiting)
+
+    for _ in range(5):
+        engine.sync_loras(budget_s=0)
+    assert read == ["character/a", "style/a_style", "character/b", "style/b_style", "character/c", "style/c_style"]
+    assert engine.sync_loras(budget_s=0).unchecked == 0
+    assert all(e.status == "loaded" for e in engine.loras.entries()) and len(read) == 6, "each file checked once"
+
+
+def test_a_budget_checks_as_many_as_fit_and_no_budget_checks_all(root, make_engine):
+    six_new_loras(root)
+    assert make_engine().sync_loras(budget_s=60).unchecked == 0
+    assert make_engine().sync_loras().unchecked == 0  # `sdxld check`, `generate`: every file
+
+
+def test_remembered_verdicts_are_taken_whatever_the_budget(root, make_engine):
+    six_new_loras(root)
+    make_engine().sync_loras()
+    restarted = make_engine()
+    read = checks_read(restarted)
+    assert restarted.sync_loras(budget_s=0).unchecked == 0
+    assert read == [] and len(restarted.loras.available("character")) == 3
+
+
+def test_status_says_how_many_loras_are_still_to_check():
+    daemon = {"pid": 7, "host": "h", "state": "running", "started": 0, "current": None, "stage1_made": 3,
+              "finals_made": 0, "failed": 0, "approved_queued": 0,
+              "loras": {"loaded": 12, "rejected": [], "unchecked": 188}}
+    assert "12 loaded, 0 rejected, 188 still to check (a few between images)" in format_status([daemon])
+    assert "12 LoRAs (0 rejected, 188 to check)" in status_line(daemon)
+    daemon["loras"] = {"loaded": 200, "rejected": []}  # a status file of an earlier version
+    assert re.search(r"200 loaded, 0 rejected$", format_status([daemon]), re.M)
+
+
+def test_the_daemon_starts_on_the_first_checked_loras_and_checks_the_rest_between_images(root, monkeypatch, caplog):
+    """In-process, with no time for checks: one file at the start, one in each pass of the loop."""
+    import logging
+
+    from support.helpers import demo_config
+
+    from sdxld import daemon as daemon_module
+    from sdxld.engine import Engine
+    from sdxld.foreground import StopFlag
+    from sdxld.service import Notifier
+
+    six_new_loras(root)
+    monkeypatch.setattr(daemon_module, "LORA_CHECKS_AT_START_S", 0.0)
+    monkeypatch.setattr(daemon_module, "LORA_CHECKS_BETWEEN_IMAGES_S", 0.0)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    stop, loaded_at_each_image = StopFlag(), []
+    make_images = Engine.stage1_batch
+
+    def counting(engine, *args, **kwargs):
+        loaded_at_each_image.append(len([e for e in engine.loras.entries() if e.status == "loaded"]))
+        if len(loaded_at_each_image) == 8:
+            stop.event.set()
+        return make_images(engine, *args, **kwargs)
+
+    monkeypatch.setattr(Engine, "stage1_batch", counting)
+    config = demo_config(root, daemon__settle_s=0.0)  # the files are complete: no wait for copies to settle
+    runner = daemon_module.Daemon(root / "config.yaml", config, demo=True, stop=stop, notifier=Notifier())
+    with caplog.at_level(logging.INFO, logger="sdxld.daemon"):
+        runner.run()
+    # One check at the start, one in each pass of the loop (an image, or a wait for a save).
+    assert 1 <= loaded_at_each_image[0] < 6, f"the first image waited for every LoRA: {loaded_at_each_image}"
+    assert loaded_at_each_image == sorted(loaded_at_each_image) and loaded_at_each_image[-1] == 6
+    assert "LoRAs: 5 more to check" in caplog.text and "LoRAs: every file checked" in caplog.text
