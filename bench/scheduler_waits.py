@@ -42,7 +42,7 @@ def main() -> None:
     from sdxld.models import quiet_libraries
 
     quiet_libraries()
-    print(f"host waits per step, {args.steps} steps (plus one per image: the first step's index lookup)")
+    print(f"host waits per step, {args.steps} steps (the begin index set, as SDXL's pipelines set it)")
     for sampler in [*SAMPLERS, *DIFFUSERS_OWN]:
         counts = waits_per_step(scheduler_for(sampler), args.steps)
         total = sum(counts.values())

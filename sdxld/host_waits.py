@@ -45,8 +45,8 @@ def waits_per_step(scheduler, steps: int = 30, latent_shape=(1, 4, 168, 96)) -> 
     # Where the pipeline keeps them: the schedule on the host, the timesteps with the latents.
     scheduler.set_timesteps(steps, device="cpu")
     scheduler.timesteps = scheduler.timesteps.to("meta")
-    # The pipeline's first step looks its index up (one nonzero(), one wait per image): set here,
-    # since meta tensors have no values to look up.
+    # As SDXL's pipelines do (txt2img 0, img2img its start); unset, the first step would look it
+    # up with nonzero(), which meta tensors cannot answer.
     scheduler.set_begin_index(0)
     latents = torch.empty(*latent_shape, device="meta", dtype=torch.bfloat16)
     # sdxld's generators are on the CPU (the same noise on any device): ancestral samplers draw

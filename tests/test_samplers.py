@@ -43,7 +43,7 @@ def sample_with(scheduler, steps: int, dtype=torch.float32, begin_at: int | None
         timesteps = timesteps[begin_at:]
         scheduler.set_begin_index(begin_at)
     elif device != "cpu":
-        scheduler.set_begin_index(0)  # the first step's index lookup, once per image: not a step's wait
+        scheduler.set_begin_index(0)  # as SDXL's pipelines do; unset, the first step looks it up (a wait)
     latents = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(3)).to(device, dtype)
     # As sdxld passes them to a sampler that draws noise: a CPU generator per image.
     extra = {}
