@@ -97,6 +97,10 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
             decay, scale = c.alpha_t / c.alpha_s0, c.sigma_t
         return _like(decay, x) * x - _like(scale * c.h_phi_1, m0) * m0, _like(scale * c.B_h, x)
 
+    def _older_differences(self, m0: torch.Tensor, rks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The older outputs' differences from the newest, each over its log-SNR offset."""
+        return [(self.model_outputs[-(i + 2)] - m0) / _like(rk, m0) for i, rk in enumerate(rks)]
+
     @staticmethod
     def _weighted_sum(rhos: torch.Tensor, differences: list[torch.Tensor]):
         # rhos in the latents' dtype, as diffusers rounds them before its einsum.
@@ -105,13 +109,11 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
     def multistep_uni_p_bh_update(self, model_output, *args, sample=None, order=None, **kwargs):
         if self.solver_p or args or sample is None or order is None:
             return super().multistep_uni_p_bh_update(model_output, *args, sample=sample, order=order, **kwargs)
-        outputs = self.model_outputs
-        m0 = outputs[-1]
-        older = range(1, order)
-        c = self._coefficients(self.step_index + 1, self.step_index, [self.step_index - i for i in older], order)
+        m0, k = self.model_outputs[-1], self.step_index
+        c = self._coefficients(k + 1, k, [k - i for i in range(1, order)], order)
         x_t, factor = self._base_update(c, sample, m0)
         if order > 1:
-            differences = [(outputs[-(i + 1)] - m0) / _like(rk, m0) for i, rk in zip(older, c.rks)]
+            differences = self._older_differences(m0, c.rks)
             if order == 2:
                 rhos = torch.full((1,), 0.5, dtype=sample.dtype)
             else:
@@ -124,12 +126,10 @@ class NoWaitUniPCScheduler(UniPCMultistepScheduler):
         if args or last_sample is None or this_sample is None or order is None:
             return super().multistep_uni_c_bh_update(this_model_output, *args, last_sample=last_sample,
                                                      this_sample=this_sample, order=order, **kwargs)
-        outputs = self.model_outputs
-        m0 = outputs[-1]
-        older = range(1, order)
-        c = self._coefficients(self.step_index, self.step_index - 1, [self.step_index - (i + 1) for i in older], order)
+        m0, k = self.model_outputs[-1], self.step_index  # corrects the step from k - 1 to k
+        c = self._coefficients(k, k - 1, [k - 1 - i for i in range(1, order)], order)
         x_t, factor = self._base_update(c, last_sample, m0)
-        differences = [(outputs[-(i + 1)] - m0) / _like(rk, m0) for i, rk in zip(older, c.rks)] + [this_model_output - m0]
+        differences = self._older_differences(m0, c.rks) + [this_model_output - m0]
         if order == 1:
             rhos = torch.full((1,), 0.5, dtype=last_sample.dtype)
         else:

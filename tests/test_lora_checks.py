@@ -3,6 +3,8 @@ bounded time, the kinds taking turns, and the rest a few between images."""
 
 import re
 
+from support import helpers
+
 from sdxld.loras import NOT_CHECKED_YET
 from sdxld.status import format_status, status_line
 from sdxld.tiny import write_tiny_lora
@@ -15,10 +17,7 @@ def six_new_loras(root):
 
 
 def checks_read(engine) -> list[str]:
-    library, read = engine.loras, []
-    real_load = library._load
-    library._load = lambda entry: read.append(f"{entry.kind}/{entry.name}") or real_load(entry)
-    return read
+    return helpers.checks_read(engine, label=lambda entry: f"{entry.kind}/{entry.name}")
 
 
 def test_a_spent_budget_checks_one_file_a_sync_with_the_kinds_taking_turns(root, make_engine):

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 
+from support.helpers import checks_read
+
 from sdxld.lora_memory import fingerprint
 from sdxld.tiny import write_sd15_shaped_lora, write_tiny_lora
 
@@ -19,14 +21,6 @@ def library_folder(root):
 
 def verdicts(engine) -> dict:
     return {f"{e.kind}/{e.path.name}": (e.status, e.reason, e.hash, e.format) for e in engine.loras.entries()}
-
-
-def checks_read(engine) -> list[str]:
-    """Names of the files the engine's library reads to check them, from now on."""
-    library, read = engine.loras, []
-    real_load = library._load
-    library._load = lambda entry: read.append(entry.path.name) or real_load(entry)
-    return read
 
 
 def memory_file(root):

@@ -1,4 +1,5 @@
-"""Helpers shared by the tests: a demo config for a root, and `sdxld` run as a process."""
+"""Helpers shared by the tests: a demo config for a root, `sdxld` run as a process, the LoRA files
+an engine reads to check them."""
 
 from __future__ import annotations
 
@@ -31,3 +32,11 @@ def run_sdxld(*args, cwd: Path, timeout: float = 120, **kwargs):
         timeout=timeout,
         **kwargs,
     )
+
+
+def checks_read(engine, label=lambda entry: entry.path.name) -> list[str]:
+    """The LoRA files the engine's library reads to check them, from now on, in order."""
+    library, read = engine.loras, []
+    real_load = library._load
+    library._load = lambda entry: read.append(label(entry)) or real_load(entry)
+    return read
