@@ -234,9 +234,7 @@ class LoraLibrary:
                     report.unchecked += 1
                     continue
                 checked += 1
-                if self._load(entry):
-                    self.memory.learn(self._key(entry), signature, status=entry.status, reason=entry.reason,
-                                      hash=entry.hash, format=entry.format)
+                self._check(entry)
             self._refresh_triggers(entry)
             label = f"{kind}/{entry.name}"
             if entry.status == "rejected":
@@ -246,6 +244,12 @@ class LoraLibrary:
         self.memory.keep_only({self._key(entry) for entry in self._entries.values()})
         self.memory.save()
         return report
+
+    def _check(self, entry: LoraEntry) -> None:
+        """Check the file now, and remember the verdict when it is the file's own."""
+        if self._load(entry):
+            self.memory.learn(self._key(entry), entry.signature, status=entry.status, reason=entry.reason,
+                              hash=entry.hash, format=entry.format)
 
     @property
     def memory(self) -> LoraMemory:
@@ -340,6 +344,11 @@ class LoraLibrary:
             tag = lora_tag(name, weight)
             candidates = [e for e in self.entries() if e.name == name] or [
                 e for e in self.entries() if e.name.casefold() == name.casefold()]
+            for entry in candidates:
+                if entry.reason == NOT_CHECKED_YET:  # named by the user: worth its check now
+                    self._check(entry)
+                    self._refresh_triggers(entry)
+                    self.memory.save()
             usable = [e for e in candidates if e.status == "loaded"]
             if not -4 <= weight <= 4:
                 problems.append(f"{tag}: weight {weight:g} is outside -4..4")

@@ -96,3 +96,14 @@ def test_the_daemon_starts_on_the_first_checked_loras_and_checks_the_rest_betwee
     assert 1 <= loaded_at_each_image[0] < 6, f"the first image waited for every LoRA: {loaded_at_each_image}"
     assert loaded_at_each_image == sorted(loaded_at_each_image) and loaded_at_each_image[-1] == 6
     assert "LoRAs: 5 more to check" in caplog.text and "LoRAs: every file checked" in caplog.text
+
+
+def test_a_lora_a_prompt_tags_is_checked_at_once_rather_than_skipped(root, make_engine):
+    six_new_loras(root)
+    engine = make_engine()
+    read = checks_read(engine)
+    engine.sync_loras(budget_s=0)
+    found, problems = engine.loras.for_tags([("c_style", 0.8)])
+    assert problems == [] and [(entry.name, weight) for entry, weight in found] == [("c_style", 0.8)]
+    assert read == ["character/a", "style/c_style"]
+    assert engine.sync_loras(budget_s=0).unchecked == 3, "the tagged file counts as checked"
