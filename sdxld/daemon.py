@@ -97,9 +97,7 @@ class Daemon:
         self.engine.layout.ensure_output_dirs()
         self._start_watcher()
         self.recovered.extend(self.inbox.recover())
-        self._refresh_loras(self.engine.sync_loras(budget_s=LORA_CHECKS_AT_START_S))
-        if self._unchecked_loras:
-            self.changes.look_at_loras_again_soon()
+        self._sync_loras(LORA_CHECKS_AT_START_S, show=True)
         self._show_taste(force=True)
         self.notifier.ready()
         self.status.update(force=True, state="running")
@@ -172,11 +170,16 @@ class Daemon:
         self._show_taste(force=due.rescan)
         if due.loras:
             self.arrivals.prune()
-            report = self.engine.sync_loras(budget_s=LORA_CHECKS_BETWEEN_IMAGES_S)
-            if report.changed or self._unchecked_loras != report.unchecked:
-                self._refresh_loras(report)
-            if any(e.status == "pending" for e in self.engine.loras.entries()):
-                self.changes.look_at_loras_again_soon()
+            self._sync_loras(LORA_CHECKS_BETWEEN_IMAGES_S)
+
+    def _sync_loras(self, budget_s: float, show: bool = False) -> None:
+        """The LoRA folders as they are now; files still pending (being copied, or left for later by
+        the budget) are looked at again at the next pass."""
+        report = self.engine.sync_loras(budget_s=budget_s)
+        if show or report.changed or self._unchecked_loras != report.unchecked:
+            self._refresh_loras(report)
+        if any(e.status == "pending" for e in self.engine.loras.entries()):
+            self.changes.look_at_loras_again_soon()
 
     def _refresh_loras(self, report) -> None:
         entries = self.engine.loras.entries()

@@ -31,7 +31,7 @@ class CountHostWaits(TorchDispatchMode):
                 and not kwargs.get("non_blocking"):
             self.counts["host->device copies"] += 1
         elif op == "aten.copy_" and args[1].device.type == "cpu" and args[0].device.type == "meta" \
-                and not (args[2:3] and args[2]) and not kwargs.get("non_blocking"):
+                and not (len(args) > 2 and args[2]) and not kwargs.get("non_blocking"):
             self.counts["host->device copies"] += 1
         elif op == "aten._local_scalar_dense" and args[0].device.type != "cpu":
             self.counts["device values read"] += 1
