@@ -31,7 +31,8 @@ timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/hos
 # compile max build last). In the time the call has left; a cut-off run still leaves its log.
 left=$(( ${CALL_S:-575} - SECONDS ))
 if [ "$left" -gt 30 ]; then
-  timeout "$left" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda or fp8" \
+  # In one process (no test workers: one card, and pytest-xdist is not among the wheels).
+  timeout "$left" "$PYTHON" -m pytest -o addopts= -q -p no:cacheprovider -rs -k "cuda or fp8" \
     tests/test_samplers.py tests/test_quantize.py tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
   tests=${PIPESTATUS[0]}
   [ "$status" = 0 ] && status=$tests

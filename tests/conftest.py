@@ -12,6 +12,25 @@ REPO = Path(__file__).resolve().parents[1]
 # Nothing in the suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+MAX_WORKERS = 4  # past this the longest test file (test_daemon.py, about 90 s) bounds the run
+
+
+def _usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config):
+    return min(_usable_cores(), MAX_WORKERS)
+
+
+# Each worker (and every sdxld process it starts, through the environment) gets its share of the
+# cores for torch's threads: with two workers each using both cores of a two-core machine, OpenMP's
+# spinning threads made the suite four times slower than running it in one process.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    threads = str(max(1, _usable_cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    os.environ.setdefault("OMP_NUM_THREADS", threads)
+    os.environ.setdefault("MKL_NUM_THREADS", threads)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def tiny_cache(tmp_path_factory):
