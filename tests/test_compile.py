@@ -104,9 +104,20 @@ def storage_addresses(unet) -> dict:
     return where
 
 
+def cpp_compiler_missing() -> str | None:
+    """Why inductor cannot build kernels on this machine's CPU, or None."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return "inductor builds C++ kernels for the CPU and this machine has no C++ compiler: install g++"
+    return None
+
+
 def long_case(*values):
     return pytest.param(*values, marks=pytest.mark.skipif(
-        not os.environ.get("SDXLD_LONG_TESTS"), reason="20-60 s per case on a CPU: set SDXLD_LONG_TESTS=1"))
+        not os.environ.get("SDXLD_LONG_TESTS"), reason="75 s on a CPU (inductor's int8 build): set SDXLD_LONG_TESTS=1"))
 
 
 @pytest.mark.parametrize("backend, quantize", [
@@ -114,13 +125,16 @@ def long_case(*values):
     ("aot_eager", "none"),
     # Quantized layers: their inner tensors are written in place (tests/test_quantize.py checks
     # the addresses in the suite); these check that compiled code reads them.
-    long_case("aot_eager", "int8"),
-    long_case("inductor", "none"),
+    ("aot_eager", "int8"),
+    # The code inductor generates (what compile max runs; 60 s here with a cold build cache).
+    ("inductor", "none"),
     long_case("inductor", "int8"),
 ])
 def test_compile_max_reads_lora_weights_written_after_it_compiled(root, make_engine, backend, quantize):
     from sdxld.quantize import relative_error
 
+    if backend == "inductor" and (why := cpp_compiler_missing()):
+        pytest.skip(why)
     extra = {} if backend == "inductor" else {"performance__compile_backend": backend}
     engine = make_engine(performance__compile="max", performance__quantize=quantize, **extra)
     before = unet_output(engine)  # compiles
