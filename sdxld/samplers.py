@@ -157,9 +157,8 @@ class NoWaitEulerAncestralScheduler(EulerAncestralDiscreteScheduler):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         prediction = self.config.prediction_type
-        integer_timestep = not isinstance(timestep, torch.Tensor) or not timestep.is_floating_point()
-        if prediction not in ("epsilon", "v_prediction") or (integer_timestep and not isinstance(timestep, float)):
-            # diffusers' own errors for what it refuses
+        if prediction not in ("epsilon", "v_prediction") or isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+            # diffusers' own errors for what it refuses (the same test as its step's)
             return super().step(model_output, timestep, sample, generator=generator, return_dict=return_dict)
         if self.step_index is None:
             self._init_step_index(timestep)

@@ -117,6 +117,23 @@ def test_euler_a_samples_what_diffusers_euler_a_samples_bit_for_bit(prediction, 
                                              30, dtype, seeds=[seed + 1 for seed in seeds]))
 
 
+@pytest.mark.parametrize("timestep_as, prediction", [
+    (int, "epsilon"),  # an index from enumerate(timesteps), not a timestep
+    (lambda t: t.long(), "epsilon"),
+    (lambda t: t, "sample"),  # a prediction type Euler a has no formula for
+], ids=["int", "integer tensor", "sample prediction"])
+def test_euler_a_refuses_what_diffusers_refuses_with_its_error(timestep_as, prediction):
+    def error(scheduler_class):
+        scheduler = scheduler_class.from_config(sdxl_scheduler().config, prediction_type=prediction)
+        scheduler.set_timesteps(4)
+        sample = torch.zeros(1, 4, 8, 8)
+        with pytest.raises((ValueError, NotImplementedError)) as raised:
+            scheduler.step(sample, timestep_as(scheduler.timesteps[0]), sample, generator=torch.Generator().manual_seed(0))
+        return type(raised.value), str(raised.value)
+
+    assert error(NoWaitEulerAncestralScheduler) == error(EulerAncestralDiscreteScheduler)
+
+
 ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU; this machine has none")
 
 
