@@ -344,11 +344,12 @@ class LoraLibrary:
             tag = lora_tag(name, weight)
             candidates = [e for e in self.entries() if e.name == name] or [
                 e for e in self.entries() if e.name.casefold() == name.casefold()]
-            for entry in candidates:
-                if entry.reason == NOT_CHECKED_YET:  # named by the user: worth its check now
-                    self._check(entry)
-                    self._refresh_triggers(entry)
-                    self.memory.save()
+            unchecked = [e for e in candidates if e.reason == NOT_CHECKED_YET]
+            for entry in unchecked:  # named by the user: worth its check now
+                self._check(entry)
+                self._refresh_triggers(entry)
+            if unchecked:
+                self.memory.save()
             usable = [e for e in candidates if e.status == "loaded"]
             if not -4 <= weight <= 4:
                 problems.append(f"{tag}: weight {weight:g} is outside -4..4")
