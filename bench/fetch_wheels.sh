@@ -13,6 +13,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   diffusers==0.42.1 compel==2.5.1 dynamicprompts==0.31.0 lycoris-lora==4.1.3 spandrel==0.4.2 peft==0.21.2 \
-  torchao==0.18.0 einops==0.8.2 pyparsing==3.3.3 isal==1.9.1 \
+  torchao==0.18.0 einops==0.8.2 toml==0.10.2 pyparsing==3.3.3 isal==1.9.1 \
   pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 pytest-timeout==2.4.0
 du -sh .whl

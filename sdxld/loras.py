@@ -303,7 +303,9 @@ class LoraLibrary:
             entry.status = "rejected"
             entry.reason = _explain(err)
             log.warning("LoRA %s rejected: %s", entry.path, entry.reason)
-            return not isinstance(err, OSError)
+            # A read that failed, or a module missing from this installation, is not the file's
+            # fault: the next start checks it again instead of taking the verdict.
+            return not isinstance(err, (OSError, ImportError))
         entry.status, entry.reason = "loaded", ""
         log.info("LoRA %s/%s loaded (%s, hash %s)", entry.kind, entry.name, entry.format, entry.hash)
         return True
@@ -428,6 +430,9 @@ class LoraLibrary:
 def _explain(err: Exception) -> str:
     if isinstance(err, LoraFileError):
         return str(err)
+    if isinstance(err, ImportError):
+        return (f"reading it needs the Python module {err.name or str(err)!r}, which this installation lacks: "
+                f"reinstall sdxld with pip so its dependencies come along; the file is checked again at the next start")
     text = str(err).strip().splitlines()
     detail = next((line.strip() for line in text if "size mismatch" in line), text[0] if text else "")
     if "size mismatch" in detail:

@@ -82,6 +82,30 @@ def test_a_file_that_could_not_be_read_is_checked_again_at_the_next_start(root, 
     assert read == ["ink.safetensors"] and verdicts(restarted)["style/ink.safetensors"][0] == "loaded"
 
 
+def test_a_module_missing_from_the_installation_is_not_held_against_the_file(root, make_engine, monkeypatch, caplog):
+    """A LyCORIS reader that cannot import its own dependency (a partial install) says which module
+    is missing, and the file is not remembered as broken: once installed, the next start loads it."""
+    import sdxld.loras
+
+    write_tiny_lora(root / "loras/style/ink.safetensors", seed=2)
+    real_read = sdxld.loras.read_lora_weights
+
+    def without_toml(pipe, data):
+        raise ModuleNotFoundError("No module named 'toml'", name="toml")
+
+    first = make_engine()
+    monkeypatch.setattr(sdxld.loras, "read_lora_weights", without_toml)
+    with caplog.at_level(logging.WARNING, logger="sdxld.loras"):
+        first.sync_loras()
+    monkeypatch.setattr(sdxld.loras, "read_lora_weights", real_read)
+    status, reason = verdicts(first)["style/ink.safetensors"][:2]
+    assert status == "rejected" and "Python module 'toml'" in reason and "reinstall sdxld" in reason
+    restarted = make_engine()
+    read = checks_read(restarted)
+    restarted.sync_loras()
+    assert read == ["ink.safetensors"] and verdicts(restarted)["style/ink.safetensors"][0] == "loaded"
+
+
 def test_an_unreadable_memory_is_ignored_and_written_anew(root, make_engine, caplog):
     library_folder(root)
     make_engine().sync_loras()
