@@ -147,6 +147,7 @@ def test_auto_batch_size_is_one_on_the_cpu_and_fills_the_free_vram_by_the_measur
     from sdxld.stages import auto_stage1_batch
 
     assert make_engine(generation__batch_size="auto").stage1_batch_size() == 1
+    assert make_engine().config.generation.batch_size == "auto", "the default, measured on a GPU"
     gib = 1024**3
     assert auto_stage1_batch(None, None) == 1 and auto_stage1_batch(70 * gib, None) == 1, "nothing measured yet"
     assert auto_stage1_batch(20 * gib, 4 * gib) == 4  # 80% of 20 GiB holds four 4 GiB images

@@ -56,6 +56,7 @@ def test_int8_runs_every_linear_layer_of_the_unet_quantized_close_to_full_precis
     assert not quantized_layers(plain.models.base.unet)
     assert quantized_layers(int8.models.refiner.unet), "the refiner's UNet is quantized too"
     assert any("int8 matmuls" in note for note in int8.models.notes)
+    assert any("compile off is slower, not faster" in note for note in int8.models.notes), "measured: say so at start"
 
     error = quantize.relative_error(unet_output(plain), unet_output(int8))
     assert 0 < error < 0.05, f"relative error of the int8 UNet against fp32: {error:.4f}"
