@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The throughput figures (docs/performance.md) in one call on a GPU machine: batch sizes, the
-# fast section (baselines, quantize, compile max, approved path), the host's share of an approved
-# image (bench/host_costs.py), then the tests that need a GPU, written to bench/results/ and,
+# The throughput figures (docs/performance.md) in one call on a GPU machine: the compiled rows
+# (graphs section; SECTIONS=fast: batch sizes, quantize, compile max, approved path), the host's
+# share of an approved image (bench/host_costs.py, with fast), then the GPU-only tests, written to bench/results/ and,
 # when the caller collects files from $OUT, there too. Extra arguments go to bench/gpu.py.
 # CALL_S: the seconds the caller allows the whole call (the tests get what is left of it).
 #   bash bench/fetch_wheels.sh    # here, once: .whl/ for what the GPU machine lacks
@@ -20,19 +20,31 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 # Straight into $OUT when the caller collects it: a call cut off by its time limit still returns
 # every row written so far (the results file is rewritten after each row).
 results=${RESULTS:-${OUT:-bench/results}}
-"$PYTHON" bench/gpu.py --skip stages,pixel,esrgan,switches,compile,offload,sequential --budget-s "${BUDGET_S:-450}" \
-  --out "$results" "$@"
+# The 2026-11-27 H100 call measured batches, fp8 uncompiled and the approved path
+# (bench/results/NVIDIA-H100-80GB-HBM3.md) and ran out of budget before any compiled row: this
+# call times the graphs section, the compiled rows. SECTIONS=fast runs that call's sections again.
+case "${SECTIONS:-graphs}" in
+  graphs) skip=stages,pixel,esrgan,throughput,loras,switches,compile,fast,offload,sequential ;;
+  fast) skip=stages,pixel,esrgan,switches,compile,graphs,offload,sequential ;;
+  *) echo "SECTIONS is graphs or fast, not ${SECTIONS}" >&2; exit 2 ;;
+esac
+"$PYTHON" bench/gpu.py --skip "$skip" --budget-s "${BUDGET_S:-420}" --out "$results" "$@"
 status=$?
-# The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part.
-device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
+# The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part
+# (measured in the H100 call: bench/results/NVIDIA-H100-80GB-HBM3-host-costs.txt).
+if [ "${SECTIONS:-graphs}" = fast ]; then
+  device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+  timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
+fi
 # The suite's tests that only a GPU runs (they skip elsewhere, saying why): no sampler step
 # synchronizes, fp8 with LoRAs merged in place, CUDA graphs replaying merged LoRA weights (its
 # compile max build last). In the time the call has left; a cut-off run still leaves its log.
 left=$(( ${CALL_S:-575} - SECONDS ))
 if [ "$left" -gt 30 ]; then
   # In one process (no test workers: one card, and pytest-xdist is not among the wheels).
-  timeout "$left" "$PYTHON" -m pytest -o addopts= -q -p no:cacheprovider -rs -k "cuda or fp8" \
+  # Each test at most 150 s (pytest-timeout): one that hangs or builds too long fails with its
+  # stack in the log, and the tests after it still run.
+  timeout "$left" "$PYTHON" -m pytest -o addopts= -q -p no:cacheprovider -rs --timeout 150 --durations=0 -k "cuda or fp8" \
     tests/test_samplers.py tests/test_quantize.py tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
   tests=${PIPESTATUS[0]}
   [ "$status" = 0 ] && status=$tests

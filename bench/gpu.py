@@ -10,7 +10,10 @@ the card. Writes <out>/<card>.md.
     python bench/gpu.py --tiny          # CPU smoke test with the tiny model (CI)
 
     # The throughput figures (batch sizes, quantize, compile max, approved path) in one call:
-    python bench/gpu.py --skip stages,pixel,esrgan,switches,compile,offload,sequential --budget-s 450
+    python bench/gpu.py --skip stages,pixel,esrgan,switches,compile,offload,sequential,graphs --budget-s 450
+
+    # What that call left untimed (CUDA graphs, regional compile, fp8 compiled), bench/device.sh's:
+    python bench/gpu.py --skip stages,pixel,esrgan,throughput,loras,switches,compile,fast,offload,sequential --budget-s 450
 """
 
 from __future__ import annotations
@@ -385,7 +388,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="the tiny model on the CPU: proves the script works")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--skip", default="",
-                        help="comma-separated sections to skip: stages,throughput,loras,switches,compile,fast,offload,sequential,pixel,esrgan")
+                        help="comma-separated sections to skip: stages,throughput,loras,switches,compile,fast,graphs,offload,sequential,pixel,esrgan")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds this run may take: the compile max part of 'fast' is skipped, saying so, when too little is left")
     args = parser.parse_args()
@@ -414,6 +417,8 @@ def run_sections(args, skip: set[str]) -> None:
         bench_compile(run)
     if "fast" not in skip:
         bench_fast(run)
+    if "graphs" not in skip:
+        bench_graphs(run)
     if run.device == "cuda" and "offload" not in skip:
         bench_offload(run)
     if run.device == "cuda" and "sequential" not in skip:
@@ -728,6 +733,104 @@ def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None
         torch._dynamo.reset()
 
 
+# Seconds a CUDA-graph build needs left in --budget-s before the graphs section starts one: a
+# margin, not a measurement (no GPU has timed these builds yet).
+GRAPHS_BUILD_NEEDS_S = 90
+
+
+def bench_graphs(run: Run) -> None:
+    """What the H100 call of 2026-11-27 left untimed, most telling first. There stage 1 at batch 1
+    kept the card busy 1.3 s of 3.2 s: the host launching kernels set the pace. So: stage 1's
+    UNet replayed as CUDA graphs for its fixed shapes without autotuning (inductor's
+    reduce-overhead mode: no per-kernel launches, inductor's kernels), one image and a batch; the
+    same on fp8 UNets (uncompiled fp8 was 5.95x slower); regional compile; then sdxld's compile max
+    (max-autotune + CUDA graphs, builds of minutes). Each build is a row of its own (the first
+    image or batch of a shape); each timed row is a ratio to this section's eager rows. After the
+    eager rows, where the host waits for the card in one eager image, by source line."""
+    import torch
+
+    from sdxld import quantize
+    from sdxld.stages import stage1
+
+    bench, models, plain = run.bench, run.models, run.plain
+    batch = 4 if run.args.tiny else 8
+    # The CPU smoke test traces with the eager backend: the same guards and shapes, no kernels.
+    cuda = run.device == "cuda"
+    graphs = {"mode": "reduce-overhead"} if cuda else {"backend": "eager"}
+    bench.measure("graphs: warm-up, one image", lambda: _stage1_work(run, plain))
+    single = bench.measure("graphs: stage 1, one image, eager (baseline)", lambda: _stage1_work(run, plain), run.unets)
+    batched = _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs")
+    if cuda:
+        _host_waits_by_line(run)
+
+    def compiled(label: str, compile_unet, static: bool) -> None:
+        if bench.left_s() < GRAPHS_BUILD_NEEDS_S:
+            bench.rows.append(Row(f"graphs: {label} skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
+            print(bench.rows[-1].name, flush=True)
+            return
+        torch._dynamo.reset()
+        compile_unet(run.base.unet)
+        models.static_shapes = static
+        try:
+            if bench.measure(f"graphs: stage 1, {label}: first image (builds)", lambda: _stage1_work(run, plain)) is None:
+                return
+            bench.ratio(bench.measure(f"graphs: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
+            if bench.left_s() < GRAPHS_BUILD_NEEDS_S:
+                bench.rows.append(Row(f"graphs: {label} batch {batch} skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
+                return
+            bench.measure(f"graphs: stage 1 batch {batch}, {label}: first batch (builds)", lambda: _stage1_records(run, batch))
+            _batched_stage1(run, batch, label, batched, batch, count_flops=False, section="graphs")
+        finally:
+            models.static_shapes = False
+            for module in run.base.unet.modules():
+                module._compiled_call_impl = None
+            torch._dynamo.reset()
+
+    cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
+    compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True)
+    mode = "fp8" if cuda and not quantize.fp8_unsupported(run.device) else "int8"
+    kept: dict = {}
+    try:
+        if bench.measure(f"graphs: quantize the base UNet to {mode}",
+                         lambda: kept.update(base=quantize.quantize_unet(run.base.unet, mode, keep_originals=True))):
+            compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True)
+    finally:
+        _unquantize_all(run, kept)
+    backend = "inductor" if cuda else "eager"
+    compiled("regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
+    _bench_compile_max(run, run.dtype_name, single, batched, batch)
+
+
+def _host_waits_by_line(run: Run) -> None:
+    """One eager stage-1 image under torch.cuda.set_sync_debug_mode("warn"): each operation that
+    makes the host wait for the card warns, attributed to the Python line that called it. The
+    counts by line say which code to change (sdxld's samplers wait nowhere: tests/test_samplers.py)."""
+    import warnings
+
+    import torch
+
+    waits: Counter = Counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _stage1_work(run, run.plain)
+                run.bench.sync()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    except Exception as err:  # noqa: BLE001 - a diagnosis; the timed rows stand without it
+        run.bench.failed("graphs: host waits by line", err)
+        return
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            waits[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
+    note = ", ".join(f"{where} x{count}" for where, count in waits.most_common(12)) or "none"
+    run.bench.rows.append(Row(f"graphs: host waits in one eager stage-1 image, {sum(waits.values())} in all", 0.0, note=note))
+    print(f"{run.bench.rows[-1].name}: {note}", flush=True)
+    run.bench.write()
+
+
 def _stage1_records(run: Run, count: int):
     from dataclasses import replace
 
@@ -736,10 +839,11 @@ def _stage1_records(run: Run, count: int):
     return stage1_batch(run.models, [replace(run.plain, seed=seed) for seed in range(count)])
 
 
-def _batched_stage1(run: Run, batch: int, label: str, baseline, baseline_images: int, count_flops: bool = True):
+def _batched_stage1(run: Run, batch: int, label: str, baseline, baseline_images: int, count_flops: bool = True,
+                    section: str = "fast"):
     """A batch of distinct seeds in one stage1_batch call: images/hour, against `baseline` (a row
     that made `baseline_images` images)."""
-    row = run.bench.measure(f"fast: stage 1 batch {batch}, {label}", lambda: _stage1_records(run, batch),
+    row = run.bench.measure(f"{section}: stage 1 batch {batch}, {label}", lambda: _stage1_records(run, batch),
                             run.unets if count_flops else None)
     if row is not None and row.seconds:
         per_hour = batch * 3600 / row.seconds

@@ -8,18 +8,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
-    # The sections the throughput call runs (the approved path covers stages 2 and 3 and the
-    # ESRGAN upscale); without compile, whose inductor builds are slow on a CPU and whose
-    # behaviour is tests/test_compile.py's.
+    # The sections the GPU calls run, fast and graphs (the approved path covers stages 2 and 3 and
+    # the ESRGAN upscale); compile there traces with the eager backend (inductor's builds are slow
+    # on a CPU, and its behaviour is tests/test_compile.py's).
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu.py"), "--tiny", "--out", str(tmp_path), "--skip", "stages,pixel,esrgan,compile,switches"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=420,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "tiny-cpu.md").read_text()
     for row in ("stage 1 128x224", "stage 1 batch 4", "LoRA swap: character re-read", "fast: approved image, int8",
                 "fast: LoRA swap, int8", "relative error", "fast: stage 1, one image, int8 + compile max",
-                "fast: stage 1 profiled", "fast: stage 1, UniPC: sdxld's (no host waits) / diffusers'"):
+                "fast: stage 1 profiled", "fast: stage 1, UniPC: sdxld's (no host waits) / diffusers'",
+                "graphs: stage 1, one image, static shapes (eager backend)", "graphs: stage 1 batch 4, int8 + static shapes",
+                "graphs: stage 1 batch 4, regional compile", "fast: stage 1, one image, fp32 + compile max"):
         assert row in report
     assert "FAILED" not in report
 
