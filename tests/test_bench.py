@@ -44,3 +44,9 @@ def test_host_costs_bench_runs():
     assert "final 256x448 with grain" in result.stdout and "per approved image, the final" in result.stdout
     assert "upscaler output -> final (Lanczos)" in result.stdout and "same pixels" in result.stdout
     assert "VAE tile seams (decode + encode)" in result.stdout and "same values" in result.stdout
+
+
+def test_unet_ops_bench_counts_the_full_size_unet_without_its_weights():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "unet_ops.py")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "aten.scaled_dot_product_attention" in result.stdout and "  all " in result.stdout

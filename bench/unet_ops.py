@@ -1,0 +1,70 @@
+"""How many operations the host dispatches for one call of SDXL's UNet, counted on the CPU.
+
+At batch 1 on the H100 machine stage 1's UNet kept the card busy 1.3 s of 3.2 s (30 steps): the
+host, issuing each operation through diffusers' modules and torch's dispatcher, set the pace.
+This counts those operations for one CFG call at stage 1's size, with the full-size UNet built on
+PyTorch's meta device (shapes, no data, no weights in memory), by operation, with and without
+performance.fuse_qkv. Dividing a step's seconds on a card by the count gives the host's cost per
+operation there; the cure for the count is compiling (fused kernels) or CUDA graphs (no
+launches), which the GPU bench's graphs section times.
+
+    python bench/unet_ops.py [--width 768 --height 1344 --top 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from pathlib import Path
+
+
+def count_ops(fuse_qkv: bool, width: int, height: int) -> Counter:
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu import SDXL_UNET
+
+    class CountOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.counts[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET).to(torch.bfloat16).eval()
+    if fuse_qkv:
+        unet.fuse_qkv_projections()
+    batch, meta = 2, {"device": "meta", "dtype": torch.bfloat16}  # the CFG pair
+    inputs = dict(sample=torch.empty(batch, 4, height // 8, width // 8, **meta), timestep=torch.tensor(500.0, device="meta"),
+                  encoder_hidden_states=torch.empty(batch, 77, 2048, **meta),
+                  added_cond_kwargs={"text_embeds": torch.empty(batch, 1280, **meta), "time_ids": torch.empty(batch, 6, **meta)})
+    with torch.inference_mode(), CountOps() as counter:
+        unet(**inputs)
+    return counter.counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--width", type=int, default=768)
+    parser.add_argument("--height", type=int, default=1344)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+    from sdxld.models import quiet_libraries
+
+    quiet_libraries()
+    plain, fused = count_ops(False, args.width, args.height), count_ops(True, args.width, args.height)
+    print(f"SDXL UNet, one CFG call at {args.width}x{args.height}: operations dispatched by the host")
+    print(f"{'operation':34} {'plain':>7} {'fuse_qkv':>9}")
+    for name, count in plain.most_common(args.top):
+        print(f"  {name:32} {count:7d} {fused[name]:9d}")
+    print(f"  {'all':32} {sum(plain.values()):7d} {sum(fused.values()):9d}  ({sum(fused.values()) / sum(plain.values()):.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
