@@ -603,10 +603,17 @@ def bench_compile(run: Run) -> None:
         print(f"compile failed: {type(err).__name__}: {err}", flush=True)
         bench.rows.append(Row("stage 1, regional compile", 0.0, note=f"failed: {type(err).__name__}: {str(err)[:120]}"))
     finally:
-        for module in base.unet.modules():
-            if getattr(module, "_compiled_call_impl", None) is not None:
-                module._compiled_call_impl = None
-        torch._dynamo.reset()
+        _uncompile(base.unet)
+
+
+def _uncompile(unet) -> None:
+    """The UNet and its blocks back to eager (whole-model and regional compiles both), and
+    dynamo's caches and CUDA graphs dropped, for the next section's build."""
+    import torch
+
+    for module in unet.modules():
+        module._compiled_call_impl = None
+    torch._dynamo.reset()
 
 
 # Seconds the compile max part of bench_fast is allowed to need before --budget-s skips it: a
@@ -729,8 +736,7 @@ def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None
         _batched_stage1(run, batch, f"{mode} + compile max", batched, batch, count_flops=False)
     finally:
         models.static_shapes = False
-        run.base.unet._compiled_call_impl = None
-        torch._dynamo.reset()
+        _uncompile(run.base.unet)
 
 
 # Seconds a CUDA-graph build needs left in --budget-s before the graphs section starts one: a
@@ -750,7 +756,6 @@ def bench_graphs(run: Run) -> None:
     import torch
 
     from sdxld import quantize
-    from sdxld.stages import stage1
 
     bench, models, plain = run.bench, run.models, run.plain
     batch = 4 if run.args.tiny else 8
@@ -782,9 +787,7 @@ def bench_graphs(run: Run) -> None:
             _batched_stage1(run, batch, label, batched, batch, count_flops=False, section="graphs")
         finally:
             models.static_shapes = False
-            for module in run.base.unet.modules():
-                module._compiled_call_impl = None
-            torch._dynamo.reset()
+            _uncompile(run.base.unet)
 
     cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
     compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True)
