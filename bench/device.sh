@@ -23,16 +23,17 @@ results=${RESULTS:-${OUT:-bench/results}}
 # The 2026-11-27 H100 call measured batches, fp8 uncompiled and the approved path
 # (bench/results/NVIDIA-H100-80GB-HBM3.md) and ran out of budget before any compiled row: this
 # call times the graphs section, the compiled rows. SECTIONS=fast runs that call's sections again.
-case "${SECTIONS:-graphs}" in
+sections=${SECTIONS:-graphs}
+case "$sections" in
   graphs) skip=stages,pixel,esrgan,throughput,loras,switches,compile,fast,offload,sequential ;;
   fast) skip=stages,pixel,esrgan,switches,compile,graphs,offload,sequential ;;
-  *) echo "SECTIONS is graphs or fast, not ${SECTIONS}" >&2; exit 2 ;;
+  *) echo "SECTIONS is graphs or fast, not $sections" >&2; exit 2 ;;
 esac
 "$PYTHON" bench/gpu.py --skip "$skip" --budget-s "${BUDGET_S:-420}" --out "$results" "$@"
 status=$?
 # The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part
 # (measured in the H100 call: bench/results/NVIDIA-H100-80GB-HBM3-host-costs.txt).
-if [ "${SECTIONS:-graphs}" = fast ]; then
+if [ "$sections" = fast ]; then
   device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
   timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
 fi

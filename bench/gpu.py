@@ -705,35 +705,49 @@ def _diagnose(run: Run, approved) -> None:
 
 def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None:
     """compile max on the base UNet as it is now (`mode` says how): the build, then one image and
-    a batch. No FLOP counting here: its hooks on the UNet would make the compiled UNet build again."""
-    import torch
-
+    a batch (not with --tiny: a smoke test)."""
     from sdxld.config import Config
     from sdxld.models import compile_unets
-    from sdxld.stages import stage1
 
-    bench, models, plain = run.bench, run.models, run.plain
-    if bench.left_s() < COMPILE_MAX_NEEDS_S:
-        bench.rows.append(Row(f"fast: compile max skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
-        print(bench.rows[-1].name, flush=True)
-        return
     config = Config()
     config.performance.compile = "max"
     config.performance.compile_backend = "inductor" if run.device == "cuda" else "eager"
     config.memory.strategy = "gpu"
+    # The plain record never calls the refiner.
+    _compiled_stage1(run, "fast", f"{mode} + compile max", lambda unet: compile_unets(config, [run.base], []),
+                     single, batched, batch, static=True, needs_s=COMPILE_MAX_NEEDS_S,
+                     batch_needs_s=COMPILE_MAX_NEEDS_S / 2, batch_too=not run.args.tiny)
+
+
+def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, batched, batch: int, static: bool,
+                     needs_s: float, batch_needs_s: float, batch_too: bool = True) -> None:
+    """The base UNet compiled by `compile_unet`: the first image (the build), one image against
+    `single`, the first batch (a build per shape under static shapes), the batch against `batched`;
+    each build only with `needs_s` / `batch_needs_s` of --budget-s left (else a row says so). No
+    FLOP counting: its hooks on the UNet would make the compiled UNet build again. The UNet is
+    eager again afterwards."""
+    import torch
+
+    bench, models, plain = run.bench, run.models, run.plain
+
+    def skipped(what: str, why: str) -> None:
+        bench.rows.append(Row(f"{section}: {what} skipped: {why}", 0.0))
+        print(bench.rows[-1].name, flush=True)
+
+    if bench.left_s() < needs_s:
+        return skipped(label, f"{bench.left_s():.0f} s of --budget-s left")
+    torch._dynamo.reset()
+    compile_unet(run.base.unet)
+    models.static_shapes = static
     try:
-        torch._dynamo.reset()
-        compile_unets(config, [run.base], [])  # the plain record never calls the refiner
-        models.static_shapes = True
-        bench.measure(f"fast: stage 1, {mode} + compile max: first image (builds)", lambda: stage1(models, plain))
-        bench.ratio(bench.measure(f"fast: stage 1, one image, {mode} + compile max", lambda: stage1(models, plain)), single)
-        if bench.left_s() < COMPILE_MAX_NEEDS_S / 2 or run.args.tiny:
-            why = "--tiny (a smoke test)" if run.args.tiny else f"{bench.left_s():.0f} s of --budget-s left"
-            bench.rows.append(Row(f"fast: compile max batch {batch} skipped: {why}", 0.0))
+        if bench.measure(f"{section}: stage 1, {label}: first image (builds)", lambda: _stage1_work(run, plain)) is None:
             return
-        bench.measure(f"fast: stage 1 batch {batch}, {mode} + compile max: first batch (builds)",
-                      lambda: _stage1_records(run, batch))
-        _batched_stage1(run, batch, f"{mode} + compile max", batched, batch, count_flops=False)
+        bench.ratio(bench.measure(f"{section}: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
+        if not batch_too or bench.left_s() < batch_needs_s:
+            why = "--tiny (a smoke test)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
+            return skipped(f"{label} batch {batch}", why)
+        bench.measure(f"{section}: stage 1 batch {batch}, {label}: first batch (builds)", lambda: _stage1_records(run, batch))
+        _batched_stage1(run, batch, label, batched, batch, count_flops=False, section=section)
     finally:
         models.static_shapes = False
         _uncompile(run.base.unet)
@@ -753,11 +767,9 @@ def bench_graphs(run: Run) -> None:
     (max-autotune + CUDA graphs, builds of minutes). Each build is a row of its own (the first
     image or batch of a shape); each timed row is a ratio to this section's eager rows. After the
     eager rows, where the host waits for the card in one eager image, by source line."""
-    import torch
-
     from sdxld import quantize
 
-    bench, models, plain = run.bench, run.models, run.plain
+    bench, plain = run.bench, run.plain
     batch = 4 if run.args.tiny else 8
     # The CPU smoke test traces with the eager backend: the same guards and shapes, no kernels.
     cuda = run.device == "cuda"
@@ -769,25 +781,8 @@ def bench_graphs(run: Run) -> None:
         _host_waits_by_line(run)
 
     def compiled(label: str, compile_unet, static: bool) -> None:
-        if bench.left_s() < GRAPHS_BUILD_NEEDS_S:
-            bench.rows.append(Row(f"graphs: {label} skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
-            print(bench.rows[-1].name, flush=True)
-            return
-        torch._dynamo.reset()
-        compile_unet(run.base.unet)
-        models.static_shapes = static
-        try:
-            if bench.measure(f"graphs: stage 1, {label}: first image (builds)", lambda: _stage1_work(run, plain)) is None:
-                return
-            bench.ratio(bench.measure(f"graphs: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
-            if bench.left_s() < GRAPHS_BUILD_NEEDS_S:
-                bench.rows.append(Row(f"graphs: {label} batch {batch} skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
-                return
-            bench.measure(f"graphs: stage 1 batch {batch}, {label}: first batch (builds)", lambda: _stage1_records(run, batch))
-            _batched_stage1(run, batch, label, batched, batch, count_flops=False, section="graphs")
-        finally:
-            models.static_shapes = False
-            _uncompile(run.base.unet)
+        _compiled_stage1(run, "graphs", label, compile_unet, single, batched, batch, static=static,
+                         needs_s=GRAPHS_BUILD_NEEDS_S, batch_needs_s=GRAPHS_BUILD_NEEDS_S)
 
     cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
     compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True)

@@ -24,6 +24,8 @@ def count_ops(fuse_qkv: bool, width: int, height: int) -> Counter:
     from diffusers import UNet2DConditionModel
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from sdxld.quantize import fixed_unet_inputs
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu import SDXL_UNET
 
@@ -40,12 +42,9 @@ def count_ops(fuse_qkv: bool, width: int, height: int) -> Counter:
         unet = UNet2DConditionModel(**SDXL_UNET).to(torch.bfloat16).eval()
     if fuse_qkv:
         unet.fuse_qkv_projections()
-    batch, meta = 2, {"device": "meta", "dtype": torch.bfloat16}  # the CFG pair
-    inputs = dict(sample=torch.empty(batch, 4, height // 8, width // 8, **meta), timestep=torch.tensor(500.0, device="meta"),
-                  encoder_hidden_states=torch.empty(batch, 77, 2048, **meta),
-                  added_cond_kwargs={"text_embeds": torch.empty(batch, 1280, **meta), "time_ids": torch.empty(batch, 6, **meta)})
+    args, kwargs = fixed_unet_inputs(unet, batch=2, latent_hw=(height // 8, width // 8))  # the CFG pair, on meta
     with torch.inference_mode(), CountOps() as counter:
-        unet(**inputs)
+        unet(*args, **kwargs)
     return counter.counts
 
 
