@@ -3,13 +3,18 @@
 Builds SDXL (full size with random weights on CUDA, or the tiny model with --tiny), writes three
 random rank-32 LoRAs covering every layer real SDXL LoRAs adapt, then reports:
 - the time of one swap (read the file, rebuild the touched layers from their saved originals),
-  with the top functions of a cProfile of it,
+  with the top functions of a cProfile of it, and the torch calls the host made for it (each a
+  kernel launch, a copy or a view on a GPU; on the CPU the copies of the LoRA and the originals
+  to the device are no-ops, so a GPU dispatches more than counted here),
+- the host memory the saved originals hold (page-locked where CUDA is),
 - stage 1 with two LoRAs merged vs without, interleaved, as a ratio (goal: 1.00, merged weights
   cost nothing per step),
 for memory.strategy gpu and model_offload.
 
     python bench/lora_swap.py            # CUDA
     python bench/lora_swap.py --tiny     # CPU, tiny model
+    python bench/lora_swap.py --cpu-full # CPU, full-size SDXL in bf16 (~8 GB of RAM): the swap's
+                                         # torch calls at SDXL's real layer count; no images
 """
 
 from __future__ import annotations
@@ -28,12 +33,15 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--cpu-full", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     import torch
     from gpu import FULL, TINY, build_full, make_bank, make_record
 
+    from sdxld.host_copies import pinned_bytes
+    from sdxld.host_waits import CountOperations
     from sdxld.loras import LoraLibrary
     from sdxld.models import quiet_libraries
     from sdxld.stages import NaNImageError, stage1
@@ -43,11 +51,14 @@ def main() -> None:
     if args.tiny:
         device, geometry, rank = "cpu", TINY, 4
         base, _ = build_pipelines()
+    elif args.cpu_full:
+        device, geometry, rank = "cpu", FULL, 32
+        base, _ = build_full("cpu", torch.bfloat16, with_refiner=False)
     else:
         device, geometry, rank = "cuda", FULL, 32
         base, _ = build_full("cuda", torch.bfloat16, with_refiner=False)
     base.to(device)
-    models = make_bank(base, None, device, "bf16" if device == "cuda" else "fp32")
+    models = make_bank(base, None, device, "fp32" if args.tiny else "bf16")
     record = make_record(geometry, False)
     folder = Path(tempfile.mkdtemp(prefix="sdxld-lora-swap-"))
     dirs = {"character": folder / "character", "style": folder / "style"}
@@ -80,6 +91,20 @@ def main() -> None:
             base.to("cpu")
             base.enable_model_cpu_offload()
         first = timed(lambda: library.activate([c1, s1]))
+        with CountOperations() as calls:
+            library.activate([c2, s1])
+        library.activate([c1, s1])
+        originals = library.merger.saved_originals()
+        print(f"== {len(originals)} layers adapted; {calls.total:,} operations dispatched for a swap of the character LoRA "
+              f"({calls.total / len(originals):.1f} per layer; file read included), {calls.beyond_views:,} of them "
+              f"more than a view; most: "
+              + ", ".join(f"{name} {n}" for name, n in calls.counts.most_common(8)))
+        print(f"originals kept: {sum(t.numel() * t.element_size() for t in originals) / 2**30:.2f} GiB of weights "
+              f"in {pinned_bytes(originals) / 2**30:.2f} GiB of {'page-locked ' if device == 'cuda' else ''}host memory")
+        if args.cpu_full:
+            swaps = [timed(lambda pair=pair: library.activate(pair)) for pair in ([c2, s1], [c1, s1], [c2, s1])]
+            print(f"first merge {first:.2f} s; swaps {', '.join(f'{s:.2f}' for s in swaps)} s (CPU arithmetic)")
+            continue
         profile = cProfile.Profile()
         sync()
         profile.enable()

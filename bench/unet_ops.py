@@ -22,28 +22,19 @@ from pathlib import Path
 def count_ops(fuse_qkv: bool, width: int, height: int) -> Counter:
     import torch
     from diffusers import UNet2DConditionModel
-    from torch.utils._python_dispatch import TorchDispatchMode
 
+    from sdxld.host_waits import CountOperations
     from sdxld.quantize import fixed_unet_inputs
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from gpu import SDXL_UNET
-
-    class CountOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.counts = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.counts[str(func.overloadpacket)] += 1
-            return func(*args, **(kwargs or {}))
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET).to(torch.bfloat16).eval()
     if fuse_qkv:
         unet.fuse_qkv_projections()
     args, kwargs = fixed_unet_inputs(unet, batch=2, latent_hw=(height // 8, width // 8))  # the CFG pair, on meta
-    with torch.inference_mode(), CountOps() as counter:
+    with torch.inference_mode(), CountOperations() as counter:
         unet(*args, **kwargs)
     return counter.counts
 

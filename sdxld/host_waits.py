@@ -1,10 +1,13 @@
-"""Count what makes the host wait for the GPU in a sampler's steps, on a machine without one.
+"""Count what makes the host wait for the GPU in a sampler's steps, on a machine without one, and
+how many operations the host dispatches for a piece of work (each a kernel launch, a copy or a
+view on a GPU; at batch 1 the host's dispatching sets stage 1's pace on the H100 machine).
 
 A blocking copy from host memory to the GPU, a GPU value read on the host (`.item()`) and
 `torch.linalg.solve` on the GPU (it reads its error flag back) each wait until the GPU has run
 everything queued. Run with the latents on PyTorch's meta device (shapes, no data), a copy to the
 GPU shows up as a copy from the CPU to meta: exact counts, no GPU. Used by
-bench/scheduler_waits.py (every sampler) and tests/test_samplers.py (sdxld's samplers never wait).
+bench/scheduler_waits.py (every sampler) and tests/test_samplers.py (sdxld's samplers never wait);
+CountOperations by bench/unet_ops.py, bench/lora_swap.py and tests/test_lora_stacks.py.
 """
 
 from __future__ import annotations
@@ -26,18 +29,57 @@ class CountHostWaits(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         op = str(func.overloadpacket)
+        given = _by_name(func, args, kwargs)
         # A non-blocking copy is queued, not waited for (on a GPU, from pinned memory: sdxld pins).
-        if op == "aten._to_copy" and args[0].device.type == "cpu" and str(kwargs.get("device", "cpu")) == "meta" \
-                and not kwargs.get("non_blocking"):
+        # Inference tensors reach the dispatcher as aten.to, others as aten._to_copy.
+        if op in ("aten._to_copy", "aten.to") and _on(given.get("self"), "cpu") and str(given.get("device")) == "meta" \
+                and not given.get("non_blocking"):
             self.counts["host->device copies"] += 1
-        elif op == "aten.copy_" and args[1].device.type == "cpu" and args[0].device.type == "meta" \
-                and not (len(args) > 2 and args[2]) and not kwargs.get("non_blocking"):
+        elif op == "aten.copy_" and _on(given.get("src"), "cpu") and _on(given.get("self"), "meta") \
+                and not given.get("non_blocking"):
             self.counts["host->device copies"] += 1
-        elif op == "aten._local_scalar_dense" and args[0].device.type != "cpu":
+        elif op == "aten._local_scalar_dense" and not _on(args[0], "cpu"):
             self.counts["device values read"] += 1
-        elif op.startswith("aten._linalg_solve") and args[0].device.type != "cpu":
+        elif op.startswith("aten._linalg_solve") and not _on(args[0], "cpu"):
             self.counts["linalg.solve"] += 1
         return func(*args, **kwargs)
+
+
+def _by_name(func, args, kwargs) -> dict:
+    given = dict(zip((argument.name for argument in func._schema.arguments), args))
+    given.update(kwargs)
+    return given
+
+
+def _on(tensor, device_type: str) -> bool:
+    return isinstance(tensor, torch.Tensor) and tensor.device.type == device_type
+
+
+# Operations that only make a view of a tensor: no kernel, no copy.
+VIEW_OPS = frozenset({"aten.view", "aten.select", "aten.unbind", "aten.slice", "aten.split", "aten.split_with_sizes",
+                      "aten.as_strided", "aten.expand", "aten._unsafe_view", "aten.unsqueeze", "aten.squeeze", "aten.t",
+                      "aten.transpose", "aten.permute", "aten.alias", "aten.detach", "aten._reshape_alias"})
+
+
+class CountOperations(TorchDispatchMode):
+    """Counts the operations the dispatcher runs, by name ("aten.bmm")."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def beyond_views(self) -> int:
+        """The operations that do more than make a view."""
+        return sum(n for name, n in self.counts.items() if name not in VIEW_OPS)
 
 
 def waits_per_step(scheduler, steps: int = 30, latent_shape=(1, 4, 168, 96)) -> Counter:

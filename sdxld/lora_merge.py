@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from . import diffusers_private
+from .host_copies import groups_within, packed_cpu_copies
 from .lora_formats import LayerFormatError, LayerPatch, is_lycoris, patch_from_tensors, split_key, unsupported_kind
+from .lora_stacks import LayerStack, StackedDifferences, stack_layers
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,15 @@ class LoraWeights:
     """A LoRA file ready to merge: per component, per layer, what it adds (a LayerPatch)."""
 
     layers: dict[str, dict[str, LayerPatch]] = field(default_factory=dict)
+    # Built at the first merge (checking a file does not need them): (component, layer) ->
+    # (its LayerStack, its index there), for the plain-LoRA layers.
+    _stacked: dict | None = field(default=None, repr=False)
+
+    def stacked(self) -> dict[tuple[str, str], tuple[LayerStack, int]]:
+        if self._stacked is None:
+            self._stacked = {key: (stack, index) for stack in stack_layers(self.layers)
+                             for index, key in enumerate(stack.layers)}
+        return self._stacked
 
     def layout(self) -> dict[str, dict[str, str]]:
         """Which layers it adapts, in which format (small: kept per file instead of the tensors)."""
@@ -287,6 +298,11 @@ def _weights_on_meta(model) -> bool:
     return any(p.device.type == "meta" for p in model.parameters())
 
 
+# What one part of a rewrite holds on the device besides the weights: the float32 sums of the
+# LoRAs for its layers (and the stacked differences they are views of).
+PART_BYTES = 256 << 20
+
+
 class LoraMergeError(RuntimeError):
     """Merging failed part-way; every rewritten layer is back to what it was before the merge.
 
@@ -326,6 +342,9 @@ class LoraMerger:
 
     def saved_layers(self) -> int:
         return len(self._originals)
+
+    def saved_originals(self) -> list:
+        return list(self._originals.values())
 
     def apply(self, wanted: dict[str, Merged | None]) -> None:
         """Make the weights hold exactly `wanted` (slot -> LoRA; a slot left out or None holds
@@ -378,40 +397,115 @@ class LoraMerger:
         import torch
 
         device = diffusers_private.execution_device(self.pipe)
-        pin = torch.cuda.is_available()
         # Inference mode: group offload may have turned the weights into inference tensors.
         with torch.inference_mode():
-            for component, layer in touched:
+            self._keep_originals(touched)
+            differences = StackedDifferences(device)
+            for part in self._parts(touched):
                 if done is not None:
-                    done.append((component, layer))
-                self._rewrite_layer(component, layer, state, device, pin)
+                    done.extend(part)
+                self._rewrite_part(part, state, device, differences)
 
-    def _rewrite_layer(self, component: str, layer: str, state: dict[str, Merged | None], device, pin: bool) -> None:
-        module = getattr(self.pipe, component).get_submodule(layer)
-        weight = module.weight
-        quantized = self._quantized is not None and self._quantized.holds(component, layer)
-        original = self._quantized.originals[(component, layer)] if quantized else self._originals.get((component, layer))
-        if original is None:
-            original = weight.detach().to("cpu", copy=True)
-            self._originals[(component, layer)] = original.pin_memory() if pin else original
-        # Slots in a fixed order: float addition is not associative, and a re-merge must be
-        # bit-identical whatever order the slots were filled in.
-        patches = [(state[slot].weights.layers[component][layer], state[slot].strength) for slot in sorted(state)
-                   if state[slot] is not None and layer in state[slot].weights.layers.get(component, {})]
-        if patches:
-            base = original.to(device, non_blocking=True).float()
-            # Each LoRA's part is measured from the original weight (DoRA's magnitude too), so no
-            # LoRA's part depends on which others are merged.
-            total = sum(patch.contribution(base, device) * strength for patch, strength in patches)
-            merged = (base + total).to(weight.dtype)
-        else:
-            merged = original
-        # In place either way: the parameter keeps its storage, which compiled code and CUDA
-        # graphs read from.
-        if quantized:
-            self._quantized.write(module, merged.to(weight.device, non_blocking=True))
-        else:
-            weight.copy_(merged)
+    def _module(self, key: tuple[str, str]):
+        component, layer = key
+        return getattr(self.pipe, component).get_submodule(layer)
+
+    def _quantized_layer(self, key: tuple[str, str]) -> bool:
+        return self._quantized is not None and self._quantized.holds(*key)
+
+    def _original(self, key: tuple[str, str]):
+        return self._quantized.originals[key] if self._quantized_layer(key) else self._originals[key]
+
+    def _keep_originals(self, touched: list[tuple[str, str]]) -> None:
+        """Save the original weight of each layer touched for the first time, all in one pass."""
+        new = [key for key in touched if key not in self._originals and not self._quantized_layer(key)]
+        if new:
+            copies = packed_cpu_copies([self._module(key).weight for key in new])
+            self._originals.update(zip(new, copies))
+
+    def _parts(self, touched: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+        """The layers in parts of at most PART_BYTES of float32 weights (what one part's sums
+        hold on the device), same-shape layers together in name order, as stacks are made."""
+        def order(key):
+            return tuple(self._original(key).shape), key
+
+        ordered = sorted(touched, key=order)
+        parts = groups_within([self._original(key).numel() * 4 for key in ordered], PART_BYTES)
+        return [[ordered[i] for i in part] for part in parts]
+
+    def _rewrite_part(self, part: list[tuple[str, str]], state: dict[str, Merged | None], device,
+                      differences: StackedDifferences) -> None:
+        import torch
+
+        totals = self._lora_sums(part, state, device, differences)
+        in_place, one_by_one = [], []
+        for key in part:
+            weight = self._module(key).weight
+            if self._quantized_layer(key) or not _same_device(weight.device, torch.device(device)):
+                one_by_one.append(key)
+            else:
+                in_place.append((key, weight))
+        if in_place:
+            # Back to the original, then plus the LoRAs' sum: the add is computed in float32 and
+            # rounded once, exactly as (original.float() + sum).to(dtype). In place either way:
+            # the parameter keeps its storage, which compiled code and CUDA graphs read from.
+            torch._foreach_copy_([w for _, w in in_place], [self._original(k) for k, _ in in_place], non_blocking=True)
+            summed = [(w, totals[k]) for k, w in in_place if k in totals]
+            if summed:
+                torch._foreach_add_([w for w, _ in summed], [t for _, t in summed])
+        for key in one_by_one:
+            module = self._module(key)
+            original = self._original(key)
+            if key in totals:
+                merged = (original.to(device, non_blocking=True).float() + totals[key]).to(module.weight.dtype)
+            else:
+                merged = original
+            if self._quantized_layer(key):
+                self._quantized.write(module, merged.to(module.weight.device, non_blocking=True))
+            else:
+                module.weight.copy_(merged)
+
+    def _lora_sums(self, part: list[tuple[str, str]], state: dict[str, Merged | None], device,
+                   differences: StackedDifferences) -> dict:
+        """(component, layer) -> the sum of what the LoRAs in `state` add to it, float32 on the
+        device; layers no LoRA adapts are left out.
+
+        Slots in a fixed order: float addition is not associative, and a re-merge must be
+        bit-identical whatever order the slots were filled in. Each LoRA's part is measured from
+        the original weight (DoRA's magnitude too), so no LoRA's part depends on which others
+        are merged."""
+        import torch
+
+        totals: dict = {}
+        for slot in sorted(state):
+            merged = state[slot]
+            if merged is None:
+                continue
+            stacked = merged.weights.stacked()
+            parts = []
+            for key in part:
+                patch = merged.weights.layers.get(key[0], {}).get(key[1])
+                if patch is None:
+                    continue
+                shape = self._original(key).shape
+                if key in stacked:
+                    stack, index = stacked[key]
+                    difference = differences.of(stack, merged.strength)[index]
+                    parts.append((key, difference if difference.shape == shape else difference.view(shape)))
+                else:
+                    base = self._original(key).to(device, non_blocking=True).float()
+                    parts.append((key, patch.contribution(base, device) * merged.strength))
+            adding = [(totals[key], value) for key, value in parts if key in totals]
+            if adding:
+                summed = torch._foreach_add([t for t, _ in adding], [v for _, v in adding])
+                totals.update(zip((key for key, _ in parts if key in totals), summed))
+            totals.update((key, value) for key, value in parts if key not in totals)
+        return totals
+
+
+def _same_device(a, b) -> bool:
+    # torch.device("cuda") and torch.device("cuda:0") are the same card but compare unequal.
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def _key(merged: Merged | None):

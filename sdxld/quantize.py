@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .host_copies import packed_cpu_copies
+
 # fp8 matmuls (torch._scaled_mm) want both dimensions divisible by 16; SDXL's all are.
 _ALIGNMENT = 16
 
@@ -112,14 +114,11 @@ def quantize_unet(unet, mode: str, keep_originals: bool) -> Quantized:
     from torchao.quantization import quantize_
 
     quantized = Quantized(mode)
-    pin = torch.cuda.is_available()
-    for name, module in unet.named_modules():
-        if not _quantizable(module):
-            continue
-        if keep_originals:
-            original = module.weight.detach().to("cpu", copy=True)
-            quantized.originals[("unet", name)] = original.pin_memory() if pin else original
-        quantized.layers += 1
+    layers = [(name, module) for name, module in unet.named_modules() if _quantizable(module)]
+    quantized.layers = len(layers)
+    if keep_originals:
+        copies = packed_cpu_copies([module.weight for _, module in layers])
+        quantized.originals = {("unet", name): copy for (name, _), copy in zip(layers, copies)}
     with torch.no_grad():
         quantize_(unet, config, filter_fn=_quantizable)
     return quantized

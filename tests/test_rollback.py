@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from sdxld import stages
+from sdxld import lora_merge, stages
 from sdxld.lora_merge import LoraMergeError, LoraMerger, Merged
 from sdxld.tiny import write_tiny_lora
 
@@ -58,17 +58,19 @@ def test_a_merge_that_fails_part_way_restores_every_layer_and_takes_the_file_out
     library.activate([hero, ink])
     before = _weights(engine.models.base)
 
-    # The 40th layer of the incoming LoRA fails (as a GPU running out of memory would).
-    real_rewrite, seen = LoraMerger._rewrite_layer, []
+    # The third part of the layers fails (as a GPU running out of memory would), after two parts
+    # were rewritten with the incoming LoRA.
+    monkeypatch.setattr(lora_merge, "PART_BYTES", 64 << 10)
+    real_rewrite_part, parts = LoraMerger._rewrite_part, []
 
-    def rewrite_layer(self, component, layer, state, device, pin):
+    def rewrite_part(self, part, state, device, differences):
         if state.get("style") is not None and state["style"].key[0] == broken.path:
-            seen.append(layer)
-            if len(seen) == 40:
+            parts.append(part)
+            if len(parts) == 3:
                 raise stages.out_of_memory_error()("CUDA out of memory (injected)")
-        return real_rewrite(self, component, layer, state, device, pin)
+        return real_rewrite_part(self, part, state, device, differences)
 
-    monkeypatch.setattr(LoraMerger, "_rewrite_layer", rewrite_layer)
+    monkeypatch.setattr(LoraMerger, "_rewrite_part", rewrite_part)
     wanted = {"character": library.merger.current("character"),
               "style": Merged((broken.path, broken.signature, 0.85), library._read(broken), 0.85)}
     with pytest.raises(LoraMergeError, match="merging failed at layer") as failure:
@@ -76,7 +78,7 @@ def test_a_merge_that_fails_part_way_restores_every_layer_and_takes_the_file_out
     assert failure.value.slots == ["style"]
     assert _changed(before, _weights(engine.models.base)) == []  # hero + ink, exactly as before
 
-    seen.clear()
+    parts.clear()
     uses = library.activate([hero, broken])
     assert [u.name for u in uses] == ["hero"]  # the image goes on with what did merge
     assert _changed(hero_only, _weights(engine.models.base)) == []

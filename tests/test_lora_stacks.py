@@ -1,0 +1,142 @@
+"""How a LoRA swap rewrites the model's layers: a file's same-shape plain-LoRA layers in one batched
+matmul per stack (not a dozen operations per layer), LyCORIS layers one by one, all of them summed
+in the same fixed order, in parts of bounded size, from originals packed into a few host buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.lycoris_files import write_lycoris
+from test_lycoris import all_weights, reference_difference
+
+from sdxld import host_copies, lora_merge
+from sdxld.host_waits import CountHostWaits, CountOperations
+from sdxld.loras import LoraLibrary
+from sdxld.tiny import write_tiny_lora
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxld.tiny import ensure_tiny_model
+
+    return StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0])
+
+
+@pytest.fixture
+def library(pipe, tmp_path):
+    write_tiny_lora(tmp_path / "character" / "c1.safetensors", seed=1, scale=0.05, pipe=pipe)
+    write_tiny_lora(tmp_path / "character" / "c2.safetensors", "diffusers", seed=2, scale=0.05, pipe=pipe)
+    write_tiny_lora(tmp_path / "style" / "s1.safetensors", seed=3, rank=8, scale=0.05, pipe=pipe)
+    library = LoraLibrary(pipe, {"character": tmp_path / "character", "style": tmp_path / "style"},
+                          {"character": 1.0, "style": 0.85})
+    library.sync()
+    yield library
+    library.activate([])
+
+
+def test_a_swap_dispatches_one_batched_matmul_per_stack_not_a_dozen_operations_per_layer(library):
+    c1, c2 = library.available("character")
+    (s1,) = library.available("style")
+    library.activate([c1, s1])
+    with CountOperations() as operations:
+        library.activate([c2, s1])
+    merged = [library.merger.current(slot).weights for slot in ("character", "style")]
+    stacks = {id(stack) for weights in merged for stack, _ in weights.stacked().values()}
+    layers = library.merger.saved_layers()
+
+    assert operations.counts["aten.bmm"] == len(stacks)  # every stack of both files, once
+    assert operations.counts["aten.mm"] == operations.counts["aten.matmul"] == 0
+    # Reading the file, stacking it, the differences, the sums and the writes: one layer at a
+    # time this swap took 31 operations per layer, 29 of them more than a view.
+    assert operations.beyond_views < 1.0 * layers, operations.counts.most_common(10)
+
+
+def test_the_weights_do_not_depend_on_how_the_rewrite_is_split_into_parts(library, monkeypatch):
+    c1, c2 = library.available("character")
+    (s1,) = library.available("style")
+    library.activate([c2, s1])
+    in_one_part = all_weights(library.merger.pipe)
+
+    library.activate([])
+    # Parts of a few layers: stacks span parts, and their differences are reused or computed again.
+    monkeypatch.setattr(lora_merge, "PART_BYTES", 16 << 10)
+    library.activate([c1, s1])
+    library.activate([c2, s1])
+    assert all(torch.equal(in_one_part[key], weight) for key, weight in all_weights(library.merger.pipe).items())
+
+
+def test_a_files_plain_layers_become_views_into_its_stacks(library):
+    c1, _ = library.available("character")
+    library.activate([c1])
+    weights = library.merger.current("character").weights
+    stacked = weights.stacked()
+
+    assert len(stacked) == sum(len(layers) for layers in weights.layers.values())  # all plain LoRA layers
+    assert len({id(stack) for stack, _ in stacked.values()}) < len(stacked) / 4
+    for (component, layer), (stack, index) in stacked.items():
+        down, up, _ = weights.layers[component][layer].factors
+        assert down.untyped_storage().data_ptr() == stack.downs.untyped_storage().data_ptr()
+        assert torch.equal(down.reshape(stack.downs[index].shape), stack.downs[index])
+        assert torch.equal(up.reshape(stack.ups[index].shape), stack.ups[index])
+
+
+def test_plain_and_lycoris_loras_on_the_same_layers_add_up(pipe, tmp_path):
+    plain = write_lycoris(tmp_path / "character" / "plain.safetensors", pipe, "lora", seed=4)
+    loha = write_lycoris(tmp_path / "style" / "loha.safetensors", pipe, "loha", seed=5)
+    library = LoraLibrary(pipe, {"character": tmp_path / "character", "style": tmp_path / "style"},
+                          {"character": 0.7, "style": 0.6})
+    library.sync()
+    before = all_weights(pipe)
+    try:
+        library.activate([library.find("character", "plain"), library.find("style", "loha")])
+        after = all_weights(pipe)
+        assert library.merger.current("character").weights.stacked(), "the plain file's linear layers are stacked"
+    finally:
+        library.activate([])
+    loha_layers = {(layer.component, layer.module): layer for layer in loha}
+    shared = [layer for layer in plain if (layer.component, layer.module) in loha_layers]
+    assert len(shared) >= 5
+    for layer in shared:
+        key = (layer.component, layer.module)
+        expected = (before[key] + 0.7 * reference_difference(layer, before[key])
+                    + 0.6 * reference_difference(loha_layers[key], before[key]))
+        assert torch.allclose(after[key], expected, rtol=1e-5, atol=1e-6), (key, (after[key] - expected).abs().max())
+
+
+def test_a_stacks_copies_to_the_device_are_queued_not_waited_for(library):
+    c1, _ = library.available("character")
+    library.activate([c1])
+    weights = library.merger.current("character").weights
+    stack, _ = next(iter(weights.stacked().values()))
+    patch = next(patch for layers in weights.layers.values() for patch in layers.values())
+
+    with CountHostWaits() as waits:  # the meta device stands in for a GPU
+        stack.differences("meta", 0.85)
+    assert waits.counts["host->device copies"] == 0
+    with CountHostWaits() as waits:  # as each layer's factors used to go over
+        patch.difference("meta")
+    assert waits.counts["host->device copies"] == 2
+
+
+def test_originals_are_copies_packed_into_few_buffers_that_waste_little(monkeypatch):
+    monkeypatch.setattr(host_copies, "PAGE_BYTES", 64 << 10)
+    generator = torch.Generator().manual_seed(0)
+    # 5 KiB, 20 KiB and 100 KiB (more than a page) layers in two dtypes.
+    tensors = [torch.randn(shape, generator=generator).to(dtype) for shape, dtype in
+               [((40, 32), torch.float32), ((80, 64), torch.float32), ((40, 32), torch.bfloat16),
+                ((160, 160), torch.float32), ((80, 64), torch.bfloat16), ((40, 32), torch.float32)]]
+
+    copies = host_copies.packed_cpu_copies(tensors, pin=False)
+
+    assert all(torch.equal(t, c) and t.dtype == c.dtype and c.device.type == "cpu" for t, c in zip(tensors, copies))
+    assert all(c.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t, c in zip(tensors, copies))
+    buffers = {c.untyped_storage().data_ptr() for c in copies}
+    # In order: float32 5 + 20 KiB on a page, the 100 KiB layer on its own, 5 KiB on a new page;
+    # bfloat16 on one page.
+    assert len(buffers) == 4
+    one_each = sum(host_copies._power_of_two(t.numel() * t.element_size()) for t in tensors)
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    assert host_copies.pinned_bytes(copies) < one_each
+    assert host_copies.pinned_bytes(copies) < 1.3 * weights
