@@ -22,7 +22,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 results=${RESULTS:-${OUT:-bench/results}}
 # The 2026-11-27 H100 call measured batches, fp8 uncompiled and the approved path
 # (bench/results/NVIDIA-H100-80GB-HBM3.md) and ran out of budget before any compiled row: this
-# call times the graphs section, the compiled rows. SECTIONS=fast runs that call's sections again.
+# call times the graphs section, the compiled rows, and LoRA swaps as stacked merges (with a swap
+# before an image under CUDA graphs). SECTIONS=fast runs that call's sections again.
 sections=${SECTIONS:-graphs}
 case "$sections" in
   graphs) skip=stages,pixel,esrgan,throughput,loras,switches,compile,fast,offload,sequential ;;

@@ -720,12 +720,14 @@ def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None
 
 
 def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, batched, batch: int, static: bool,
-                     needs_s: float, batch_needs_s: float, batch_too: bool = True) -> None:
+                     needs_s: float, batch_needs_s: float, batch_too: bool = True, library=None) -> None:
     """The base UNet compiled by `compile_unet`: the first image (the build), one image against
     `single`, the first batch (a build per shape under static shapes), the batch against `batched`;
-    each build only with `needs_s` / `batch_needs_s` of --budget-s left (else a row says so). No
-    FLOP counting: its hooks on the UNet would make the compiled UNet build again. The UNet is
-    eager again afterwards."""
+    each build only with `needs_s` / `batch_needs_s` of --budget-s left (else a row says so). With
+    a LoRA `library`, also a character swap followed by one image (what each batch-1 image costs
+    when the LoRAs rotate; the compiled UNet reads the swapped weights in place). No FLOP
+    counting: its hooks on the UNet would make the compiled UNet build again. The UNet is eager
+    again afterwards."""
     import torch
 
     bench, models, plain = run.bench, run.models, run.plain
@@ -743,6 +745,13 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
         if bench.measure(f"{section}: stage 1, {label}: first image (builds)", lambda: _stage1_work(run, plain)) is None:
             return
         bench.ratio(bench.measure(f"{section}: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
+        if library is not None and len(library.available("character")) >= 2:
+            first, second = library.available("character")[:2]
+            style = library.available("style")[0]
+            library.activate([first, style])
+            bench.ratio(bench.measure(f"{section}: LoRA character swap + one image, {label}",
+                                      lambda: (library.activate([second, style]), _stage1_work(run, plain))), single)
+            library.activate([])
         if not batch_too or bench.left_s() < batch_needs_s:
             why = "--tiny (a smoke test)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
             return skipped(f"{label} batch {batch}", why)
@@ -779,13 +788,16 @@ def bench_graphs(run: Run) -> None:
     batched = _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs")
     if cuda:
         _host_waits_by_line(run)
+    # LoRA swaps as stacks of batched matmuls (docs/performance.md): the first merge and a swap,
+    # then a swap before one image under CUDA graphs.
+    library = bench_loras(bench, run.base, run.models, plain, run.unets, run.args, quick=run.args.tiny, section="graphs")
 
-    def compiled(label: str, compile_unet, static: bool) -> None:
+    def compiled(label: str, compile_unet, static: bool, library=None) -> None:
         _compiled_stage1(run, "graphs", label, compile_unet, single, batched, batch, static=static,
-                         needs_s=GRAPHS_BUILD_NEEDS_S, batch_needs_s=GRAPHS_BUILD_NEEDS_S)
+                         needs_s=GRAPHS_BUILD_NEEDS_S, batch_needs_s=GRAPHS_BUILD_NEEDS_S, library=library)
 
     cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
-    compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True)
+    compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True, library=library)
     mode = "fp8" if cuda and not quantize.fp8_unsupported(run.device) else "int8"
     kept: dict = {}
     try:
@@ -1102,8 +1114,9 @@ def bench_sequential(run: Run) -> None:
     run.bench.measure("stage 1, sequential_offload, 2 steps only", lambda: stage1(run.models, _steps(run.plain, 2)), note="2 steps")
 
 
-def bench_loras(bench, base, models, plain, unets, args, quick: bool):
-    """Three random full-size LoRAs (rank 32 or 4 with --tiny) merged and swapped."""
+def bench_loras(bench, base, models, plain, unets, args, quick: bool, section: str = ""):
+    """Three random full-size LoRAs (rank 32 or 4 with --tiny) merged and swapped; the rows' names
+    start with `section` when given."""
     from sdxld.loras import LoraLibrary
     from sdxld.stages import stage1
     from sdxld.tiny import write_tiny_lora
@@ -1120,17 +1133,19 @@ def bench_loras(bench, base, models, plain, unets, args, quick: bool):
     library = LoraLibrary(base, dirs, {"character": 1.0, "style": 0.85})
     started = time.perf_counter()
     report = library.sync()
-    bench.rows.append(Row(f"LoRA check of 3 files ({size_mb:.0f} MB avg): {len(report.added)} loaded, rejected {report.rejected}",
-                          time.perf_counter() - started))
+    prefix = f"{section}: " if section else ""
+    bench.rows.append(Row(f"{prefix}LoRA check of 3 files ({size_mb:.0f} MB avg): {len(report.added)} loaded, "
+                          f"rejected {report.rejected}", time.perf_counter() - started))
     if not library.available("character"):
         return None
     entries = library.available("character") + library.available("style")
     style = library.available("style")[0]
-    bench.measure("LoRA merge of the first pair (saves the original layers)", lambda: library.activate([entries[0], style]))
-    bench.measure("LoRA swap: character re-read from disk and re-merged", lambda: library.activate([entries[1], style]))
-    bench.measure("stage 1 with 2 LoRAs merged", lambda: stage1(models, plain), unets,
+    bench.measure(f"{prefix}LoRA merge of the first pair (saves the original layers)",
+                  lambda: library.activate([entries[0], style]))
+    bench.measure(f"{prefix}LoRA swap: character re-read from disk and re-merged", lambda: library.activate([entries[1], style]))
+    bench.measure(f"{prefix}stage 1 with 2 LoRAs merged", lambda: stage1(models, plain), unets,
                   note=f"{library.merger.saved_layers()} layers adapted")
-    bench.measure("LoRAs unmerged (originals restored)", lambda: library.activate([]))
+    bench.measure(f"{prefix}LoRAs unmerged (originals restored)", lambda: library.activate([]))
     return library
 
 
