@@ -771,11 +771,13 @@ def bench_graphs(run: Run) -> None:
     """What the H100 call of 2026-11-27 left untimed, most telling first. There stage 1 at batch 1
     kept the card busy 1.3 s of 3.2 s: the host launching kernels set the pace. So: stage 1's
     UNet replayed as CUDA graphs for its fixed shapes without autotuning (inductor's
-    reduce-overhead mode: no per-kernel launches, inductor's kernels), one image and a batch; the
-    same on fp8 UNets (uncompiled fp8 was 5.95x slower); regional compile; then sdxld's compile max
-    (max-autotune + CUDA graphs, builds of minutes). Each build is a row of its own (the first
-    image or batch of a shape); each timed row is a ratio to this section's eager rows. After the
-    eager rows, where the host waits for the card in one eager image, by source line."""
+    reduce-overhead mode: no per-kernel launches, inductor's kernels), one image, a LoRA swap
+    before one image, a batch; CUDA graphs around eager kernels (torch's cudagraphs backend: no
+    code generation); the same on fp8 UNets (uncompiled fp8 was 5.95x slower); regional compile;
+    then sdxld's compile max (max-autotune + CUDA graphs, builds of minutes). Each build is a row
+    of its own (the first image or batch of a shape); each timed row is a ratio to this section's
+    eager rows. After the eager rows, where the host waits for the card in one eager image, by
+    source line, and the LoRA rows (stacked merges)."""
     from sdxld import quantize
 
     bench, plain = run.bench, run.plain
@@ -798,6 +800,11 @@ def bench_graphs(run: Run) -> None:
 
     cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
     compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True, library=library)
+    if cuda:
+        # The same CUDA graphs around the eager kernels, no inductor: a build of a trace instead of
+        # code generation; what is left of the gain without inductor's fusions.
+        compiled("CUDA graphs of eager kernels (backend cudagraphs)",
+                 lambda unet: unet.compile(backend="cudagraphs", dynamic=False), static=True)
     mode = "fp8" if cuda and not quantize.fp8_unsupported(run.device) else "int8"
     kept: dict = {}
     try:
