@@ -39,7 +39,7 @@ if [ "$sections" = fast ]; then
   timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
 fi
 # The suite's tests that only a GPU runs (they skip elsewhere, saying why): no sampler step
-# synchronizes, fp8 with LoRAs merged in place, CUDA graphs replaying merged LoRA weights (its
+# synchronizes, a LoRA swap neither (and gives the CPU's weights), fp8 with LoRAs merged in place, CUDA graphs replaying merged LoRA weights (its
 # compile max build last). In the time the call has left; a cut-off run still leaves its log.
 left=$(( ${CALL_S:-575} - SECONDS ))
 if [ "$left" -gt 30 ]; then
@@ -47,7 +47,7 @@ if [ "$left" -gt 30 ]; then
   # Each test at most 150 s (pytest-timeout): one that hangs or builds too long fails with its
   # stack in the log, and the tests after it still run.
   timeout "$left" "$PYTHON" -m pytest -o addopts= -q -p no:cacheprovider -rs --timeout 150 --durations=0 -k "cuda or fp8" \
-    tests/test_samplers.py tests/test_quantize.py tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
+    tests/test_samplers.py tests/test_lora_stacks.py tests/test_quantize.py tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
   tests=${PIPESTATUS[0]}
   [ "$status" = 0 ] && status=$tests
 else

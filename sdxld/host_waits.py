@@ -30,13 +30,15 @@ class CountHostWaits(TorchDispatchMode):
         kwargs = kwargs or {}
         op = str(func.overloadpacket)
         given = _by_name(func, args, kwargs)
-        # A non-blocking copy is queued, not waited for (on a GPU, from pinned memory: sdxld pins).
-        # Inference tensors reach the dispatcher as aten.to, others as aten._to_copy.
+        # A non-blocking copy is queued, not waited for (on a GPU, from pinned memory: sdxld pins),
+        # unless it also converts: PyTorch converts on the CPU into a new, pageable tensor, and
+        # CUDA waits for the stream before a copy from pageable memory. Inference tensors reach
+        # the dispatcher as aten.to, others as aten._to_copy.
         if op in ("aten._to_copy", "aten.to") and _on(given.get("self"), "cpu") and str(given.get("device")) == "meta" \
-                and not given.get("non_blocking"):
+                and not (given.get("non_blocking") and given.get("dtype") in (None, given["self"].dtype)):
             self.counts["host->device copies"] += 1
         elif op == "aten.copy_" and _on(given.get("src"), "cpu") and _on(given.get("self"), "meta") \
-                and not given.get("non_blocking"):
+                and not (given.get("non_blocking") and given["src"].dtype == given["self"].dtype):
             self.counts["host->device copies"] += 1
         elif op == "aten._local_scalar_dense" and not _on(args[0], "cpu"):
             self.counts["device values read"] += 1

@@ -45,11 +45,13 @@ class LayerStack:
         """Every layer's difference at `strength`, float32 on `device`, [n, out, in].
 
         Elementwise the per-layer path's arithmetic (lycoris' (up * gamma) @ down, then times
-        the strength), with the product batched."""
+        the strength), with the product batched. Copied over as they are, then converted: a copy
+        to the GPU that also converts converts on the CPU, into pageable memory, and the host
+        waits for that copy."""
         import torch
 
-        ups = self.ups.to(device, torch.float32, non_blocking=True) * self.gammas.to(device, non_blocking=True)
-        return torch.bmm(ups, self.downs.to(device, torch.float32, non_blocking=True)).mul_(strength)
+        ups = self.ups.to(device, non_blocking=True).float() * self.gammas.to(device, non_blocking=True)
+        return torch.bmm(ups, self.downs.to(device, non_blocking=True).float()).mul_(strength)
 
 
 def stackable(patch) -> bool:

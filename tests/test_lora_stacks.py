@@ -11,6 +11,7 @@ from test_lycoris import all_weights, reference_difference
 
 from sdxld import host_copies, lora_merge
 from sdxld.host_waits import CountHostWaits, CountOperations
+from sdxld.lora_stacks import LayerStack
 from sdxld.loras import LoraLibrary
 from sdxld.tiny import write_tiny_lora
 
@@ -110,11 +111,16 @@ def test_a_stacks_copies_to_the_device_are_queued_not_waited_for(library):
     library.activate([c1])
     weights = library.merger.current("character").weights
     stack, _ = next(iter(weights.stacked().values()))
+    # As LoRA files usually are: half precision, converted to float32 for the arithmetic.
+    half = LayerStack(stack.layers, stack.downs.bfloat16(), stack.ups.bfloat16(), stack.gammas)
     patch = next(patch for layers in weights.layers.values() for patch in layers.values())
 
     with CountHostWaits() as waits:  # the meta device stands in for a GPU
-        stack.differences("meta", 0.85)
+        half.differences("meta", 0.85)
     assert waits.counts["host->device copies"] == 0
+    with CountHostWaits() as waits:  # a copy that also converts would wait (converted on the CPU)
+        half.downs.to("meta", torch.float32, non_blocking=True)
+    assert waits.counts["host->device copies"] == 1
     with CountHostWaits() as waits:  # as each layer's factors used to go over
         patch.difference("meta")
     assert waits.counts["host->device copies"] == 2
@@ -140,3 +146,38 @@ def test_originals_are_copies_packed_into_few_buffers_that_waste_little(monkeypa
     weights = sum(t.numel() * t.element_size() for t in tensors)
     assert host_copies.pinned_bytes(copies) < one_each
     assert host_copies.pinned_bytes(copies) < 1.3 * weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a swap on CUDA needs an NVIDIA GPU; this machine has none")
+def test_a_swap_on_cuda_never_waits_for_the_card_and_gives_the_cpus_weights(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sdxld.lora_merge import LoraMerger, Merged, read_lora_weights
+    from sdxld.tiny import ensure_tiny_model
+
+    pipes = {device: StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0]).to(device, torch.bfloat16)
+             for device in ("cpu", "cuda")}
+    files = [write_tiny_lora(tmp_path / f"{name}.safetensors", seed=seed, scale=0.05, pipe=pipes["cpu"])
+             for name, seed in (("c1", 1), ("c2", 2), ("s1", 3))]
+    weights = {}
+    for device, pipe in pipes.items():
+        merger = LoraMerger(pipe)
+
+        def pair(character, style):
+            return {slot: Merged((path, 0), read_lora_weights(pipe, path.read_bytes()), strength)
+                    for slot, path, strength in (("character", character, 1.0), ("style", style, 0.85))}
+
+        merger.apply(pair(files[0], files[2]))  # the first merge keeps the originals
+        wanted = pair(files[1], files[2])
+        if device == "cuda":
+            # Any copy the host waits for, any value read back, raises here.
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            merger.apply(wanted)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        weights[device] = {key: value.cpu() for key, value in all_weights(pipe).items()}
+    for key, on_cpu in weights["cpu"].items():
+        # Both sum in float32 and round once to bf16; the batched products may differ in the last
+        # float32 bit, which can move a value by one bf16 step.
+        torch.testing.assert_close(weights["cuda"][key], on_cpu, rtol=8e-3, atol=1e-5, msg=str(key))
