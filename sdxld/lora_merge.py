@@ -299,8 +299,10 @@ def _weights_on_meta(model) -> bool:
 
 
 # What one part of a rewrite holds on the device besides the weights: the float32 sums of the
-# LoRAs for its layers (and the stacked differences they are views of).
-PART_BYTES = 256 << 20
+# LoRAs for its layers. As large as a stack (lora_stacks.STACK_BYTES), so a part spans at most two
+# stacks of each LoRA and the device holds ~5 such blocks at the peak (~320 MB; one layer at a
+# time, the largest SDXL layer took ~200 MB).
+PART_BYTES = 64 << 20
 
 
 class LoraMergeError(RuntimeError):

@@ -105,9 +105,10 @@ def _shaped(tensor, shape):
 
 class StackedDifferences:
     """The differences of the stacks one rewrite needs, each computed once: the layers to rewrite
-    come in parts of bounded size, and a stack can span two parts. Holds the last few."""
+    come in parts of bounded size, and a stack can span two parts. Holds the last `keep` (two
+    LoRAs, two stacks each)."""
 
-    def __init__(self, device, keep: int = 8):
+    def __init__(self, device, keep: int = 4):
         self.device = device
         self.keep = keep
         self._held: dict[tuple, tuple] = {}
