@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from sdxld import lora_formats
-    from sdxld.lora_merge import read_lora_weights
+    from sdxld.lora_files import read_lora_weights
 
     with tempfile.TemporaryDirectory() as folder:
         base, path = sdxl_and_full_size_lora(Path(folder) / "full.safetensors", args.rank)

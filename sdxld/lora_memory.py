@@ -11,8 +11,8 @@ re-read when it is chosen only if its signature is unchanged), so a remembered v
 one a new check would give.
 
 The fingerprint names what else a verdict depends on: the shapes of every weight of the model's
-UNet and text encoders, the source of the code that checks (this package's LoRA modules) and the
-versions of the libraries it calls. Another model, or another sdxld, reads its own file; hosts
+UNet and text encoders, the source of the code that checks (lora_files, lora_formats, loras: not
+lora_merge, whose changes do not alter a verdict) and the versions of the libraries it calls. Another model, or another sdxld, reads its own file; hosts
 sharing a root with different models do not overwrite each other's.
 """
 
@@ -33,14 +33,14 @@ def fingerprint(pipe) -> str:
     import diffusers
     import safetensors
 
-    from . import lora_formats, lora_merge, loras
+    from . import lora_files, lora_formats, loras
 
     digest = hashlib.sha256()
     for component in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, component, None)
         for name, parameter in module.named_parameters() if module is not None else ():
             digest.update(f"{component}.{name}:{tuple(parameter.shape)}\n".encode())
-    for source in (lora_formats, lora_merge, loras):
+    for source in (lora_files, lora_formats, loras):
         digest.update(Path(source.__file__).read_bytes())
     try:
         from importlib.metadata import version

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from .lora_formats import split_key, unsupported_kind
 from .lora_memory import LoraMemory, fingerprint
-from .lora_merge import LoraFileError, LoraMergeError, LoraMerger, LoraWeights, Merged, read_lora_weights
+from .lora_files import LoraFileError, LoraWeights, read_lora_weights
+from .lora_merge import LoraMergeError, LoraMerger, Merged
 from .prompt_syntax import lora_tag, lora_tags
 from .records import LORA_FOLDERS, LoraUse
 

@@ -5,6 +5,7 @@ the model and the checking code stay the same."""
 import json
 import logging
 import os
+from pathlib import Path
 
 from support.helpers import checks_read
 
@@ -128,3 +129,16 @@ def test_verdicts_belong_to_one_models_shapes(make_engine):
     parent, _, attribute = name.rpartition(".")
     setattr(pipe.text_encoder.get_submodule(parent), attribute, torch.nn.Linear(layer.in_features, layer.out_features + 1))
     assert fingerprint(pipe) != before, "a LoRA that fitted may not fit a model of other shapes"
+
+
+def test_verdicts_outlive_a_change_to_the_merging_code_but_not_to_the_checking_code(make_engine, tmp_path, monkeypatch):
+    from sdxld import lora_files, lora_merge
+
+    pipe = make_engine().models.base
+    before = fingerprint(pipe)
+    for module, kept in ((lora_merge, True), (lora_files, False)):
+        changed = tmp_path / Path(module.__file__).name
+        changed.write_text(Path(module.__file__).read_text() + "\n# changed\n")
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "__file__", str(changed))
+            assert (fingerprint(pipe) == before) is kept, module.__name__

@@ -152,7 +152,8 @@ def test_originals_are_copies_packed_into_few_buffers_that_waste_little(monkeypa
 def test_a_swap_on_cuda_never_waits_for_the_card_and_gives_the_cpus_weights(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from sdxld.lora_merge import LoraMerger, Merged, read_lora_weights
+    from sdxld.lora_files import read_lora_weights
+    from sdxld.lora_merge import LoraMerger, Merged
     from sdxld.tiny import ensure_tiny_model
 
     pipes = {device: StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0]).to(device, torch.bfloat16)

@@ -10,7 +10,7 @@ import logging
 import torch
 from PIL import Image
 
-from sdxld.lora_merge import read_lora_weights
+from sdxld.lora_files import read_lora_weights
 from sdxld.records import parse_a1111
 from sdxld.tiny import write_tiny_lora
 

@@ -51,7 +51,7 @@ def test_each_format_loads_and_changes_the_image(fmt, root, make_engine):
 
 def adapted_layers(engine, entry) -> dict:
     """component -> layer -> rank: what the entry's file adapts in the engine's model."""
-    from sdxld.lora_merge import read_lora_weights
+    from sdxld.lora_files import read_lora_weights
 
     return read_lora_weights(engine.models.base, entry.path.read_bytes()).layout()
 
