@@ -773,12 +773,14 @@ def bench_graphs(run: Run) -> None:
     UNet replayed as CUDA graphs for its fixed shapes without autotuning (inductor's
     reduce-overhead mode: no per-kernel launches, inductor's kernels), one image, a LoRA swap
     before one image, a batch; CUDA graphs around eager kernels (torch's cudagraphs backend: no
-    code generation); the same on fp8 UNets (uncompiled fp8 was 5.95x slower); regional compile;
+    code generation); the same on fp8 UNets (uncompiled fp8 was 5.95x slower), the swap
+    re-quantizing the layers; regional compile;
     then sdxld's compile max (max-autotune + CUDA graphs, builds of minutes). Each build is a row
     of its own (the first image or batch of a shape); each timed row is a ratio to this section's
     eager rows. After the eager rows, where the host waits for the card in one eager image, by
     source line, and the LoRA rows (stacked merges)."""
     from sdxld import quantize
+    from sdxld.loras import LoraLibrary
 
     bench, plain = run.bench, run.plain
     batch = 4 if run.args.tiny else 8
@@ -810,7 +812,13 @@ def bench_graphs(run: Run) -> None:
     try:
         if bench.measure(f"graphs: quantize the base UNet to {mode}",
                          lambda: kept.update(base=quantize.quantize_unet(run.base.unet, mode, keep_originals=True))):
-            compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True)
+            # The same LoRA files, merged into the kept originals and quantized again (the swap).
+            quantized_library = None
+            if library is not None:
+                quantized_library = LoraLibrary(run.base, library.dirs, library.strengths, quantized=kept["base"])
+                quantized_library.sync()
+            compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True,
+                     library=quantized_library)
     finally:
         _unquantize_all(run, kept)
     backend = "inductor" if cuda else "eager"
