@@ -745,12 +745,10 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
         if bench.measure(f"{section}: stage 1, {label}: first image (builds)", lambda: _stage1_work(run, plain)) is None:
             return
         bench.ratio(bench.measure(f"{section}: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
-        if library is not None and len(library.available("character")) >= 2:
-            first, second = library.available("character")[:2]
-            style = library.available("style")[0]
-            library.activate([first, style])
+        if (pairs := _swap_pairs(library)) is not None:
+            library.activate(pairs[0])
             bench.ratio(bench.measure(f"{section}: LoRA character swap + one image, {label}",
-                                      lambda: (library.activate([second, style]), _stage1_work(run, plain))), single)
+                                      lambda: (library.activate(pairs[1]), _stage1_work(run, plain))), single)
             library.activate([])
         if not batch_too or bench.left_s() < batch_needs_s:
             why = "--tiny (a smoke test)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
@@ -795,6 +793,10 @@ def bench_graphs(run: Run) -> None:
     # LoRA swaps as stacks of batched matmuls (docs/performance.md): the first merge and a swap,
     # then a swap before one image under CUDA graphs.
     library = bench_loras(bench, run.base, run.models, plain, run.unets, run.args, quick=run.args.tiny, section="graphs")
+    if cuda and (pairs := _swap_pairs(library)) is not None:
+        library.activate(pairs[0])
+        _host_waits_by_line(run, "one LoRA swap", lambda: library.activate(pairs[1]))
+        library.activate([])
 
     def compiled(label: str, compile_unet, static: bool, library=None) -> None:
         _compiled_stage1(run, "graphs", label, compile_unet, single, batched, batch, static=static,
@@ -817,6 +819,11 @@ def bench_graphs(run: Run) -> None:
             if library is not None:
                 quantized_library = LoraLibrary(run.base, library.dirs, library.strengths, quantized=kept["base"])
                 quantized_library.sync()
+                if cuda and (pairs := _swap_pairs(quantized_library)) is not None:
+                    # The fp8 swap took 3.77 s against 0.52 s: where it waits for the card, by line.
+                    quantized_library.activate(pairs[0])
+                    _host_waits_by_line(run, f"one {mode} LoRA swap", lambda: quantized_library.activate(pairs[1]))
+                    quantized_library.activate([])
             compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True,
                      library=quantized_library)
     finally:
@@ -826,10 +833,11 @@ def bench_graphs(run: Run) -> None:
     _bench_compile_max(run, run.dtype_name, single, batched, batch)
 
 
-def _host_waits_by_line(run: Run) -> None:
-    """One eager stage-1 image under torch.cuda.set_sync_debug_mode("warn"): each operation that
-    makes the host wait for the card warns, attributed to the Python line that called it. The
-    counts by line say which code to change (sdxld's samplers wait nowhere: tests/test_samplers.py)."""
+def _host_waits_by_line(run: Run, what: str = "one eager stage-1 image", work=None) -> None:
+    """`work` (default: one eager stage-1 image) under torch.cuda.set_sync_debug_mode("warn"): each
+    operation that makes the host wait for the card warns, attributed to the Python line that
+    called it. The counts by line say which code to change (sdxld's samplers wait nowhere:
+    tests/test_samplers.py)."""
     import warnings
 
     import torch
@@ -840,18 +848,18 @@ def _host_waits_by_line(run: Run) -> None:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                _stage1_work(run, run.plain)
+                (work or (lambda: _stage1_work(run, run.plain)))()
                 run.bench.sync()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
     except Exception as err:  # noqa: BLE001 - a diagnosis; the timed rows stand without it
-        run.bench.failed("graphs: host waits by line", err)
+        run.bench.failed(f"graphs: host waits in {what}", err)
         return
     for warning in caught:
         if "synchroniz" in str(warning.message):
             waits[f"{Path(warning.filename).name}:{warning.lineno}"] += 1
     note = ", ".join(f"{where} x{count}" for where, count in waits.most_common(12)) or "none"
-    run.bench.rows.append(Row(f"graphs: host waits in one eager stage-1 image, {sum(waits.values())} in all", 0.0, note=note))
+    run.bench.rows.append(Row(f"graphs: host waits in {what}, {sum(waits.values())} in all", 0.0, note=note))
     print(f"{run.bench.rows[-1].name}: {note}", flush=True)
     run.bench.write()
 
@@ -1011,14 +1019,22 @@ def _profile_stage1(run: Run) -> None:
     run.bench.write()
 
 
-def _measure_swap(run: Run, library, name: str):
-    """One LoRA pair merged, then the character swapped: the swap is what is timed."""
-    if library is None or len(library.available("character")) < 2:
+def _swap_pairs(library):
+    """([first character, style], [second character, style]): a pair merged, then the swap to
+    time; None without a library of two characters and a style."""
+    if library is None or len(library.available("character")) < 2 or not library.available("style"):
         return None
     first, second = library.available("character")[:2]
     style = library.available("style")[0]
-    library.activate([first, style])
-    row = run.bench.measure(name, lambda: library.activate([second, style]))
+    return [first, style], [second, style]
+
+
+def _measure_swap(run: Run, library, name: str):
+    """One LoRA pair merged, then the character swapped: the swap is what is timed."""
+    if (pairs := _swap_pairs(library)) is None:
+        return None
+    library.activate(pairs[0])
+    row = run.bench.measure(name, lambda: library.activate(pairs[1]))
     library.activate([])
     return row
 
