@@ -131,17 +131,19 @@ class LoraMerger:
     def _rewrite_or_roll_back(self, touched: list[tuple[str, str]], new_state: dict, changed: list[str]) -> None:
         """Rewrite the layers; if one fails (out of memory, a layer the check let through), put
         back every layer already rewritten so the model holds exactly the previous LoRAs."""
-        done: list[tuple[str, str]] = []
+        done: list[list[tuple[str, str]]] = []
         try:
             self._rewrite(touched, new_state, done)
         except Exception as err:
             if not done:
                 raise
-            component, name = done[-1]
-            culprits = [slot for slot in changed
-                        if new_state.get(slot) is not None and name in new_state[slot].weights.layers.get(component, {})]
-            self._rewrite(done, self._merged)
-            raise LoraMergeError(f"merging failed at layer {component}.{name}: {type(err).__name__}: {err}",
+            failed = done[-1]
+            culprits = [slot for slot in changed if new_state.get(slot) is not None
+                        and any(name in new_state[slot].weights.layers.get(component, {}) for component, name in failed)]
+            self._rewrite([key for part in done for key in part], self._merged)
+            component, name = failed[0]
+            others = f" (or one of the {len(failed) - 1} layers rewritten with it)" if len(failed) > 1 else ""
+            raise LoraMergeError(f"merging failed at layer {component}.{name}{others}: {type(err).__name__}: {err}",
                                  culprits or changed) from err
 
     def _unfuse_qkv(self, components: set[str]) -> None:
@@ -152,7 +154,7 @@ class LoraMerger:
 
     def _rewrite(self, touched: list[tuple[str, str]], state: dict[str, Merged | None], done: list | None = None) -> None:
         """Rebuild each layer from its original plus the LoRAs in `state`; `done` collects the
-        layers as they are started (what a rollback must restore)."""
+        parts of layers as they are started (what a rollback must restore)."""
         import torch
 
         device = diffusers_private.execution_device(self.pipe)
@@ -162,7 +164,7 @@ class LoraMerger:
             differences = StackedDifferences(device)
             for part in self._parts(touched):
                 if done is not None:
-                    done.extend(part)
+                    done.append(part)
                 self._rewrite_part(part, state, device, differences)
 
     def _module(self, key: tuple[str, str]):
@@ -241,7 +243,7 @@ class LoraMerger:
             if merged is None:
                 continue
             stacked = merged.weights.stacked()
-            parts = []
+            contributions = []
             for key in part:
                 patch = merged.weights.layers.get(key[0], {}).get(key[1])
                 if patch is None:
@@ -250,15 +252,15 @@ class LoraMerger:
                 if key in stacked:
                     stack, index = stacked[key]
                     difference = differences.of(stack, merged.strength)[index]
-                    parts.append((key, difference if difference.shape == shape else difference.view(shape)))
+                    contributions.append((key, difference if difference.shape == shape else difference.view(shape)))
                 else:
                     base = self._original(key).to(device, non_blocking=True).float()
-                    parts.append((key, patch.contribution(base, device) * merged.strength))
-            adding = [(totals[key], value) for key, value in parts if key in totals]
+                    contributions.append((key, patch.contribution(base, device) * merged.strength))
+            adding = [(totals[key], value) for key, value in contributions if key in totals]
             if adding:
                 summed = torch._foreach_add([t for t, _ in adding], [v for _, v in adding])
-                totals.update(zip((key for key, _ in parts if key in totals), summed))
-            totals.update((key, value) for key, value in parts if key not in totals)
+                totals.update(zip((key for key, _ in contributions if key in totals), summed))
+            totals.update((key, value) for key, value in contributions if key not in totals)
         return totals
 
 
