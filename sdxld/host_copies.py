@@ -18,12 +18,11 @@ from __future__ import annotations
 PAGE_BYTES = 256 << 20
 
 
-def packed_cpu_copies(tensors: list, pin: bool | None = None) -> list:
-    """CPU copies of `tensors` (same shapes and dtypes), views into shared buffers; pinned when
-    `pin` (default: when CUDA is available)."""
+def packed_cpu_copies(tensors: list, pin: bool = False) -> list:
+    """CPU copies of `tensors` (same shapes and dtypes), views into shared buffers; pinned with
+    `pin` (for copies back to a GPU: pinning starts CUDA, so only when one is in use)."""
     import torch
 
-    pin = _pin(pin)
     copies = packed_empty([(t.shape, t.dtype) for t in tensors], pin)
     with torch.no_grad():
         torch._foreach_copy_(copies, [t.detach() for t in tensors], non_blocking=pin)
@@ -34,14 +33,13 @@ def packed_cpu_copies(tensors: list, pin: bool | None = None) -> list:
     return copies
 
 
-def packed_empty(shapes: list[tuple], pin: bool | None = None) -> list:
-    """Uninitialized CPU tensors of these (shape, dtype), views into shared buffers; pinned when
-    `pin` (default: when CUDA is available)."""
+def packed_empty(shapes: list[tuple], pin: bool = False) -> list:
+    """Uninitialized CPU tensors of these (shape, dtype), views into shared buffers; pinned with
+    `pin`."""
     import math
 
     import torch
 
-    pin = _pin(pin)
     views: list = [None] * len(shapes)
     by_dtype: dict = {}
     for index, (_, dtype) in enumerate(shapes):
@@ -58,12 +56,6 @@ def packed_empty(shapes: list[tuple], pin: bool | None = None) -> list:
                 views[indices[i]] = buffer[offset : offset + sizes[i]].view(shapes[indices[i]][0])
                 offset += sizes[i]
     return views
-
-
-def _pin(pin: bool | None) -> bool:
-    import torch
-
-    return torch.cuda.is_available() if pin is None else pin
 
 
 def groups_within(sizes: list[int], budget: int) -> list[list[int]]:

@@ -38,9 +38,10 @@ class LoraWeights:
     # (its LayerStack, its index there), for the plain-LoRA layers.
     _stacked: dict | None = field(default=None, repr=False)
 
-    def stacked(self) -> dict[tuple[str, str], tuple[LayerStack, int]]:
+    def stacked(self, pin: bool = False) -> dict[tuple[str, str], tuple[LayerStack, int]]:
+        """`pin`: the stacks in pinned memory (merging on a GPU), decided at the first call."""
         if self._stacked is None:
-            self._stacked = {key: (stack, index) for stack in stack_layers(self.layers)
+            self._stacked = {key: (stack, index) for stack in stack_layers(self.layers, pin)
                              for index, key in enumerate(stack.layers)}
         return self._stacked
 

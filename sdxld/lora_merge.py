@@ -157,10 +157,12 @@ class LoraMerger:
         parts of layers as they are started (what a rollback must restore)."""
         import torch
 
-        device = diffusers_private.execution_device(self.pipe)
+        device = torch.device(diffusers_private.execution_device(self.pipe))
+        # Host copies are pinned only for a GPU: pinning starts CUDA.
+        pin = device.type == "cuda"
         # Inference mode: group offload may have turned the weights into inference tensors.
         with torch.inference_mode():
-            self._keep_originals(touched)
+            self._keep_originals(touched, pin)
             differences = StackedDifferences(device)
             for part in self._parts(touched):
                 if done is not None:
@@ -177,11 +179,11 @@ class LoraMerger:
     def _original(self, key: tuple[str, str]):
         return self._quantized.originals[key] if self._quantized_layer(key) else self._originals[key]
 
-    def _keep_originals(self, touched: list[tuple[str, str]]) -> None:
+    def _keep_originals(self, touched: list[tuple[str, str]], pin: bool) -> None:
         """Save the original weight of each layer touched for the first time, all in one pass."""
         new = [key for key in touched if key not in self._originals and not self._quantized_layer(key)]
         if new:
-            copies = packed_cpu_copies([self._module(key).weight for key in new])
+            copies = packed_cpu_copies([self._module(key).weight for key in new], pin)
             self._originals.update(zip(new, copies))
 
     def _parts(self, touched: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
@@ -202,7 +204,7 @@ class LoraMerger:
         in_place, one_by_one = [], []
         for key in part:
             weight = self._module(key).weight
-            if self._quantized_layer(key) or not _same_device(weight.device, torch.device(device)):
+            if self._quantized_layer(key) or not _same_device(weight.device, device):
                 one_by_one.append(key)
             else:
                 in_place.append((key, weight))
@@ -242,7 +244,7 @@ class LoraMerger:
             merged = state[slot]
             if merged is None:
                 continue
-            stacked = merged.weights.stacked()
+            stacked = merged.weights.stacked(pin=device.type == "cuda")
             contributions = []
             for key in part:
                 patch = merged.weights.layers.get(key[0], {}).get(key[1])

@@ -58,9 +58,10 @@ def stackable(patch) -> bool:
     return patch.algorithm == "LoRA" and patch.dora_scale is None and patch.factors[2] is None
 
 
-def stack_layers(layers: dict) -> list[LayerStack]:
+def stack_layers(layers: dict, pin: bool = False) -> list[LayerStack]:
     """Stacks for the plain-LoRA layers of `layers` (component -> layer -> LayerPatch); each such
-    patch's factors are replaced by views into its stack."""
+    patch's factors are replaced by views into its stack. `pin`: in pinned memory (merging on a
+    GPU), so that their copies to the card are queued, not waited for."""
     import torch
 
     groups: dict[tuple, list] = {}
@@ -76,9 +77,8 @@ def stack_layers(layers: dict) -> list[LayerStack]:
         per_stack = max(1, STACK_BYTES // (n_out * n_in * 4))
         chunks += [(members[start : start + per_stack], rank, n_in, n_out, down_dtype, up_dtype)
                    for start in range(0, len(members), per_stack)]
-    # In pinned memory where CUDA is (packed: few allocations), so that their copies to the card
-    # are queued, not waited for.
-    buffers = iter(packed_empty([shape for chunk in chunks for shape in _stack_shapes(*chunk)]))
+    # Packed: few allocations (pinned ones are costly).
+    buffers = iter(packed_empty([shape for chunk in chunks for shape in _stack_shapes(*chunk)], pin))
     stacks = []
     for members, rank, n_in, n_out, _, _ in chunks:
         patches = [patch for _, patch in members]

@@ -117,7 +117,7 @@ def quantize_unet(unet, mode: str, keep_originals: bool) -> Quantized:
     layers = [(name, module) for name, module in unet.named_modules() if _quantizable(module)]
     quantized.layers = len(layers)
     if keep_originals:
-        copies = packed_cpu_copies([module.weight for _, module in layers])
+        copies = packed_cpu_copies([module.weight for _, module in layers], pin=next(unet.parameters()).is_cuda)
         quantized.originals = {("unet", name): copy for (name, _), copy in zip(layers, copies)}
     with torch.no_grad():
         quantize_(unet, config, filter_fn=_quantizable)
