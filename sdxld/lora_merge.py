@@ -220,7 +220,8 @@ class LoraMerger:
             module = self._module(key)
             original = self._original(key)
             if key in totals:
-                merged = (original.to(device, non_blocking=True).float() + totals[key]).to(module.weight.dtype)
+                # A copy on the device plus the sum, rounded once as above.
+                merged = original.to(device, non_blocking=True, copy=True).add_(totals[key])
             else:
                 merged = original
             if self._quantized_layer(key):
