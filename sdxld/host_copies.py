@@ -1,8 +1,8 @@
 """Copies of model weights in CPU memory, packed into a few large buffers.
 
 LoRA merges keep each touched layer's original weight on the CPU (lora_merge.py), and
-performance.quantize keeps the full-precision originals of the layers it quantizes. Where CUDA is
-there they are pinned, so copying them back to the card is a DMA the host does not wait for.
+performance.quantize keeps the full-precision originals of the layers it quantizes. When the model
+runs on a GPU they are pinned, so copying them back to the card is a DMA the host does not wait for.
 
 One pinned tensor per layer, as sdxld used to make them, costs twice: PyTorch's pinned-memory
 allocator rounds every allocation up to a power of two (a 1280x1280 bf16 layer, 3.1 MiB, takes

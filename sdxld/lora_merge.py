@@ -203,11 +203,11 @@ class LoraMerger:
         totals = self._lora_sums(part, state, device, differences)
         in_place, one_by_one = [], []
         for key in part:
-            weight = self._module(key).weight
-            if self._quantized_layer(key) or not _same_device(weight.device, device):
-                one_by_one.append(key)
+            module = self._module(key)
+            if self._quantized_layer(key) or not _same_device(module.weight.device, device):
+                one_by_one.append((key, module))
             else:
-                in_place.append((key, weight))
+                in_place.append((key, module.weight))
         if in_place:
             # Back to the original, then plus the LoRAs' sum: the add is computed in float32 and
             # rounded once, exactly as (original.float() + sum).to(dtype). In place either way:
@@ -216,8 +216,7 @@ class LoraMerger:
             summed = [(w, totals[k]) for k, w in in_place if k in totals]
             if summed:
                 torch._foreach_add_([w for w, _ in summed], [t for _, t in summed])
-        for key in one_by_one:
-            module = self._module(key)
+        for key, module in one_by_one:
             original = self._original(key)
             if key in totals:
                 # A copy on the device plus the sum, rounded once as above.
