@@ -391,6 +391,9 @@ def main() -> None:
                         help="comma-separated sections to skip: stages,throughput,loras,switches,compile,fast,graphs,offload,sequential,pixel,esrgan")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds this run may take: the compile max part of 'fast' is skipped, saying so, when too little is left")
+    parser.add_argument("--graphs-fp8-only", action="store_true",
+                        help="graphs section: only the eager one-image baseline and fp8 under CUDA graphs, one image "
+                             "(a short call that follows one which ran out of time before the fp8 row)")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     # The LoRA and upscaler files the sections write (a gigabyte at full size) live apart from
@@ -751,7 +754,7 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
                                       lambda: (library.activate(pairs[1]), _stage1_work(run, plain))), single)
             library.activate([])
         if not batch_too or bench.left_s() < batch_needs_s:
-            why = "--tiny (a smoke test)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
+            why = "not in this call" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
             return skipped(f"{label} batch {batch}", why)
         bench.measure(f"{section}: stage 1 batch {batch}, {label}: first batch (builds)", lambda: _stage1_records(run, batch))
         _batched_stage1(run, batch, label, batched, batch, count_flops=False, section=section)
@@ -787,12 +790,14 @@ def bench_graphs(run: Run) -> None:
     graphs = {"mode": "reduce-overhead"} if cuda else {"backend": "eager"}
     bench.measure("graphs: warm-up, one image", lambda: _stage1_work(run, plain))
     single = bench.measure("graphs: stage 1, one image, eager (baseline)", lambda: _stage1_work(run, plain), run.unets)
-    batched = _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs")
-    if cuda:
+    fp8_only = run.args.graphs_fp8_only
+    batched = None if fp8_only else _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs")
+    if cuda and not fp8_only:
         _host_waits_by_line(run)
     # LoRA swaps as stacks of batched matmuls (docs/performance.md): the first merge and a swap,
     # then a swap before one image under CUDA graphs.
-    library = bench_loras(bench, run.base, run.models, plain, run.unets, run.args, quick=run.args.tiny, section="graphs")
+    library = None if fp8_only else bench_loras(bench, run.base, run.models, plain, run.unets, run.args,
+                                                 quick=run.args.tiny, section="graphs")
     if cuda and (pairs := _swap_pairs(library)) is not None:
         library.activate(pairs[0])
         _host_waits_by_line(run, "one LoRA swap", lambda: library.activate(pairs[1]))
@@ -800,11 +805,13 @@ def bench_graphs(run: Run) -> None:
 
     def compiled(label: str, compile_unet, static: bool, library=None) -> None:
         _compiled_stage1(run, "graphs", label, compile_unet, single, batched, batch, static=static,
-                         needs_s=GRAPHS_BUILD_NEEDS_S, batch_needs_s=GRAPHS_BUILD_NEEDS_S, library=library)
+                         needs_s=GRAPHS_BUILD_NEEDS_S, batch_needs_s=GRAPHS_BUILD_NEEDS_S, library=library,
+                         batch_too=not fp8_only)
 
     cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
-    compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True, library=library)
-    if cuda:
+    if not fp8_only:
+        compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True, library=library)
+    if cuda and not fp8_only:
         # The same CUDA graphs around the eager kernels, no inductor: a build of a trace instead of
         # code generation; what is left of the gain without inductor's fusions.
         compiled("CUDA graphs of eager kernels (backend cudagraphs)",
@@ -828,6 +835,8 @@ def bench_graphs(run: Run) -> None:
                      library=quantized_library)
     finally:
         _unquantize_all(run, kept)
+    if fp8_only:
+        return
     backend = "inductor" if cuda else "eager"
     compiled("regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
     _bench_compile_max(run, run.dtype_name, single, batched, batch)

@@ -85,11 +85,12 @@ class ModelConfig:
 class PerformanceConfig:
     dtype: Literal[tuple(DTYPES)] = "fp16"  # type: ignore[valid-type]
     # off; regional: torch.compile each repeated transformer block (fast to compile, most of the
-    # gain); full: the whole UNet; max: the whole UNet for stage 1's fixed shapes, autotuned and
-    # replayed as CUDA graphs (minutes to compile per batch size; made for the daemon's long runs;
-    # stages 2 and 3 run uncompiled). LoRAs are merged into the weights in place, so none of them
-    # recompiles per LoRA.
-    compile: Literal["off", "regional", "full", "max"] = "off"
+    # gain); full: the whole UNet; graphs: the whole UNet for stage 1's fixed shapes, each
+    # denoising step replayed as CUDA graphs (about 2 minutes to compile per batch size on an
+    # H100, where it halved a stage-1 image's time; made for the daemon's long runs; stages 2 and
+    # 3 run uncompiled); max: graphs with every matmul autotuned (longer builds, not timed yet).
+    # LoRAs are merged into the weights in place, so none of them recompiles per LoRA.
+    compile: Literal["off", "regional", "full", "graphs", "max"] = "off"
     # torch.compile backend: inductor generates kernels; eager only traces (tests, debugging).
     compile_backend: str = "inductor"
     # Fuse the q/k/v projections of the UNet's and VAE's attention into one matmul. The UNet's
@@ -105,6 +106,11 @@ class PerformanceConfig:
     device: str = "auto"
     # auto: xformers when installed on CUDA, else PyTorch SDPA.
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
+
+    @property
+    def static_shapes(self) -> bool:
+        """The UNet is compiled for each shape it meets (a build per stage-1 batch size)."""
+        return self.compile in ("graphs", "max")
 
     def validate(self) -> None:
         ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)

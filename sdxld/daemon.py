@@ -29,8 +29,9 @@ from .watch import Watcher, filesystem_type, is_shared_filesystem
 
 log = logging.getLogger(__name__)
 
-# performance.compile max builds the UNet for a new shape inside its first denoising step, and
-# no step ends to ping the watchdog meanwhile: minutes for SDXL (the unit's WatchdogSec is 300).
+# performance.compile graphs and max build the UNet for a new shape inside its first denoising
+# step, and no step ends to ping the watchdog meanwhile: minutes for SDXL (the unit's WatchdogSec
+# is 300).
 BUILD_WATCHDOG_S = 3600
 # Checking a new LoRA reads the whole file (~1 s for a full-size one; verdicts are remembered for
 # the next start). A first start with hundreds would keep the first image waiting for minutes:
@@ -87,9 +88,9 @@ class Daemon:
         # it runs beside the model load instead of after it.
         taste = TasteReader(Layout.from_config(self.config), self.config.taste.since_time())
         self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True)
-        if self.config.performance.compile == "max" and self.notifier.allow_silence(BUILD_WATCHDOG_S):
-            log.info("performance.compile max: the watchdog now waits up to %d s between pings (a build of a "
-                     "new shape pings nothing)", BUILD_WATCHDOG_S)
+        if self.config.performance.static_shapes and self.notifier.allow_silence(BUILD_WATCHDOG_S):
+            log.info("performance.compile %s: the watchdog now waits up to %d s between pings (a build of a "
+                     "new shape pings nothing)", self.config.performance.compile, BUILD_WATCHDOG_S)
         self.engine.use_ledger(taste.ledger())
         self.engine.remove_leftovers()
         self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts, self.config.daemon.lease_s)

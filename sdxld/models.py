@@ -92,8 +92,8 @@ class ModelBank:
     residency: offload.OneModelOnDevice | None = None
     # performance.quantize: the base UNet's quantized layers and their kept originals (LoRA merges).
     quantized: quantize.Quantized | None = None
-    # performance.compile max: every new input shape is a UNet build of its own (minutes), so
-    # stage 1 keeps its batches to a few shapes.
+    # performance.compile graphs and max: every new input shape is a UNet build of its own
+    # (minutes), so stage 1 keeps its batches to a few shapes.
     static_shapes: bool = False
 
     @property
@@ -112,10 +112,11 @@ class ModelBank:
         return [p for p in (self.base, self.img2img, self.refiner) if p is not None]
 
     def approved_path(self):
-        """Context for stages 2 and 3. Under compile max they run uncompiled: each new shape
-        (stage 2's size, stage 3's tile batches) would be a max-autotune build, and the first
-        approved image of a run would wait for those builds (57 s for the tiny UNet on a 2-core
-        CPU; SDXL on a GPU: bench/gpu.py's build row). compile max is for stage 1's fixed shapes."""
+        """Context for stages 2 and 3. Under compile graphs and max they run uncompiled: each new
+        shape (stage 2's size, stage 3's tile batches) would be a build of its own, and the first
+        approved image of a run would wait for those builds (57 s for the tiny UNet's max-autotune
+        build on a 2-core CPU; SDXL's reduce-overhead build on an H100: 122 s). graphs and max are
+        for stage 1's fixed shapes."""
         import torch
 
         if self.static_shapes and hasattr(torch.compiler, "set_stance"):  # set_stance: torch 2.6+
@@ -311,7 +312,7 @@ def load_models(config: Config) -> ModelBank:
         notes=notes,
         residency=residency,
         quantized=quantized,
-        static_shapes=config.performance.compile == "max",
+        static_shapes=config.performance.static_shapes,
     )
 
 
@@ -391,8 +392,8 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
 
     Compilation happens at the first call. LoRAs are merged into the weights in place, which no
     guard looks at, so rotating them never recompiles. The first image of a new size compiles
-    again once; after that torch marks the sizes dynamic, except under max, which compiles each
-    shape for itself (stages.stage1_batch then keeps its batches to powers of two)."""
+    again once; after that torch marks the sizes dynamic, except under graphs and max, which
+    compile each shape for itself (stages.stage1_batch then keeps its batches to powers of two)."""
     mode = config.performance.compile
     if mode == "off":
         return
@@ -403,24 +404,26 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
         if mode == "regional":
             # Each BasicTransformerBlock is compiled once and reused for all its copies.
             pipe.unet.compile_repeated_blocks(backend=backend)
-        elif mode == "max":
-            # max-autotune includes CUDA graphs: a whole denoising step replays as one launch.
-            options = {"mode": "max-autotune"} if backend == "inductor" else {"backend": backend}
+        elif config.performance.static_shapes:
+            # Both modes record CUDA graphs: a whole denoising step replays without launching its
+            # kernels one by one; max-autotune also benchmarks candidate kernels for each matmul.
+            inductor_mode = "max-autotune" if mode == "max" else "reduce-overhead"
+            options = {"mode": inductor_mode} if backend == "inductor" else {"backend": backend}
             pipe.unet.compile(dynamic=False, **options)
         else:
             pipe.unet.compile(backend=backend)
-    if mode == "max":
+    if config.performance.static_shapes:
         _allow_static_shapes()
         if config.performance.device != "cpu" and config.memory.strategy != "gpu":
-            notes.append(f"performance.compile max records CUDA graphs at the weights' addresses; memory.strategy "
+            notes.append(f"performance.compile {mode} records CUDA graphs at the weights' addresses; memory.strategy "
                          f"{config.memory.strategy} moves the UNet, so graphs are recorded again: use memory.strategy gpu")
     notes.append(f"performance.compile {mode} ({backend}): the first image of each size compiles, expect it to be slow")
 
 
 def _allow_static_shapes() -> None:
-    """compile max specialises on every shape: up to five stage-1 batch sizes, for the base and
-    the refiner (one forward function), and on older torch without set_stance stages 2 and 3 as
-    well. torch's default of 8 compiled versions per function would run the rest uncompiled."""
+    """compile graphs and max specialise on every shape: up to five stage-1 batch sizes, for the
+    base and the refiner (one forward function), and on older torch without set_stance stages 2
+    and 3 as well. torch's default of 8 compiled versions per function would run the rest uncompiled."""
     import torch
 
     dynamo = torch._dynamo.config

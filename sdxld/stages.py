@@ -178,7 +178,7 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
 def _unet_batches(embeddings: list, static_shapes: bool) -> list[list[int]]:
     """Indices of the embeddings that can share a call (same shapes), in order of first appearance.
 
-    With static shapes (compile max: a UNet build per shape, minutes each) a group runs in
+    With static shapes (compile graphs and max: a UNet build per shape, minutes each) a group runs in
     powers of two, 7 = 4 + 2 + 1: at most five batch shapes however the batches fall."""
     groups: dict[tuple, list[int]] = {}
     for index, embedding in enumerate(embeddings):

@@ -153,7 +153,8 @@ def test_compile_max_reads_lora_weights_written_after_it_compiled(root, make_eng
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU; this machine has none")
-def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, make_engine, monkeypatch):
+@pytest.mark.parametrize("mode", ["graphs", "max"])
+def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, make_engine, monkeypatch, mode):
     import torch
 
     from sdxld.quantize import relative_error
@@ -162,7 +163,7 @@ def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, m
     # matmul candidates to build and benchmark, the tiny UNet's build ran past 150 s on an H100.
     monkeypatch.setattr(torch._inductor.config, "max_autotune_gemm_backends", "ATEN")
     engine = make_engine(performance__device="cuda", performance__dtype="bf16", memory__strategy="gpu",
-                         performance__compile="max")
+                         performance__compile=mode)
     for _ in range(3):  # warm-up, record, replay
         before = unet_output(engine).clone()
     write_tiny_lora(root / "loras/character/alice.safetensors", seed=1, rank=4, scale=0.1)
@@ -174,12 +175,13 @@ def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, m
     assert relative_error(unet_output(engine, eager=True), after) < 0.02
 
 
-def test_compile_max_builds_stage1_in_power_of_two_batches_only_and_upscaling_never_builds(root, make_engine,
-                                                                                          no_recompiles):
-    # max compiles each shape for itself (dynamic=False): a batch of 3 would be a new UNet build
-    # (minutes with inductor) unless it runs as 2 + 1; stage 2's size and stage 3's tiles would be
-    # builds at the first approval unless they run uncompiled.
-    engine = make_engine(performance__compile="max", performance__compile_backend="eager", generation__t2i__steps=2,
+@pytest.mark.parametrize("mode", ["graphs", "max"])
+def test_compile_for_static_shapes_builds_stage1_in_power_of_two_batches_only_and_upscaling_never_builds(
+        root, make_engine, no_recompiles, mode):
+    # graphs and max compile each shape for themselves (dynamic=False): a batch of 3 would be a new
+    # UNet build (minutes with inductor) unless it runs as 2 + 1; stage 2's size and stage 3's
+    # tiles would be builds at the first approval unless they run uncompiled.
+    engine = make_engine(performance__compile=mode, performance__compile_backend="eager", generation__t2i__steps=2,
                          generation__stage2__steps=4, generation__stage3__steps=4, generation__final_scale=2,
                          model__use_refiner=False)
     first = engine.stage1_batch(1)[0]

@@ -70,7 +70,7 @@ def test_sizes_round_down_to_multiples_of_8():
         ({"model": {"config": "no/such/folder"}}, "model.config", "not found"),
         ({"model": {"base": "not a hub id!"}}, "model", "neither an existing path nor a hub id"),
         ({"performance": {"device": "gpu0"}}, "performance.device", "not one of"),
-        ({"performance": {"compile": "maximum"}}, "performance.compile", "not one of 'off', 'regional', 'full', 'max'"),
+        ({"performance": {"compile": "maximum"}}, "performance.compile", "not one of 'off', 'regional', 'full', 'graphs', 'max'"),
         ({"performance": {"quantize": "fp4"}}, "performance.quantize", "not one of 'none', 'fp8', 'int8'"),
         ({"generation": {"stage3": {"tile_batch": "lots"}}}, "generation.stage3.tile_batch", "not a whole number or one of 'auto'"),
         ({"generation": {"stage3": {"tile_batch": 0}}}, "generation.stage3.tile_batch", "outside 1..64"),

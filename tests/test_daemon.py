@@ -150,8 +150,8 @@ def test_systemd_notifications_arrive_on_the_notify_socket(root, tmp_path):
 
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
-    # compile max (traced only): a build of a new shape pings nothing, so the watchdog is told to wait.
-    set_config(root, performance={"compile": "max", "compile_backend": "eager"})
+    # compile graphs (traced only): a build of a new shape pings nothing, so the watchdog is told to wait.
+    set_config(root, performance={"compile": "graphs", "compile_backend": "eager"})
     daemon = DaemonProcess(root, env={"NOTIFY_SOCKET": str(socket_path), "WATCHDOG_USEC": "300000000"})
     try:
         wait_for(lambda: any(m.startswith("READY=1") for m in messages), 90, what="READY=1")
