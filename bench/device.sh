@@ -20,17 +20,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 # Straight into $OUT when the caller collects it: a call cut off by its time limit still returns
 # every row written so far (the results file is rewritten after each row).
 results=${RESULTS:-${OUT:-bench/results}}
-# The 2026-11-27 H100 call measured batches, fp8 uncompiled and the approved path
-# (bench/results/NVIDIA-H100-80GB-HBM3.md) and ran out of budget before any compiled row: this
-# call times the graphs section, the compiled rows, and LoRA swaps as stacked merges (with a swap
-# before an image under CUDA graphs). SECTIONS=fast runs that call's sections again.
+# The H100 calls of 2026-11-27 measured batches, fp8 uncompiled and the approved path
+# (bench/results/NVIDIA-H100-80GB-HBM3.md), then the graphs section's bf16 CUDA graphs, the
+# cudagraphs backend, the batches and the host waits (NVIDIA-H100-80GB-HBM3-graphs.md); fp8 under
+# CUDA graphs ran out of time in its build. This call times what is left, cheapest first: the LoRA
+# rows (a file kept in memory against one read from disk), fp8 under CUDA graphs, regional, max.
+# GRAPHS_PARTS=all runs every part of the graphs section; SECTIONS=fast the first call's sections.
 sections=${SECTIONS:-graphs}
+parts=${GRAPHS_PARTS:-loras,quantized,regional,max}
+[ "$parts" = all ] && parts=batches,waits,loras,bf16,cudagraphs,quantized,regional,max
 case "$sections" in
   graphs) skip=stages,pixel,esrgan,throughput,loras,switches,compile,fast,offload,sequential ;;
   fast) skip=stages,pixel,esrgan,switches,compile,graphs,offload,sequential ;;
   *) echo "SECTIONS is graphs or fast, not $sections" >&2; exit 2 ;;
 esac
-"$PYTHON" bench/gpu.py --skip "$skip" --budget-s "${BUDGET_S:-420}" --out "$results" "$@"
+"$PYTHON" bench/gpu.py --skip "$skip" --graphs-parts "$parts" --budget-s "${BUDGET_S:-420}" --out "$results" "$@"
 status=$?
 # The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part
 # (measured in the H100 call: bench/results/NVIDIA-H100-80GB-HBM3-host-costs.txt).

@@ -391,10 +391,12 @@ def main() -> None:
                         help="comma-separated sections to skip: stages,throughput,loras,switches,compile,fast,graphs,offload,sequential,pixel,esrgan")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="seconds this run may take: the compile max part of 'fast' is skipped, saying so, when too little is left")
-    parser.add_argument("--graphs-fp8-only", action="store_true",
-                        help="graphs section: only the eager one-image baseline and fp8 under CUDA graphs, one image "
-                             "(a short call that follows one which ran out of time before the fp8 row)")
+    parser.add_argument("--graphs-parts", default=",".join(GRAPHS_PARTS),
+                        help="the graphs section's parts to run, comma-separated: " + ",".join(GRAPHS_PARTS))
     args = parser.parse_args()
+    args.graphs_parts = set(filter(None, args.graphs_parts.split(",")))
+    if args.graphs_parts - set(GRAPHS_PARTS):
+        parser.error(f"--graphs-parts: unknown {sorted(args.graphs_parts - set(GRAPHS_PARTS))}; known: {GRAPHS_PARTS}")
     skip = set(filter(None, args.skip.split(",")))
     # The LoRA and upscaler files the sections write (a gigabyte at full size) live apart from
     # --out, which a GPU call may hand back as it is when its time runs out.
@@ -662,7 +664,7 @@ def bench_fast(run: Run) -> None:
         if bench.measure(f"fast: quantize both UNets to {mode}", quantize_both) is None:
             # torchao missing or refusing: the compile max runs go on, on the unquantized UNets.
             _unquantize_all(run, kept)
-            _bench_compile_max(run, run.dtype_name, single, batched, batch)
+            _bench_compile_max(run, run.dtype_name, single, batched, batch, batch_too=not run.args.tiny)
             _diagnose(run, approved)
             return
         with torch.inference_mode():
@@ -678,11 +680,11 @@ def bench_fast(run: Run) -> None:
         if run.library is not None:
             from sdxld.loras import LoraLibrary
 
-            library = LoraLibrary(run.base, run.library.dirs, run.library.strengths, quantized=kept["base"])
+            library = LoraLibrary(run.base, run.library.dirs, run.library.strengths, quantized=kept["base"], keep_in_memory_bytes=default_kept_lora_bytes())
             library.sync()
             bench.ratio(_measure_swap(run, library, f"fast: LoRA swap, {mode} (merge into kept originals, re-quantize)"), plain_swap)
             library.activate([])
-        _bench_compile_max(run, mode, single, batched, batch)
+        _bench_compile_max(run, mode, single, batched, batch, batch_too=not run.args.tiny)
     finally:
         _unquantize_all(run, kept)
     _diagnose(run, approved)
@@ -706,9 +708,9 @@ def _diagnose(run: Run, approved) -> None:
                                       _approved_path(run, "shrink_tiles"), run.unets), approved)
 
 
-def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None:
-    """compile max on the base UNet as it is now (`mode` says how): the build, then one image and
-    a batch (not with --tiny: a smoke test)."""
+def _bench_compile_max(run: Run, mode: str, single, batched, batch: int, batch_too: bool) -> None:
+    """compile max on the base UNet as it is now (`mode` says how): the build, then one image and,
+    with `batch_too`, a batch."""
     from sdxld.config import Config
     from sdxld.models import compile_unets
 
@@ -719,7 +721,7 @@ def _bench_compile_max(run: Run, mode: str, single, batched, batch: int) -> None
     # The plain record never calls the refiner.
     _compiled_stage1(run, "fast", f"{mode} + compile max", lambda unet: compile_unets(config, [run.base], []),
                      single, batched, batch, static=True, needs_s=COMPILE_MAX_NEEDS_S,
-                     batch_needs_s=COMPILE_MAX_NEEDS_S / 2, batch_too=not run.args.tiny)
+                     batch_needs_s=COMPILE_MAX_NEEDS_S / 2, batch_too=batch_too)
 
 
 def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, batched, batch: int, static: bool,
@@ -727,8 +729,9 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
     """The base UNet compiled by `compile_unet`: the first image (the build), one image against
     `single`, the first batch (a build per shape under static shapes), the batch against `batched`;
     each build only with `needs_s` / `batch_needs_s` of --budget-s left (else a row says so). With
-    a LoRA `library`, also a character swap followed by one image (what each batch-1 image costs
-    when the LoRAs rotate; the compiled UNet reads the swapped weights in place). No FLOP
+    a LoRA `library`, also a character swap followed by one image, the file kept in memory and
+    read from disk (what each batch-1 image costs when the LoRAs rotate; the compiled UNet reads
+    the swapped weights in place). No FLOP
     counting: its hooks on the UNet would make the compiled UNet build again. The UNet is eager
     again afterwards."""
     import torch
@@ -749,12 +752,19 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
             return
         bench.ratio(bench.measure(f"{section}: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
         if (pairs := _swap_pairs(library)) is not None:
-            library.activate(pairs[0])
-            bench.ratio(bench.measure(f"{section}: LoRA character swap + one image, {label}",
-                                      lambda: (library.activate(pairs[1]), _stage1_work(run, plain))), single)
+            # The incoming file merged before and kept in memory (the default), then read from
+            # disk again (lora.keep_in_memory_mb: 0, or a file drawn for the first time).
+            kept_bytes = library.ready.budget_bytes
+            for where, budget in (("kept in memory", kept_bytes), ("read from disk", 0)):
+                library.ready.budget_bytes = budget
+                library.activate(pairs[1])
+                library.activate(pairs[0])
+                bench.ratio(bench.measure(f"{section}: LoRA character swap ({where}) + one image, {label}",
+                                          lambda: (library.activate(pairs[1]), _stage1_work(run, plain))), single)
+            library.ready.budget_bytes = kept_bytes
             library.activate([])
         if not batch_too or bench.left_s() < batch_needs_s:
-            why = "not in this call" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
+            why = "not asked for (--tiny, or --graphs-parts without batches)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
             return skipped(f"{label} batch {batch}", why)
         bench.measure(f"{section}: stage 1 batch {batch}, {label}: first batch (builds)", lambda: _stage1_records(run, batch))
         _batched_stage1(run, batch, label, batched, batch, count_flops=False, section=section)
@@ -764,41 +774,45 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
 
 
 # Seconds a CUDA-graph build needs left in --budget-s before the graphs section starts one: a
-# margin, not a measurement (no GPU has timed these builds yet).
+# margin (the H100 built stage 1's graphs in 122 s, fp8's took longer than 190 s).
 GRAPHS_BUILD_NEEDS_S = 90
+# The graphs section's parts, in the order they run (--graphs-parts picks some).
+GRAPHS_PARTS = ("batches", "waits", "loras", "bf16", "cudagraphs", "quantized", "regional", "max")
 
 
 def bench_graphs(run: Run) -> None:
-    """What the H100 call of 2026-11-27 left untimed, most telling first. There stage 1 at batch 1
-    kept the card busy 1.3 s of 3.2 s: the host launching kernels set the pace. So: stage 1's
-    UNet replayed as CUDA graphs for its fixed shapes without autotuning (inductor's
-    reduce-overhead mode: no per-kernel launches, inductor's kernels), one image, a LoRA swap
-    before one image, a batch; CUDA graphs around eager kernels (torch's cudagraphs backend: no
-    code generation); the same on fp8 UNets (uncompiled fp8 was 5.95x slower), the swap
-    re-quantizing the layers; regional compile;
-    then sdxld's compile max (max-autotune + CUDA graphs, builds of minutes). Each build is a row
-    of its own (the first image or batch of a shape); each timed row is a ratio to this section's
-    eager rows. After the eager rows, where the host waits for the card in one eager image, by
-    source line, and the LoRA rows (stacked merges)."""
-    from sdxld import quantize
-    from sdxld.loras import LoraLibrary
-
+    """Compiled stage 1 against eager rows of the same call, most telling first. On the H100
+    stage 1 at batch 1 kept the card busy 1.3 s of 3.2 s: the host launching kernels set the
+    pace. Parts (GRAPHS_PARTS, all by default; each timed row a ratio to this section's eager
+    rows, each build a row of its own):
+    - batches: eager and compiled batches of 8 beside the single images;
+    - waits: where the host waits for the card in one eager image and in LoRA swaps, by line;
+    - loras: the LoRA rows (stacked merges; a file read from disk and one kept in memory), and a
+      swap before one image under each compiled UNet below;
+    - bf16: stage 1's UNet replayed as CUDA graphs for its fixed shapes without autotuning
+      (inductor's reduce-overhead mode: what performance.compile graphs runs);
+    - cudagraphs: CUDA graphs around eager kernels (torch's cudagraphs backend: no code generation);
+    - quantized: the same CUDA graphs on an fp8 UNet (int8 without fp8 hardware), the swap merging
+      into the kept originals and quantizing again (uncompiled fp8 was 5.95x slower);
+    - regional: regional compile; max: sdxld's compile max (max-autotune, builds of minutes)."""
     bench, plain = run.bench, run.plain
+    parts = run.args.graphs_parts
     batch = 4 if run.args.tiny else 8
     # The CPU smoke test traces with the eager backend: the same guards and shapes, no kernels.
     cuda = run.device == "cuda"
     graphs = {"mode": "reduce-overhead"} if cuda else {"backend": "eager"}
     bench.measure("graphs: warm-up, one image", lambda: _stage1_work(run, plain))
     single = bench.measure("graphs: stage 1, one image, eager (baseline)", lambda: _stage1_work(run, plain), run.unets)
-    fp8_only = run.args.graphs_fp8_only
-    batched = None if fp8_only else _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs")
-    if cuda and not fp8_only:
+    batches = "batches" in parts
+    batched = _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs") if batches else None
+    waits = cuda and "waits" in parts
+    if waits:
         _host_waits_by_line(run)
-    # LoRA swaps as stacks of batched matmuls (docs/performance.md): the first merge and a swap,
-    # then a swap before one image under CUDA graphs.
-    library = None if fp8_only else bench_loras(bench, run.base, run.models, plain, run.unets, run.args,
-                                                 quick=run.args.tiny, section="graphs")
-    if cuda and (pairs := _swap_pairs(library)) is not None:
+    library = None
+    if "loras" in parts:
+        library = bench_loras(bench, run.base, run.models, plain, run.unets, run.args, quick=run.args.tiny,
+                              section="graphs")
+    if waits and (pairs := _swap_pairs(library)) is not None:
         library.activate(pairs[0])
         _host_waits_by_line(run, "one LoRA swap", lambda: library.activate(pairs[1]))
         library.activate([])
@@ -806,40 +820,50 @@ def bench_graphs(run: Run) -> None:
     def compiled(label: str, compile_unet, static: bool, library=None) -> None:
         _compiled_stage1(run, "graphs", label, compile_unet, single, batched, batch, static=static,
                          needs_s=GRAPHS_BUILD_NEEDS_S, batch_needs_s=GRAPHS_BUILD_NEEDS_S, library=library,
-                         batch_too=not fp8_only)
+                         batch_too=batches)
 
     cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
-    if not fp8_only:
+    if "bf16" in parts:
         compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True, library=library)
-    if cuda and not fp8_only:
+    if cuda and "cudagraphs" in parts:
         # The same CUDA graphs around the eager kernels, no inductor: a build of a trace instead of
         # code generation; what is left of the gain without inductor's fusions.
         compiled("CUDA graphs of eager kernels (backend cudagraphs)",
                  lambda unet: unet.compile(backend="cudagraphs", dynamic=False), static=True)
-    mode = "fp8" if cuda and not quantize.fp8_unsupported(run.device) else "int8"
+    if "quantized" in parts:
+        _graphs_quantized(run, library, compiled, cuda_graphs, graphs, waits)
+    if "regional" in parts:
+        backend = "inductor" if cuda else "eager"
+        compiled("regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
+    if "max" in parts:
+        _bench_compile_max(run, run.dtype_name, single, batched, batch, batch_too=batches and not run.args.tiny)
+
+
+def _graphs_quantized(run: Run, library, compiled, cuda_graphs: str, graphs: dict, waits: bool) -> None:
+    """The base UNet quantized (fp8 where the card has it, else int8) under the same CUDA graphs;
+    with a LoRA `library`, the same files merged into the kept originals and quantized again."""
+    from sdxld import quantize
+    from sdxld.loras import LoraLibrary
+
+    mode = "fp8" if run.device == "cuda" and not quantize.fp8_unsupported(run.device) else "int8"
     kept: dict = {}
     try:
-        if bench.measure(f"graphs: quantize the base UNet to {mode}",
-                         lambda: kept.update(base=quantize.quantize_unet(run.base.unet, mode, keep_originals=True))):
-            # The same LoRA files, merged into the kept originals and quantized again (the swap).
-            quantized_library = None
-            if library is not None:
-                quantized_library = LoraLibrary(run.base, library.dirs, library.strengths, quantized=kept["base"])
-                quantized_library.sync()
-                if cuda and (pairs := _swap_pairs(quantized_library)) is not None:
-                    # The fp8 swap took 3.77 s against 0.52 s: where it waits for the card, by line.
-                    quantized_library.activate(pairs[0])
-                    _host_waits_by_line(run, f"one {mode} LoRA swap", lambda: quantized_library.activate(pairs[1]))
-                    quantized_library.activate([])
-            compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True,
-                     library=quantized_library)
+        if not run.bench.measure(f"graphs: quantize the base UNet to {mode}",
+                                 lambda: kept.update(base=quantize.quantize_unet(run.base.unet, mode, keep_originals=True))):
+            return
+        quantized_library = None
+        if library is not None:
+            quantized_library = LoraLibrary(run.base, library.dirs, library.strengths, quantized=kept["base"],
+                                            keep_in_memory_bytes=default_kept_lora_bytes())
+            quantized_library.sync()
+            if waits and (pairs := _swap_pairs(quantized_library)) is not None:
+                quantized_library.activate(pairs[0])
+                _host_waits_by_line(run, f"one {mode} LoRA swap", lambda: quantized_library.activate(pairs[1]))
+                quantized_library.activate([])
+        compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True,
+                 library=quantized_library)
     finally:
         _unquantize_all(run, kept)
-    if fp8_only:
-        return
-    backend = "inductor" if cuda else "eager"
-    compiled("regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
-    _bench_compile_max(run, run.dtype_name, single, batched, batch)
 
 
 def _host_waits_by_line(run: Run, what: str = "one eager stage-1 image", work=None) -> None:
@@ -1109,7 +1133,7 @@ def _lora_swap(run: Run, pipe, seed: int):
     """A library over the same LoRA files for this pipeline; returns a swap step."""
     from sdxld.loras import LoraLibrary
 
-    other = LoraLibrary(pipe, run.library.dirs, run.library.strengths)
+    other = LoraLibrary(pipe, run.library.dirs, run.library.strengths, keep_in_memory_bytes=default_kept_lora_bytes())
     other.sync()
     rng = random.Random(seed)
     return lambda: other.activate(other.pick(rng))
@@ -1170,7 +1194,7 @@ def bench_loras(bench, base, models, plain, unets, args, quick: bool, section: s
              write_tiny_lora(dirs["style"] / "s1.safetensors", "diffusers", seed=3, rank=rank // 2, scale=0.01, pipe=base)]
     size_mb = sum(f.stat().st_size for f in files) / 3 / 1e6
     print(f"wrote 3 LoRAs ({size_mb:.0f} MB each on average) in {time.perf_counter() - started:.1f} s", flush=True)
-    library = LoraLibrary(base, dirs, {"character": 1.0, "style": 0.85})
+    library = LoraLibrary(base, dirs, {"character": 1.0, "style": 0.85}, keep_in_memory_bytes=default_kept_lora_bytes())
     started = time.perf_counter()
     report = library.sync()
     prefix = f"{section}: " if section else ""
@@ -1182,11 +1206,21 @@ def bench_loras(bench, base, models, plain, unets, args, quick: bool, section: s
     style = library.available("style")[0]
     bench.measure(f"{prefix}LoRA merge of the first pair (saves the original layers)",
                   lambda: library.activate([entries[0], style]))
-    bench.measure(f"{prefix}LoRA swap: character re-read from disk and re-merged", lambda: library.activate([entries[1], style]))
+    bench.measure(f"{prefix}LoRA swap: a character read from disk (its first draw) and merged",
+                  lambda: library.activate([entries[1], style]))
+    bench.measure(f"{prefix}LoRA swap: a character drawn before, kept in memory (lora.keep_in_memory_mb)",
+                  lambda: library.activate([entries[0], style]))
     bench.measure(f"{prefix}stage 1 with 2 LoRAs merged", lambda: stage1(models, plain), unets,
                   note=f"{library.merger.saved_layers()} layers adapted")
     bench.measure(f"{prefix}LoRAs unmerged (originals restored)", lambda: library.activate([]))
     return library
+
+
+def default_kept_lora_bytes() -> int:
+    """The daemon's default memory for LoRA files kept ready (lora.keep_in_memory_mb)."""
+    from sdxld.config import LoraConfig
+
+    return LoraConfig().keep_in_memory_mb << 20
 
 
 def _steps(record, steps):

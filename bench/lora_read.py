@@ -2,7 +2,9 @@
 the check that every layer's difference fits its weight. No model weights: SDXL is built on the
 meta device (shapes only), the LoRA (rank 32, every layer real SDXL LoRAs adapt) written to a
 temporary file. Prints the layer checks asked per layer (as before) against once per combination
-of factor shapes (as now), interleaved, medians of --rounds, and the ratio.
+of factor shapes (as now), interleaved, medians of --rounds, and the ratio; then what preparing
+the file for a merge costs when it is drawn (read from disk, parsed, stacked for the batched
+merge), which a file kept in memory (lora.keep_in_memory_mb) skips.
 
     python bench/lora_read.py [--rounds 3] [--rank 32]
 """
@@ -44,9 +46,9 @@ def main() -> None:
     from sdxld import lora_formats
     from sdxld.lora_files import read_lora_weights
 
-    with tempfile.TemporaryDirectory() as folder:
-        base, path = sdxl_and_full_size_lora(Path(folder) / "full.safetensors", args.rank)
-        data = path.read_bytes()
+    folder = tempfile.TemporaryDirectory()
+    base, path = sdxl_and_full_size_lora(Path(folder.name) / "full.safetensors", args.rank)
+    data = path.read_bytes()
     cached = lora_formats._difference_shape
     ways = {"per layer": cached.__wrapped__, "per shape combination": cached}
     times: dict[str, list[float]] = {name: [] for name in ways}
@@ -66,6 +68,26 @@ def main() -> None:
     before, now = (statistics.median(times[name]) for name in ways)
     print(f"  read with layer checks per layer           {before:.3f} s")
     print(f"  read with checks per shape combination     {now:.3f} s   ({now / before:.2f}x)")
+
+    # What a draw of a file not kept in memory costs the host before any arithmetic: the bytes
+    # from disk (the page cache here: a second read), parsing, stacking (pageable memory here;
+    # pinned on a GPU, where the first pinning of a buffer costs more).
+    phases: dict[str, list[float]] = {"read from disk": [], "parsed against the model": [], "stacked": []}
+    for _ in range(args.rounds):
+        started = time.perf_counter()
+        data = path.read_bytes()
+        read = time.perf_counter()
+        weights = read_lora_weights(base, data)
+        parsed = time.perf_counter()
+        weights.stacked()
+        stacked = time.perf_counter()
+        for name, seconds in zip(phases, (read - started, parsed - read, stacked - parsed)):
+            phases[name].append(seconds)
+    medians = {name: statistics.median(times) for name, times in phases.items()}
+    print(f"  prepared for a merge when drawn: {sum(medians.values()):.3f} s ("
+          + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in medians.items())
+          + f"); kept in memory: none of it, {weights.held_bytes() / 1e6:.0f} MB held")
+    folder.cleanup()
 
 
 if __name__ == "__main__":

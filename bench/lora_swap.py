@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from gpu import FULL, TINY, build_full, make_bank, make_record
+    from gpu import FULL, TINY, build_full, default_kept_lora_bytes, make_bank, make_record
 
     from sdxld.host_copies import pinned_bytes
     from sdxld.host_waits import CountOperations
@@ -64,7 +64,7 @@ def main() -> None:
     dirs = {"character": folder / "character", "style": folder / "style"}
     for name, fmt, seed in (("character/c1", "kohya", 1), ("character/c2", "diffusers", 2), ("style/s1", "kohya", 3)):
         write_tiny_lora(folder / f"{name}.safetensors", fmt, seed=seed, rank=rank, scale=0.01, pipe=base)
-    library = LoraLibrary(base, dirs, {"character": 1.0, "style": 0.85})
+    library = LoraLibrary(base, dirs, {"character": 1.0, "style": 0.85}, keep_in_memory_bytes=default_kept_lora_bytes())
     library.sync()
     c1, c2 = library.available("character")
     (s1,) = library.available("style")

@@ -136,12 +136,18 @@ class LoraConfig:
     # approved (Thompson sampling, rotation.py), with `explore` of the draws kept uniform.
     rotation: Literal["uniform", "learned"] = "learned"
     explore: float = 0.2
+    # Host memory for LoRA files kept ready to merge again after they leave the model (read,
+    # parsed and stacked once; pinned on a GPU); the least recently used leave first. 0: every
+    # file is read from disk each time it is drawn.
+    keep_in_memory_mb: int = 1024
 
     def validate(self) -> None:
         for key in ("character_strength", "style_strength"):
             value = getattr(self, key)
             _check(-4 <= value <= 4, f"lora.{key}", f"{value} is outside [-4, 4]; typical values are 0.5 to 1.2")
         _explore(self.explore, "lora.explore")
+        _check(self.keep_in_memory_mb >= 0, "lora.keep_in_memory_mb",
+               f"{self.keep_in_memory_mb} is negative; 0 keeps no LoRA file in memory, 1024 keeps about 1 GB")
 
 
 def _explore(value: float, key: str) -> None:

@@ -88,6 +88,7 @@ class Engine:
             settle_s=lora_settle_s,
             quantized=models.quantized,
             remember_in=self.layout.state / "lora-checks",
+            keep_in_memory_bytes=config.lora.keep_in_memory_mb << 20,
         )
         self.seeds = SeedSequence(config.generation.seed)
         # For batch_size auto: the largest peak VRAM per stage-1 image seen, and the batch size
@@ -129,6 +130,7 @@ class Engine:
         self.loras.dirs = dict(self.layout.lora_dirs)
         self.loras.strengths = {"character": config.lora.character_strength, "style": config.lora.style_strength}
         self.loras.settle_s = config.daemon.settle_s
+        self.loras.ready.budget_bytes = config.lora.keep_in_memory_mb << 20
         if config.generation.seed != old.generation.seed:
             self.seeds = SeedSequence(config.generation.seed)
         if config.upscaler != old.upscaler:

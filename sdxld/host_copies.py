@@ -84,3 +84,9 @@ def pinned_bytes(tensors: list) -> int:
         storage = tensor.untyped_storage()
         seen[storage.data_ptr()] = _power_of_two(storage.nbytes())
     return sum(seen.values())
+
+
+def storage_bytes(tensors: list) -> int:
+    """Bytes of the distinct buffers behind `tensors` as allocated (packed_empty's buffers are
+    already rounded as the pinned allocator rounds them)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())

@@ -16,6 +16,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .host_copies import storage_bytes
 from .lora_formats import LayerFormatError, LayerPatch, is_lycoris, patch_from_tensors, split_key, unsupported_kind
 from .lora_stacks import LayerStack, stack_layers
 
@@ -44,6 +45,13 @@ class LoraWeights:
             self._stacked = {key: (stack, index) for stack in stack_layers(self.layers, pin)
                              for index, key in enumerate(stack.layers)}
         return self._stacked
+
+    def held_bytes(self) -> int:
+        """Host memory its tensors hold (its stacks once stacked: the layers' factors are views)."""
+        tensors = [t for layers in self.layers.values() for patch in layers.values()
+                   for t in (*patch.factors, patch.dora_scale) if t is not None]
+        tensors += [stack.gammas for stack, _ in (self._stacked or {}).values()]
+        return storage_bytes(tensors)
 
     def layout(self) -> dict[str, dict[str, str]]:
         """Which layers it adapts, in which format (small: kept per file instead of the tensors)."""

@@ -4,8 +4,9 @@
 names and widths against this model) and join the rotation, changed files are checked again,
 files that left drop out; the verdicts outlive the process (lora_memory.py), so a restart reads
 only what changed. Only the verdict is kept per file; the weights are read when a file is chosen
-and merged into the model (lora_merge.py), so memory does not grow with the number of LoRAs and
-rotating them never changes the model's structure.
+and merged into the model (lora_merge.py), so rotating them never changes the model's structure;
+the files merged last stay ready in memory up to a budget (lora_cache.py), so memory does not
+grow with the number of LoRAs.
 A file that cannot be used is kept out of rotation with its reason until it changes on disk;
 it never stops the run.
 """
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from .lora_formats import split_key, unsupported_kind
 from .lora_memory import LoraMemory, fingerprint
+from .lora_cache import ReadyLoras
 from .lora_files import LoraFileError, LoraWeights, read_lora_weights
 from .lora_merge import LoraMergeError, LoraMerger, Merged
 from .prompt_syntax import lora_tag, lora_tags
@@ -160,8 +162,9 @@ def read_triggers(txt: Path) -> str:
 
 class LoraLibrary:
     def __init__(self, pipe, dirs: dict[str, Path], strengths: dict[str, float], settle_s: float = 0.0, quantized=None,
-                 remember_in: Path | None = None):
-        """`remember_in`: the folder where verdicts are kept across runs (None: checked anew each run)."""
+                 remember_in: Path | None = None, keep_in_memory_bytes: int = 0):
+        """`remember_in`: the folder where verdicts are kept across runs (None: checked anew each
+        run); `keep_in_memory_bytes`: the budget for files kept ready after they leave the model."""
         self.pipe = pipe
         self.dirs = {kind: Path(d) for kind, d in dirs.items()}
         self.strengths = dict(strengths)
@@ -169,6 +172,7 @@ class LoraLibrary:
         self.settle_s = settle_s
         self._entries: dict[Path, LoraEntry] = {}
         self.merger = LoraMerger(pipe, quantized)
+        self.ready = ReadyLoras(keep_in_memory_bytes)
         self._tag_warnings: set[str] = set()
         self._remember_in = Path(remember_in) if remember_in else None
         self._memory: LoraMemory | None = None  # read at the first sync: the fingerprint needs the model
@@ -313,6 +317,7 @@ class LoraLibrary:
 
     def _unload(self, entry: LoraEntry) -> None:
         entry.status = "pending"
+        self.ready.forget(entry.path)
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -372,8 +377,9 @@ class LoraLibrary:
         strength unless `strengths` are given) and the tagged ones at their tags' weights;
         returns what goes into the Record.
 
-        A newly chosen file is read from disk now. If it became unreadable since it was checked
-        it leaves the rotation and the image goes on without it (the record says what was used)."""
+        A newly chosen file is read from disk now, unless it is still kept ready from an earlier
+        merge. If it became unreadable since it was checked it leaves the rotation and the image
+        goes on without it (the record says what was used)."""
         wanted: dict[str, Merged] = {}
         entries: dict[str, LoraEntry] = {}
         uses: list[tuple[str, LoraUse]] = []
@@ -396,10 +402,13 @@ class LoraLibrary:
             for slot in err.slots:
                 entry = entries[slot]
                 entry.status, entry.reason = "rejected", str(err)
+                self.ready.forget(entry.path)
                 log.warning("LoRA %s rejected: %s", entry.path, err)
                 del wanted[slot]
             uses = [(slot, use) for slot, use in uses if slot not in err.slots]
             self.merger.apply(wanted)
+        for slot, merged in wanted.items():
+            self.ready.keep(entries[slot].path, entries[slot].signature, merged.weights)
         return [use for _, use in uses]
 
     def wanted_uses(self, chosen: list[LoraEntry], strengths: list[float] | None = None,
@@ -421,7 +430,8 @@ class LoraLibrary:
         try:
             if _signature(entry.path) != entry.signature:
                 raise LoraFileError("the file changed on disk since it was checked; it is checked again at the next sync")
-            return read_lora_weights(self.pipe, entry.path.read_bytes())
+            kept = self.ready.get(entry.path, entry.signature)
+            return kept if kept is not None else read_lora_weights(self.pipe, entry.path.read_bytes())
         except Exception as err:  # noqa: BLE001 - a user file may change or vanish at any moment
             entry.status, entry.reason = "pending", _explain(err)
             log.warning("LoRA %s skipped for this image: %s", entry.path, entry.reason)

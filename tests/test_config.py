@@ -65,6 +65,7 @@ def test_sizes_round_down_to_multiples_of_8():
         ({"generation": {"stage3": {"tile_overlap": 1024}}}, "generation.stage3.tile_overlap", "under half"),
         ({"generation": {"sampler": "DDIM"}}, "generation.sampler", "not one of"),
         ({"lora": {"strenght": 1}}, "lora.strenght", "unknown key"),
+        ({"lora": {"keep_in_memory_mb": -1}}, "lora.keep_in_memory_mb", "negative"),
         ({"memory": {"strategy": "everything"}}, "memory.strategy", "not one of"),
         ({"model": {"base": "./models/missing.safetensors"}}, "model.base", "not found"),
         ({"model": {"config": "no/such/folder"}}, "model.config", "not found"),

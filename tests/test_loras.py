@@ -239,13 +239,15 @@ def weights(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def test_many_loras_rotate_without_adding_a_parameter_or_drifting(root, make_engine):
+@pytest.mark.parametrize("keep_in_memory_mb", [0, 1024], ids=["read-each-time", "kept-in-memory"])
+def test_many_loras_rotate_without_adding_a_parameter_or_drifting(root, make_engine, keep_in_memory_mb):
     """Fifty LoRAs in the folders: rotating them adds nothing to the model, and a LoRA chosen
-    again (or none) gives bit-identical weights, however many merges happened in between."""
+    again (or none) gives bit-identical weights, however many merges happened in between, whether
+    it is read from disk again or merged from memory."""
     for i in range(25):
         write_tiny_lora(root / f"loras/character/c{i}.safetensors", seed=100 + i, rank=2 + i % 3)
         write_tiny_lora(root / f"loras/style/s{i}.safetensors", "diffusers", seed=200 + i, rank=2 + i % 4)
-    engine = make_engine()
+    engine = make_engine(lora__keep_in_memory_mb=keep_in_memory_mb)
     engine.sync_loras()
     library, unet = engine.loras, engine.models.base.unet
     assert len(library.available("character")) == len(library.available("style")) == 25

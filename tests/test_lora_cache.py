@@ -1,0 +1,120 @@
+"""LoRA files drawn again are merged from memory (lora.keep_in_memory_mb), never from a stale
+copy, and the memory they hold stays within the budget."""
+
+import os
+
+import pytest
+import torch
+
+from sdxld.tiny import write_tiny_lora
+
+
+@pytest.fixture
+def reads(monkeypatch):
+    """The LoRA files parsed from disk bytes, in order (the real reader runs); library_with
+    empties it after its checks."""
+    import sdxld.loras
+
+    seen = []
+    real = sdxld.loras.read_lora_weights
+
+    def counting(pipe, data):
+        seen.append(len(data))
+        return real(pipe, data)
+
+    monkeypatch.setattr(sdxld.loras, "read_lora_weights", counting)
+    return seen
+
+
+def unet_weights(engine):
+    return {name: p.detach().clone() for name, p in engine.models.base.unet.named_parameters()}
+
+
+def library_with(root, make_engine, reads=None, characters=3, **changes):
+    for i in range(characters):
+        write_tiny_lora(root / f"loras/character/c{i}.safetensors", seed=10 + i, rank=4)
+    write_tiny_lora(root / "loras/style/s.safetensors", "diffusers", seed=20, rank=2)
+    engine = make_engine(**changes)
+    engine.sync_loras()
+    if reads is not None:
+        reads.clear()  # the checks read every file once
+    return engine, engine.loras.available("character"), engine.loras.available("style")[0]
+
+
+def test_a_lora_drawn_again_is_merged_from_memory_without_reading_its_file(root, make_engine, reads):
+    engine, (c0, c1, _), style = library_with(root, make_engine, reads)
+    library = engine.loras
+    library.activate([c0, style])
+    first = unet_weights(engine)
+    library.activate([c1, style])
+    assert len(reads) == 3  # c0, the style, c1
+    library.activate([c0, style])
+    assert len(reads) == 3, "c0 was read from disk again"
+    assert all(torch.equal(first[name], weight) for name, weight in unet_weights(engine).items())
+
+
+def test_with_no_memory_for_them_every_draw_reads_the_file(root, make_engine, reads):
+    engine, (c0, c1, _), style = library_with(root, make_engine, reads, lora__keep_in_memory_mb=0)
+    library = engine.loras
+    for pair in ([c0, style], [c1, style], [c0, style]):
+        library.activate(pair)
+    assert len(reads) == 4  # c0, the style, c1, c0 again (the style stayed merged)
+    assert library.ready.paths() == []
+
+
+def test_a_file_changed_on_disk_is_read_again_not_taken_from_memory(root, make_engine, reads):
+    engine, (c0, c1, _), style = library_with(root, make_engine, reads)
+    library = engine.loras
+    library.activate([c0, style])
+    before = unet_weights(engine)
+    library.activate([c1, style])
+    write_tiny_lora(c0.path, seed=99, rank=4)  # another LoRA under the same name
+    later = c0.path.stat().st_mtime_ns + 10**9
+    os.utime(c0.path, ns=(later, later))
+    assert library.sync().reloaded == ["character/c0"]
+    assert c0.path not in library.ready.paths()
+    (changed,) = [e for e in library.available("character") if e.path == c0.path]
+    checked = len(reads)
+    library.activate([changed, style])
+    assert len(reads) == checked + 1, "the changed file was taken from memory"
+    assert not torch.equal(before["down_blocks.1.attentions.0.proj_in.weight"],
+                           unet_weights(engine)["down_blocks.1.attentions.0.proj_in.weight"])
+
+
+def test_the_least_recently_merged_files_leave_first_within_the_budget(root, make_engine, reads):
+    engine, characters, style = library_with(root, make_engine, reads, characters=3)
+    library = engine.loras
+    library.activate([characters[0]])
+    one_file = library.ready.held_bytes()
+    assert one_file > 0
+    library.ready.budget_bytes = int(2.5 * one_file)  # the tiny files are all the same size
+    for entry in characters[1:]:
+        library.activate([entry])
+    assert library.ready.paths() == [characters[1].path, characters[2].path]
+    assert library.ready.held_bytes() <= library.ready.budget_bytes
+    library.activate([characters[1]])  # kept: no read, and now the most recent
+    assert len(reads) == 3
+    library.activate([characters[0]])  # had left: read again, and characters[2] leaves
+    assert len(reads) == 4
+    assert library.ready.paths() == [characters[1].path, characters[0].path]
+
+
+def test_a_file_that_left_its_folder_leaves_memory(root, make_engine):
+    engine, (c0, c1, _), style = library_with(root, make_engine)
+    library = engine.loras
+    library.activate([c0, style])
+    library.activate([c1, style])
+    c0.path.unlink()
+    library.sync()
+    assert c0.path not in library.ready.paths()
+    assert set(library.ready.paths()) == {c1.path, style.path}
+
+
+def test_a_config_edit_of_the_budget_applies_to_the_running_engine(root, make_engine):
+    from support.helpers import demo_config
+
+    engine, (c0, _, _), style = library_with(root, make_engine)
+    engine.loras.activate([c0, style])
+    assert engine.loras.ready.paths()
+    engine.reconfigure(demo_config(root, lora__keep_in_memory_mb=0))
+    assert engine.loras.ready.paths() == []
