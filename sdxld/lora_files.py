@@ -1,20 +1,23 @@
 """Reading a LoRA file against the model: which of the model's layers it adapts and by what, in
 any naming (kohya/A1111, SGM blocks, LyCORIS, diffusers, peft) and format (plain LoRA, the
 LyCORIS formats, DoRA: lora_formats.py), checked layer by layer against the model's shapes so a
-LoRA for another architecture is refused with the layer that does not fit.
+LoRA for another architecture is refused with the layer that does not fit; the file's header
+and its A1111 hash; the words a refusal is explained in.
 
-What a check decides depends on this module, not on how LoRAs are merged (lora_merge.py): the
-checks' remembered verdicts (lora_memory.py) are fingerprinted with this code, so a change to the
-merging does not make every LoRA be checked again.
+What a check decides depends on this module and lora_formats.py alone, not on how LoRAs are
+merged (lora_merge.py) or rotated (loras.py): the checks' remembered verdicts (lora_memory.py) are
+fingerprinted with these two, so changing the others does not make every LoRA be checked again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .host_copies import storage_bytes
 from .lora_formats import LayerFormatError, LayerPatch, is_lycoris, patch_from_tensors, split_key, unsupported_kind
@@ -24,6 +27,8 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _ALPHA_SUFFIXES = (".lora_linear_layer.down.weight", ".lora.down.weight", ".down.weight")
 # diffusers names the alphas of kohya text-encoder attention after its old attention processors.
 _OLD_ATTENTION_NAMES = {".to_q_lora": ".q_proj", ".to_k_lora": ".k_proj", ".to_v_lora": ".v_proj", ".to_out_lora": ".out_proj"}
+# A safetensors header above this is not a LoRA's (and reading it would be a memory hazard).
+MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
 class LoraFileError(ValueError):
@@ -78,6 +83,67 @@ def _alpha_module(model, key: str) -> str:
         if key.endswith(old):
             key = key.removesuffix(old) + new
     return _strip_text_model(model, key)
+
+
+def check_lora_file(pipe, path: Path) -> tuple[str, str]:
+    """Check a LoRA file against the model: (its A1111 hash, its formats), or an exception that
+    explain() words. Reads the file whole: one read serves the hash and the weights, so both
+    describe the same bytes."""
+    check_lora_header(read_safetensors_header(path))
+    data = path.read_bytes()
+    return addnet_hash(data), read_lora_weights(pipe, data).formats()
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, with errors that say what is wrong with the file."""
+    size = path.stat().st_size
+    if size == 0:
+        raise LoraFileError("the file is empty (0 bytes); is it still being copied?")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise LoraFileError(f"the file is {size} bytes, too short to be safetensors")
+        (length,) = struct.unpack("<Q", head)
+        if length > MAX_HEADER_BYTES or 8 + length > size:
+            raise LoraFileError(
+                "not a safetensors file (its first 8 bytes do not give a valid header length); "
+                "re-download it or convert it to .safetensors"
+            )
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LoraFileError("not a safetensors file (the header is not JSON); re-download it") from None
+    if not isinstance(header, dict):
+        raise LoraFileError("not a safetensors file (the header is not a JSON object)")
+    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if ends and 8 + length + max(ends) > size:
+        raise LoraFileError(
+            f"truncated: the header promises {8 + length + max(ends)} bytes but the file has {size}; "
+            "the copy or download did not finish"
+        )
+    return header
+
+
+def check_lora_header(header: dict) -> None:
+    keys = [k for k in header if k != "__metadata__"]
+    if not keys:
+        raise LoraFileError("the safetensors file holds no tensors")
+    unsupported = unsupported_kind(keys)
+    if unsupported:
+        raise LoraFileError(f"{unsupported}; sdxld merges LoRA, LoCon, LoHa, LoKr, DoRA and full diffs")
+    if not any(split_key(k) for k in keys):
+        sample = ", ".join(keys[:3])
+        raise LoraFileError(
+            f"a safetensors file but not a LoRA: none of its {len(keys)} tensors is a LoRA weight "
+            f"(e.g. {sample}); is it a checkpoint, VAE or embedding? Move it out of the LoRA folder"
+        )
+
+
+def addnet_hash(data: bytes) -> str:
+    """A1111's LoRA hash: sha256 of the file after the safetensors header, first 12 hex digits."""
+    (length,) = struct.unpack("<Q", data[:8])
+    return hashlib.sha256(memoryview(data)[8 + length:]).hexdigest()[:12]
 
 
 def read_lora_weights(pipe, data: bytes) -> LoraWeights:
@@ -265,3 +331,17 @@ def _misfit(module, patch: LayerPatch) -> str:
     if not isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
         return f"a {type(base).__name__}, which sdxld does not merge LoRAs into"
     return patch.misfit(base.weight.shape)
+
+
+def explain(err: Exception) -> str:
+    """Why a file could not be used, in words the user can act on (a check's or a merge-time read's)."""
+    if isinstance(err, LoraFileError):
+        return str(err)
+    if isinstance(err, ImportError):
+        return (f"reading it needs the Python module {err.name or str(err)!r}, which this installation lacks: "
+                f"reinstall sdxld with pip so its dependencies come along; the file is checked again at the next start")
+    text = str(err).strip().splitlines()
+    detail = next((line.strip() for line in text if "size mismatch" in line), text[0] if text else "")
+    if "size mismatch" in detail:
+        return f"its layer shapes do not fit this model (a LoRA for another architecture, e.g. SD1.5?): {detail}"
+    return f"diffusers could not load it ({type(err).__name__}: {detail[:300]})"

@@ -33,14 +33,14 @@ def fingerprint(pipe) -> str:
     import diffusers
     import safetensors
 
-    from . import lora_files, lora_formats, loras
+    from . import lora_files, lora_formats
 
     digest = hashlib.sha256()
     for component in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, component, None)
         for name, parameter in module.named_parameters() if module is not None else ():
             digest.update(f"{component}.{name}:{tuple(parameter.shape)}\n".encode())
-    for source in (lora_files, lora_formats, loras):
+    for source in (lora_files, lora_formats):
         digest.update(Path(source.__file__).read_bytes())
     try:
         from importlib.metadata import version

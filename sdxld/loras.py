@@ -13,20 +13,16 @@ it never stops the run.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import re
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lora_formats import split_key, unsupported_kind
 from .lora_memory import LoraMemory, fingerprint
 from .lora_cache import ReadyLoras
-from .lora_files import LoraFileError, LoraWeights, read_lora_weights
+from .lora_files import LoraFileError, LoraWeights, check_lora_file, explain, read_lora_weights
 from .lora_merge import LoraMergeError, LoraMerger, Merged
 from .prompt_syntax import lora_tag, lora_tags
 from .records import LORA_FOLDERS, LoraUse
@@ -35,8 +31,6 @@ log = logging.getLogger(__name__)
 
 LORA_SUFFIXES = (".safetensors", ".safetensor")
 MAX_TRIGGER_BYTES = 64_000
-# A safetensors header above this is not a LoRA's (and reading it would be a memory hazard).
-MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -85,58 +79,6 @@ def _kinds_in_turn(found: dict[Path, tuple[str, tuple]]):
 def _signature(path: Path) -> tuple:
     stat = path.stat()
     return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-
-
-def read_safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, with errors that say what is wrong with the file."""
-    size = path.stat().st_size
-    if size == 0:
-        raise LoraFileError("the file is empty (0 bytes); is it still being copied?")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise LoraFileError(f"the file is {size} bytes, too short to be safetensors")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise LoraFileError(
-                "not a safetensors file (its first 8 bytes do not give a valid header length); "
-                "re-download it or convert it to .safetensors"
-            )
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise LoraFileError("not a safetensors file (the header is not JSON); re-download it") from None
-    if not isinstance(header, dict):
-        raise LoraFileError("not a safetensors file (the header is not a JSON object)")
-    ends = [v.get("data_offsets", [0, 0])[1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if ends and 8 + length + max(ends) > size:
-        raise LoraFileError(
-            f"truncated: the header promises {8 + length + max(ends)} bytes but the file has {size}; "
-            "the copy or download did not finish"
-        )
-    return header
-
-
-def check_lora_header(header: dict) -> None:
-    keys = [k for k in header if k != "__metadata__"]
-    if not keys:
-        raise LoraFileError("the safetensors file holds no tensors")
-    unsupported = unsupported_kind(keys)
-    if unsupported:
-        raise LoraFileError(f"{unsupported}; sdxld merges LoRA, LoCon, LoHa, LoKr, DoRA and full diffs")
-    if not any(split_key(k) for k in keys):
-        sample = ", ".join(keys[:3])
-        raise LoraFileError(
-            f"a safetensors file but not a LoRA: none of its {len(keys)} tensors is a LoRA weight "
-            f"(e.g. {sample}); is it a checkpoint, VAE or embedding? Move it out of the LoRA folder"
-        )
-
-
-def addnet_hash(data: bytes) -> str:
-    """A1111's LoRA hash: sha256 of the file after the safetensors header, first 12 hex digits."""
-    (length,) = struct.unpack("<Q", data[:8])
-    return hashlib.sha256(memoryview(data)[8 + length:]).hexdigest()[:12]
 
 
 def read_triggers(txt: Path) -> str:
@@ -299,14 +241,10 @@ class LoraLibrary:
         """Check the file; True when the verdict is the file's own (not a read that failed and may
         succeed later), so that it can be remembered."""
         try:
-            check_lora_header(read_safetensors_header(entry.path))
-            # One read serves the hash and the weights, so both describe the same bytes.
-            data = entry.path.read_bytes()
-            entry.hash = addnet_hash(data)
-            entry.format = read_lora_weights(self.pipe, data).formats()
+            entry.hash, entry.format = check_lora_file(self.pipe, entry.path)
         except Exception as err:  # noqa: BLE001 - any failure of a user file keeps it out of rotation
             entry.status = "rejected"
-            entry.reason = _explain(err)
+            entry.reason = explain(err)
             log.warning("LoRA %s rejected: %s", entry.path, entry.reason)
             # A read that failed, or a module missing from this installation, is not the file's
             # fault: the next start checks it again instead of taking the verdict.
@@ -433,19 +371,6 @@ class LoraLibrary:
             kept = self.ready.get(entry.path, entry.signature)
             return kept if kept is not None else read_lora_weights(self.pipe, entry.path.read_bytes())
         except Exception as err:  # noqa: BLE001 - a user file may change or vanish at any moment
-            entry.status, entry.reason = "pending", _explain(err)
+            entry.status, entry.reason = "pending", explain(err)
             log.warning("LoRA %s skipped for this image: %s", entry.path, entry.reason)
             return None
-
-
-def _explain(err: Exception) -> str:
-    if isinstance(err, LoraFileError):
-        return str(err)
-    if isinstance(err, ImportError):
-        return (f"reading it needs the Python module {err.name or str(err)!r}, which this installation lacks: "
-                f"reinstall sdxld with pip so its dependencies come along; the file is checked again at the next start")
-    text = str(err).strip().splitlines()
-    detail = next((line.strip() for line in text if "size mismatch" in line), text[0] if text else "")
-    if "size mismatch" in detail:
-        return f"its layer shapes do not fit this model (a LoRA for another architecture, e.g. SD1.5?): {detail}"
-    return f"diffusers could not load it ({type(err).__name__}: {detail[:300]})"

@@ -86,19 +86,19 @@ def test_a_file_that_could_not_be_read_is_checked_again_at_the_next_start(root, 
 def test_a_module_missing_from_the_installation_is_not_held_against_the_file(root, make_engine, monkeypatch, caplog):
     """A LyCORIS reader that cannot import its own dependency (a partial install) says which module
     is missing, and the file is not remembered as broken: once installed, the next start loads it."""
-    import sdxld.loras
+    import sdxld.lora_files
 
     write_tiny_lora(root / "loras/style/ink.safetensors", seed=2)
-    real_read = sdxld.loras.read_lora_weights
+    real_read = sdxld.lora_files.read_lora_weights
 
     def without_toml(pipe, data):
         raise ModuleNotFoundError("No module named 'toml'", name="toml")
 
     first = make_engine()
-    monkeypatch.setattr(sdxld.loras, "read_lora_weights", without_toml)
+    monkeypatch.setattr(sdxld.lora_files, "read_lora_weights", without_toml)
     with caplog.at_level(logging.WARNING, logger="sdxld.loras"):
         first.sync_loras()
-    monkeypatch.setattr(sdxld.loras, "read_lora_weights", real_read)
+    monkeypatch.setattr(sdxld.lora_files, "read_lora_weights", real_read)
     status, reason = verdicts(first)["style/ink.safetensors"][:2]
     assert status == "rejected" and "Python module 'toml'" in reason and "reinstall sdxld" in reason
     restarted = make_engine()
@@ -131,12 +131,14 @@ def test_verdicts_belong_to_one_models_shapes(make_engine):
     assert fingerprint(pipe) != before, "a LoRA that fitted may not fit a model of other shapes"
 
 
-def test_verdicts_outlive_a_change_to_the_merging_code_but_not_to_the_checking_code(make_engine, tmp_path, monkeypatch):
-    from sdxld import lora_files, lora_merge
+def test_verdicts_outlive_a_change_to_the_merging_or_rotating_code_but_not_to_the_checking_code(make_engine, tmp_path,
+                                                                                                monkeypatch):
+    from sdxld import lora_cache, lora_files, lora_formats, lora_merge, lora_stacks, loras
 
     pipe = make_engine().models.base
     before = fingerprint(pipe)
-    for module, kept in ((lora_merge, True), (lora_files, False)):
+    for module, kept in ((lora_merge, True), (lora_stacks, True), (lora_cache, True), (loras, True),
+                         (lora_files, False), (lora_formats, False)):
         changed = tmp_path / Path(module.__file__).name
         changed.write_text(Path(module.__file__).read_text() + "\n# changed\n")
         with monkeypatch.context() as patch:
