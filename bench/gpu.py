@@ -1210,10 +1210,40 @@ def bench_loras(bench, base, models, plain, unets, args, quick: bool, section: s
                   lambda: library.activate([entries[1], style]))
     bench.measure(f"{prefix}LoRA swap: a character drawn before, kept in memory (lora.keep_in_memory_mb)",
                   lambda: library.activate([entries[0], style]))
+    # Where a swap's host time goes, by function (a swap never waits for the card: the GPU test).
+    kept_bytes = library.ready.budget_bytes
+    for where, budget in (("kept in memory", kept_bytes), ("read from disk", 0)):
+        library.ready.budget_bytes = budget
+        library.activate([entries[1], style])
+        _profiled_row(bench, f"{prefix}LoRA swap ({where}) profiled", lambda: library.activate([entries[0], style]))
+    library.ready.budget_bytes = kept_bytes
     bench.measure(f"{prefix}stage 1 with 2 LoRAs merged", lambda: stage1(models, plain), unets,
                   note=f"{library.merger.saved_layers()} layers adapted")
     bench.measure(f"{prefix}LoRAs unmerged (originals restored)", lambda: library.activate([]))
     return library
+
+
+def _profiled_row(bench, name: str, work) -> None:
+    """`work` under cProfile (its overhead included): a row with the functions that took the most
+    host time of their own."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    bench.sync()
+    started = time.perf_counter()
+    profile.enable()
+    work()
+    bench.sync()
+    profile.disable()
+    seconds = time.perf_counter() - started
+    stats = pstats.Stats(profile).stats
+    top = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:8]
+    note = "; ".join(f"{Path(file).name}:{line}({function}) {own:.3f} s" if file != "~" else f"{function} {own:.3f} s"
+                     for (file, line, function), (_, _, own, _, _) in top)
+    bench.rows.append(Row(name, seconds, note=f"own time: {note}"))
+    print(f"{name}: {seconds:.2f} s; {note}", flush=True)
+    bench.write()
 
 
 def default_kept_lora_bytes() -> int:

@@ -22,10 +22,10 @@ from .lora_files import LoraWeights
 
 
 class ReadyLoras:
-    """Path -> (file signature, LoraWeights), least recently merged first."""
+    """Path -> (file signature, LoraWeights, bytes held), least recently merged first."""
 
     def __init__(self, budget_bytes: int):
-        self._kept: OrderedDict[Path, tuple[tuple, LoraWeights]] = OrderedDict()
+        self._kept: OrderedDict[Path, tuple[tuple, LoraWeights, int]] = OrderedDict()
         self._budget = budget_bytes
 
     @property
@@ -45,9 +45,14 @@ class ReadyLoras:
         return kept[1]
 
     def keep(self, path: Path, signature: tuple, weights: LoraWeights) -> None:
-        """Keep (or refresh as most recent) the weights merged from `path`; the oldest leave
-        while the total is over budget, this one too if it alone is."""
-        self._kept[path] = (signature, weights)
+        """Keep (or refresh as most recent) the weights merged from `path` (merged: stacked,
+        their size final); the oldest leave while the total is over budget, this one too if it
+        alone is."""
+        kept = self._kept.get(path)
+        if kept is not None and kept[1] is weights:
+            self._kept.move_to_end(path)
+            return
+        self._kept[path] = (signature, weights, weights.held_bytes())
         self._kept.move_to_end(path)
         self._shrink()
 
@@ -55,15 +60,14 @@ class ReadyLoras:
         self._kept.pop(path, None)
 
     def held_bytes(self) -> int:
-        return sum(weights.held_bytes() for _, weights in self._kept.values())
+        return sum(size for _, _, size in self._kept.values())
 
     def paths(self) -> list[Path]:
         """Least recently merged first."""
         return list(self._kept)
 
     def _shrink(self) -> None:
-        sizes = {path: weights.held_bytes() for path, (_, weights) in self._kept.items()}
-        total = sum(sizes.values())
+        total = self.held_bytes()
         while self._kept and total > self._budget:
-            path, _ = self._kept.popitem(last=False)
-            total -= sizes[path]
+            _, (_, _, size) = self._kept.popitem(last=False)
+            total -= size
