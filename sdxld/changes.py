@@ -38,7 +38,9 @@ class ChangeRouter:
         self._config_changed = False
         self._loras_changed = False
         self._pile_files: list[Path] = []
-        self._last_rescan = 0.0
+        # None: the first look rescans (monotonic time starts near 0 at boot, so "long ago" cannot
+        # be 0.0: a daemon started by systemd within rescan_s of boot would skip its first rescan).
+        self._last_rescan: float | None = None
 
     def route(self, changes: Iterable[Change], arrivals: Arrivals, rescan_s: float) -> Due:
         for change in changes:
@@ -56,7 +58,7 @@ class ChangeRouter:
                 log.debug("prompt file changed: %s (read again for the next image)", change.path.name)
         due = Due(config=self._config_changed, pile_files=list(dict.fromkeys(self._pile_files)))
         now = time.monotonic()
-        due.rescan = now - self._last_rescan >= rescan_s
+        due.rescan = self._last_rescan is None or now - self._last_rescan >= rescan_s
         if self._loras_changed or due.config or due.rescan:
             due.loras = True
         if due.rescan:

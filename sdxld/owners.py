@@ -14,6 +14,7 @@ import functools
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +50,10 @@ def started_at(pid: int) -> float | None:
     ticks = start_ticks(pid)
     if ticks is None:
         return None
-    try:
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime "))
-    except (OSError, StopIteration):
-        return None
+    # A process's start is counted on the boot-time clock. /proc/stat's btime gives the boot in
+    # whole seconds, truncated: up to a second early, enough to take a process started a second
+    # after a file for one that may have written it. The two clocks read now give it exactly.
+    boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
     return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 

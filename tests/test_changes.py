@@ -65,3 +65,14 @@ def test_model_settings_wait_for_a_restart_and_the_rest_applies_at_once(root):
     assert result.restart_needed == ["model.base"]
     assert result.config.model.base == loaded.model.base
     assert result.config.generation.seed == 1234
+
+
+def test_the_first_look_rescans_even_on_a_machine_booted_moments_ago(tmp_path, monkeypatch):
+    # The monotonic clock starts near 0 at boot: a daemon started by systemd at boot is there.
+    import types
+
+    import sdxld.changes
+
+    monkeypatch.setattr(sdxld.changes, "time", types.SimpleNamespace(monotonic=lambda: 5.0))
+    due = ChangeRouter().route([], Arrivals(1, 10), rescan_s=3600)
+    assert due.rescan and due.loras

@@ -95,6 +95,16 @@ def test_recovery_takes_claims_of_a_previous_boot_and_of_a_reused_pid_but_not_of
     assert all(leases.lease_path(claim.path).exists() for claim in recovered), "each recovered claim is leased"
 
 
+def test_a_process_start_time_is_known_to_a_tick_not_to_the_second(sleeper):
+    # /proc/stat's btime is whole seconds: a start time built on it was up to a second early,
+    # which made a process started a second after a claim look like its possible writer.
+    before = time.time()
+    process = sleeper()
+    after = time.time()
+    started = owners.started_at(process.pid)
+    assert before - 0.05 <= started <= after + 0.05
+
+
 def test_a_claim_named_by_a_bare_pid_is_recovered_once_that_pid_belongs_to_a_later_process(root, sleeper):
     inbox = Inbox(Layout.from_config(_config(root)))
     host = owners.host()
