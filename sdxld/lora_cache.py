@@ -2,9 +2,9 @@
 
 The rotation draws a LoRA pair for every image (every batch), and with a learned rotation the
 same few files come back again and again. Each time a file was read from disk, parsed against
-the model and stacked for the batched merge (lora_stacks.py): 0.45 s of host work for a 456 MB
-rank-32 file on two CPU cores, while the card waited. On the H100 a swap before one image under
-CUDA graphs cost 0.99 s, as much as the image. A file kept here is merged straight from its
+the model and stacked for the batched merge (lora_stacks.py): 0.49 s of host work for a 456 MB
+rank-32 file on two CPU cores, before the card gets any of the merge's work. On the H100 a swap
+before one image under CUDA graphs cost 0.99 s, as much as the image. A file kept here is merged straight from its
 stacks (pinned when the merge runs on a GPU).
 
 The least recently merged files leave first when the budget (lora.keep_in_memory_mb) is
