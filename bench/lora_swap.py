@@ -92,13 +92,15 @@ def main() -> None:
             base.enable_model_cpu_offload()
         first = timed(lambda: library.activate([c1, s1]))
         with CountOperations() as calls:
-            library.activate([c2, s1])
-        library.activate([c1, s1])
+            library.activate([c2, s1])  # c2's first draw: read from disk
+        with CountOperations() as kept_calls:
+            library.activate([c1, s1])  # c1 drawn again: kept in memory
         originals = library.merger.saved_originals()
-        print(f"== {len(originals)} layers adapted; {calls.total:,} operations dispatched for a swap of the character LoRA "
-              f"({calls.total / len(originals):.1f} per layer; file read included), {calls.beyond_views:,} of them "
-              f"more than a view; most: "
-              + ", ".join(f"{name} {n}" for name, n in calls.counts.most_common(8)))
+        for what, counted in (("read from disk", calls), ("kept in memory", kept_calls)):
+            print(f"== {len(originals)} layers adapted; {counted.total:,} operations dispatched for a swap of the "
+                  f"character LoRA {what} ({counted.total / len(originals):.1f} per layer), {counted.beyond_views:,} "
+                  f"of them more than a view; most: "
+                  + ", ".join(f"{name} {n}" for name, n in counted.counts.most_common(8)))
         print(f"originals kept: {sum(t.numel() * t.element_size() for t in originals) / 2**30:.2f} GiB of weights "
               f"in {pinned_bytes(originals) / 2**30:.2f} GiB of {'page-locked ' if device == 'cuda' else ''}host memory")
         if args.cpu_full:

@@ -137,8 +137,8 @@ class LoraConfig:
     rotation: Literal["uniform", "learned"] = "learned"
     explore: float = 0.2
     # Host memory for LoRA files kept ready to merge again after they leave the model (read,
-    # parsed and stacked once; pinned on a GPU); the least recently used leave first. 0: every
-    # file is read from disk each time it is drawn.
+    # parsed and stacked once; pinned on a GPU), besides the files merged now; the least recently
+    # merged leave first. 0: every file is read from disk each time it is drawn.
     keep_in_memory_mb: int = 1024
 
     def validate(self) -> None:

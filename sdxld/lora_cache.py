@@ -7,8 +7,9 @@ rank-32 file on two CPU cores, before the card gets any of the merge's work. On 
 before one image under CUDA graphs cost 0.99 s, as much as the image. A file kept here is merged straight from its
 stacks (pinned when the merge runs on a GPU).
 
-The least recently merged files leave first when the budget (lora.keep_in_memory_mb) is
-exceeded; a file that changed on disk or left its folder is dropped at once. Why not
+The files merged now are held by the merge anyway; of the others, the least recently merged
+leave first when they hold more than the budget (lora.keep_in_memory_mb); a file that changed on
+disk or left its folder is dropped at once. Why not
 functools.lru_cache or a library: the bound is bytes held, which only the weights know, and the
 entries must be dropped by path when the folder changes.
 """
@@ -22,10 +23,12 @@ from .lora_files import LoraWeights
 
 
 class ReadyLoras:
-    """Path -> (file signature, LoraWeights, bytes held), least recently merged first."""
+    """Path -> (file signature, LoraWeights, bytes held), least recently merged first. The files
+    merged now are held by the merge anyway: the budget is for the others."""
 
     def __init__(self, budget_bytes: int):
         self._kept: OrderedDict[Path, tuple[tuple, LoraWeights, int]] = OrderedDict()
+        self._in_use: set[Path] = set()
         self._budget = budget_bytes
 
     @property
@@ -44,30 +47,33 @@ class ReadyLoras:
             return None
         return kept[1]
 
-    def keep(self, path: Path, signature: tuple, weights: LoraWeights) -> None:
-        """Keep (or refresh as most recent) the weights merged from `path` (merged: stacked,
-        their size final); the oldest leave while the total is over budget, this one too if it
-        alone is."""
-        kept = self._kept.get(path)
-        if kept is not None and kept[1] is weights:
+    def merged_now(self, files: dict[Path, tuple[tuple, LoraWeights]]) -> None:
+        """The files merged into the model now (path -> signature, weights; merged: stacked,
+        their size final): kept as the most recent; of the others the oldest leave while they
+        hold more than the budget."""
+        for path, (signature, weights) in files.items():
+            kept = self._kept.get(path)
+            if kept is None or kept[1] is not weights:
+                self._kept[path] = (signature, weights, weights.held_bytes())
             self._kept.move_to_end(path)
-            return
-        self._kept[path] = (signature, weights, weights.held_bytes())
-        self._kept.move_to_end(path)
+        self._in_use = set(files)
         self._shrink()
 
     def forget(self, path: Path) -> None:
         self._kept.pop(path, None)
+        self._in_use.discard(path)
 
     def held_bytes(self) -> int:
-        return sum(size for _, _, size in self._kept.values())
+        """What the files kept but not merged now hold (the budget's measure)."""
+        return sum(size for path, (_, _, size) in self._kept.items() if path not in self._in_use)
 
     def paths(self) -> list[Path]:
-        """Least recently merged first."""
+        """Every file kept, merged now or not, least recently merged first."""
         return list(self._kept)
 
     def _shrink(self) -> None:
         total = self.held_bytes()
-        while self._kept and total > self._budget:
-            _, (_, _, size) = self._kept.popitem(last=False)
-            total -= size
+        for path in [path for path in self._kept if path not in self._in_use]:
+            if total <= self._budget:
+                break
+            total -= self._kept.pop(path)[2]

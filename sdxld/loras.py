@@ -345,8 +345,8 @@ class LoraLibrary:
                 del wanted[slot]
             uses = [(slot, use) for slot, use in uses if slot not in err.slots]
             self.merger.apply(wanted)
-        for slot, merged in wanted.items():
-            self.ready.keep(entries[slot].path, entries[slot].signature, merged.weights)
+        self.ready.merged_now({entries[slot].path: (entries[slot].signature, merged.weights)
+                               for slot, merged in wanted.items()})
         return [use for _, use in uses]
 
     def wanted_uses(self, chosen: list[LoraEntry], strengths: list[float] | None = None,
