@@ -122,6 +122,15 @@ class MemoryConfig:
     strategy: Literal["gpu", "model_offload", "group_offload", "sequential_offload"] = "model_offload"
     vae_slicing: bool = True
     vae_tiling: bool = True
+    # Where the original weights of the layers LoRAs touch are kept (the base every merge starts
+    # from): host (RAM, pinned) or gpu (beside the weights: a swap copies them within the card
+    # instead of over PCIe, for ~5.4 GiB of GPU memory with full SDXL LoRAs; memory.strategy gpu).
+    lora_originals: Literal["host", "gpu"] = "host"
+
+    def validate(self) -> None:
+        _check(self.lora_originals == "host" or self.strategy == "gpu", "memory.lora_originals",
+               f"gpu needs memory.strategy gpu: under {self.strategy} the weights leave the card between uses "
+               f"(set lora_originals to host, or strategy to gpu)")
 
 
 @dataclass

@@ -89,6 +89,7 @@ class Engine:
             quantized=models.quantized,
             remember_in=self.layout.state / "lora-checks",
             keep_in_memory_bytes=config.lora.keep_in_memory_mb << 20,
+            originals_on_device=config.memory.lora_originals == "gpu",
         )
         self.seeds = SeedSequence(config.generation.seed)
         # For batch_size auto: the largest peak VRAM per stage-1 image seen, and the batch size

@@ -82,12 +82,16 @@ class LoraMerger:
     """Keeps LoRAs merged into the pipeline's weights, one per slot ("character", "style", and
     one for each `<lora:>` tag of the current image)."""
 
-    def __init__(self, pipe, quantized=None):
+    def __init__(self, pipe, quantized=None, originals_on_device: bool = False):
+        """`originals_on_device` (memory.lora_originals: gpu): the originals are kept beside the
+        weights, on the card, instead of in host memory: a swap copies them back within the card
+        instead of over PCIe (5.4 GiB for two full SDXL LoRAs), for as much GPU memory."""
         self.pipe = pipe
         self._merged: dict[str, Merged] = {}
-        # (component, layer) -> its original weight, on the CPU: taken the first time a LoRA
-        # touches the layer, the base every later merge starts from.
+        # (component, layer) -> its original weight, in host memory (or beside the weight): taken
+        # the first time a LoRA touches the layer, the base every later merge starts from.
         self._originals: dict[tuple[str, str], object] = {}
+        self._originals_on_device = originals_on_device
         # performance.quantize (quantize.Quantized): its layers' originals were kept before
         # quantizing (a quantized weight is no original), and merged weights are quantized again.
         self._quantized = quantized
@@ -182,9 +186,14 @@ class LoraMerger:
     def _keep_originals(self, touched: list[tuple[str, str]], pin: bool) -> None:
         """Save the original weight of each layer touched for the first time, all in one pass."""
         new = [key for key in touched if key not in self._originals and not self._quantized_layer(key)]
-        if new:
-            copies = packed_cpu_copies([self._module(key).weight for key in new], pin)
-            self._originals.update(zip(new, copies))
+        if not new:
+            return
+        weights = [self._module(key).weight for key in new]
+        if self._originals_on_device:
+            copies = [weight.detach().clone() for weight in weights]
+        else:
+            copies = packed_cpu_copies(weights, pin)
+        self._originals.update(zip(new, copies))
 
     def _parts(self, touched: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
         """The layers in parts of at most PART_BYTES of float32 weights (what one part's sums

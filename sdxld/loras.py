@@ -104,16 +104,17 @@ def read_triggers(txt: Path) -> str:
 
 class LoraLibrary:
     def __init__(self, pipe, dirs: dict[str, Path], strengths: dict[str, float], settle_s: float = 0.0, quantized=None,
-                 remember_in: Path | None = None, keep_in_memory_bytes: int = 0):
+                 remember_in: Path | None = None, keep_in_memory_bytes: int = 0, originals_on_device: bool = False):
         """`remember_in`: the folder where verdicts are kept across runs (None: checked anew each
-        run); `keep_in_memory_bytes`: the budget for files kept ready after they leave the model."""
+        run); `keep_in_memory_bytes`: the budget for files kept ready after they leave the model;
+        `originals_on_device`: LoraMerger's."""
         self.pipe = pipe
         self.dirs = {kind: Path(d) for kind, d in dirs.items()}
         self.strengths = dict(strengths)
         # Files modified less than this long ago may still be copying: wait before loading them.
         self.settle_s = settle_s
         self._entries: dict[Path, LoraEntry] = {}
-        self.merger = LoraMerger(pipe, quantized)
+        self.merger = LoraMerger(pipe, quantized, originals_on_device)
         self.ready = ReadyLoras(keep_in_memory_bytes)
         self._tag_warnings: set[str] = set()
         self._remember_in = Path(remember_in) if remember_in else None

@@ -18,7 +18,8 @@ def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "tiny-cpu.md").read_text()
     for row in ("stage 1 128x224", "stage 1 batch 4", "LoRA swap: a character read from disk",
-                "LoRA swap: a character drawn before, kept in memory", "fast: approved image, int8",
+                "LoRA swap: a character drawn before, kept in memory", "originals on the card",
+                "fast: approved image, int8",
                 "fast: LoRA swap, int8", "relative error", "fast: stage 1, one image, int8 + compile max",
                 "fast: stage 1 profiled", "fast: stage 1, UniPC: sdxld's (no host waits) / diffusers'",
                 "graphs: stage 1, one image, static shapes (eager backend)", "graphs: stage 1 batch 4, int8 + static shapes",

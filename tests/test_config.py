@@ -67,6 +67,7 @@ def test_sizes_round_down_to_multiples_of_8():
         ({"lora": {"strenght": 1}}, "lora.strenght", "unknown key"),
         ({"lora": {"keep_in_memory_mb": -1}}, "lora.keep_in_memory_mb", "negative"),
         ({"memory": {"strategy": "everything"}}, "memory.strategy", "not one of"),
+        ({"memory": {"lora_originals": "gpu"}}, "memory.lora_originals", "gpu needs memory.strategy gpu"),
         ({"model": {"base": "./models/missing.safetensors"}}, "model.base", "not found"),
         ({"model": {"config": "no/such/folder"}}, "model.config", "not found"),
         ({"model": {"base": "not a hub id!"}}, "model", "neither an existing path nor a hub id"),

@@ -148,8 +148,33 @@ def test_originals_are_copies_packed_into_few_buffers_that_waste_little(monkeypa
     assert host_copies.pinned_bytes(copies) < 1.3 * weights
 
 
+def test_originals_kept_beside_the_weights_give_the_weights_originals_in_host_memory_give(pipe, tmp_path):
+    """memory.lora_originals gpu: the originals are copies on the weights' own device (here the
+    CPU: the same code as on a card), each its own tensor, not views into host buffers."""
+    write_tiny_lora(tmp_path / "character" / "c1.safetensors", seed=1, scale=0.05, pipe=pipe)
+    write_tiny_lora(tmp_path / "character" / "c2.safetensors", "diffusers", seed=2, scale=0.05, pipe=pipe)
+    write_tiny_lora(tmp_path / "style" / "s1.safetensors", seed=3, rank=8, scale=0.05, pipe=pipe)
+    pristine = all_weights(pipe)
+    merged = {}
+    for beside in (False, True):
+        library = LoraLibrary(pipe, {"character": tmp_path / "character", "style": tmp_path / "style"},
+                              {"character": 1.0, "style": 0.85}, originals_on_device=beside)
+        library.sync()
+        c1, c2 = library.available("character")
+        (s1,) = library.available("style")
+        library.activate([c1, s1])
+        library.activate([c2, s1])
+        merged[beside] = all_weights(pipe)
+        originals = library.merger.saved_originals()
+        shared = len({t.untyped_storage().data_ptr() for t in originals}) < len(originals)
+        assert shared is not beside, "host originals are packed; originals beside the weights are their own copies"
+        library.activate([])
+        assert all(torch.equal(pristine[key], value) for key, value in all_weights(pipe).items())
+    assert all(torch.equal(merged[False][key], value) for key, value in merged[True].items())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a swap on CUDA needs an NVIDIA GPU; this machine has none")
-@pytest.mark.parametrize("strategy", ["gpu", "model_offload"])
+@pytest.mark.parametrize("strategy", ["gpu", "model_offload", "gpu, originals on the card"])
 def test_a_swap_on_cuda_gives_the_cpus_weights_and_never_waits_with_the_model_on_the_card(tmp_path, strategy):
     """model_offload keeps the weights in host memory between uses: the merge runs on the card and
     copies each merged layer back, which waits by design."""
@@ -161,7 +186,7 @@ def test_a_swap_on_cuda_gives_the_cpus_weights_and_never_waits_with_the_model_on
 
     pipes = {device: StableDiffusionXLPipeline.from_pretrained(ensure_tiny_model()[0]).to(torch.bfloat16)
              for device in ("cpu", "cuda")}
-    if strategy == "gpu":
+    if strategy.startswith("gpu"):
         pipes["cuda"].to("cuda")
     else:
         pipes["cuda"].enable_model_cpu_offload(device="cuda")
@@ -169,7 +194,7 @@ def test_a_swap_on_cuda_gives_the_cpus_weights_and_never_waits_with_the_model_on
              for name, seed in (("c1", 1), ("c2", 2), ("s1", 3))]
     weights = {}
     for device, pipe in pipes.items():
-        merger = LoraMerger(pipe)
+        merger = LoraMerger(pipe, originals_on_device=device == "cuda" and strategy.endswith("on the card"))
 
         def pair(character, style):
             return {slot: Merged((path, 0), read_lora_weights(pipe, path.read_bytes()), strength)
@@ -177,7 +202,7 @@ def test_a_swap_on_cuda_gives_the_cpus_weights_and_never_waits_with_the_model_on
 
         merger.apply(pair(files[0], files[2]))  # the first merge keeps the originals
         wanted = pair(files[1], files[2])
-        if device == "cuda" and strategy == "gpu":
+        if device == "cuda" and strategy.startswith("gpu"):
             # Any copy the host waits for, any value read back, raises here.
             torch.cuda.set_sync_debug_mode("error")
         try:
