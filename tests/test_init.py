@@ -100,8 +100,18 @@ def test_run_demo_in_a_demo_root_rotates_its_loras_and_takes_a_live_drop(demo_ro
         shutil.copy(root / "demo-extras" / "sd15_style.safetensors", root / "loras" / "style")
         wait_for(lambda: "style/oil_painting loaded" in daemon.log, 60, what="the dropped LoRA to load")
         wait_for(lambda: "sd15_style.safetensors rejected" in daemon.log, 60, what="the misfit to be rejected")
-        status = wait_for(lambda: (r := run_sdxld("status", "--root", str(root), cwd=root.parent)) and
-                          "5 loaded, 1 rejected" in r.stdout and r, 30, interval=0.5, what="status to list the LoRAs")
+        said = []
+
+        def lists_the_loras():
+            result = run_sdxld("status", "--root", str(root), cwd=root.parent)
+            said.append(result.stdout)
+            return "5 loaded, 1 rejected" in result.stdout and result
+
+        try:
+            status = wait_for(lists_the_loras, 30, interval=0.5, what="status to list the LoRAs")
+        except AssertionError as err:
+            raise AssertionError(f"{err}; status said last:\n{said[-1] if said else ''}\n"
+                                 f"the daemon's log ends:\n{daemon.log[-4000:]}") from None
         assert "sd15_style.safetensors: " in status.stdout and "another architecture" in status.stdout
         assert daemon.terminate(10) == 0
     finally:
