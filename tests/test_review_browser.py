@@ -167,6 +167,29 @@ def test_the_open_image_shows_its_record(browser, root, tmp_path):
     wait(browser, lambda: not browser.find_element(By.ID, "single").is_displayed(), what="the grid again")
 
 
+def test_the_record_fills_in_even_when_the_grid_is_redrawn_while_it_loads(browser, root):
+    """A running daemon writes images every few seconds: a new one redraws the grid while an
+    opened image's record is on its way, and the record must still fill in."""
+    show(browser, "triage")
+    wait(browser, lambda: len(tiles(browser)) >= 1, what="tiles")
+    # The record arrives 5 s late: two polls (every 2 s) see the new image first.
+    browser.execute_script("""
+        const real = window.fetch;
+        window.fetch = (url, options) => String(url).includes("api/record")
+            ? new Promise((done) => setTimeout(done, 5000)).then(() => real(url, options)) : real(url, options);""")
+    try:
+        press(browser, "\ue007")  # Enter
+        stage1 = root / "outputs" / "stage1"
+        newest = sorted(stage1.iterdir())[-1]
+        fresh = stage1 / newest.name.replace(newest.name[:15], "20991231_235957")
+        shutil.copyfile(newest, fresh)
+        wait(browser, lambda: fresh.name in tiles(browser), timeout=8, what="the grid redrawn with the new image")
+        wait(browser, lambda: text_of(browser, "#record .field-prompt") != "", timeout=12, what="the record")
+    finally:
+        browser.refresh()  # the real fetch again for the tests after this one
+        fresh.unlink(missing_ok=True)
+
+
 def test_a_stage1_image_written_while_the_page_is_open_appears_without_reload(browser, root):
     show(browser, "triage")
     stage1 = root / "outputs" / "stage1"

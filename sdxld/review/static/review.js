@@ -197,7 +197,9 @@ async function showSingle() {
   panel.replaceChildren(field("file", item.name));
   try {
     const { record } = await getJSON(url("api/record", "stage1", item.name));
-    if (state.items[state.focus] !== item) return;
+    // By name: a poll that redrew the grid meanwhile made new items for the same images, and the
+    // panel would then stay empty (every later poll keeps the panel of the image shown).
+    if (state.shown !== item.name) return;
     if (!record) { panel.append(field("record", "none found")); return; }
     const loras = record.loras.map((u) => `${u.kind} ${u.name} @ ${u.strength}${u.via === "tag" ? " (tag)" : ""}`).join("\n") || "none";
     panel.append(field("prompt", record.prompt), field("negative", record.negative), field("LoRAs", loras),
