@@ -20,9 +20,11 @@ for memory.strategy gpu and model_offload.
 from __future__ import annotations
 
 import argparse
+import atexit
 import cProfile
 import io
 import pstats
+import shutil
 import statistics
 import tempfile
 import time
@@ -60,7 +62,9 @@ def main() -> None:
     base.to(device)
     models = make_bank(base, None, device, "fp32" if args.tiny else "bf16")
     record = make_record(geometry, False)
+    # Three full-size LoRAs: 1.4 GB, removed at exit.
     folder = Path(tempfile.mkdtemp(prefix="sdxld-lora-swap-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
     dirs = {"character": folder / "character", "style": folder / "style"}
     for name, fmt, seed in (("character/c1", "kohya", 1), ("character/c2", "diffusers", 2), ("style/s1", "kohya", 3)):
         write_tiny_lora(folder / f"{name}.safetensors", fmt, seed=seed, rank=rank, scale=0.01, pipe=base)
