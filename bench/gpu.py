@@ -752,16 +752,11 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
             return
         bench.ratio(bench.measure(f"{section}: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
         if (pairs := _swap_pairs(library)) is not None:
-            # The incoming file merged before and kept in memory (the default), then read from
-            # disk again (lora.keep_in_memory_mb: 0, or a file drawn for the first time).
-            kept_bytes = library.ready.budget_bytes
-            for where, budget in (("kept in memory", kept_bytes), ("read from disk", 0)):
-                library.ready.budget_bytes = budget
+            for where in _kept_then_from_disk(library):
                 library.activate(pairs[1])
                 library.activate(pairs[0])
                 bench.ratio(bench.measure(f"{section}: LoRA character swap ({where}) + one image, {label}",
                                           lambda: (library.activate(pairs[1]), _stage1_work(run, plain))), single)
-            library.ready.budget_bytes = kept_bytes
             library.activate([])
         if not batch_too or bench.left_s() < batch_needs_s:
             why = "not asked for (--tiny, or --graphs-parts without batches)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
@@ -1211,12 +1206,9 @@ def bench_loras(bench, base, models, plain, unets, args, quick: bool, section: s
     bench.measure(f"{prefix}LoRA swap: a character drawn before, kept in memory (lora.keep_in_memory_mb)",
                   lambda: library.activate([entries[0], style]))
     # Where a swap's host time goes, by function (a swap never waits for the card: the GPU test).
-    kept_bytes = library.ready.budget_bytes
-    for where, budget in (("kept in memory", kept_bytes), ("read from disk", 0)):
-        library.ready.budget_bytes = budget
+    for where in _kept_then_from_disk(library):
         library.activate([entries[1], style])
         _profiled_row(bench, f"{prefix}LoRA swap ({where}) profiled", lambda: library.activate([entries[0], style]))
-    library.ready.budget_bytes = kept_bytes
     bench.measure(f"{prefix}stage 1 with 2 LoRAs merged", lambda: stage1(models, plain), unets,
                   note=f"{library.merger.saved_layers()} layers adapted")
     bench.measure(f"{prefix}LoRAs unmerged (originals restored)", lambda: library.activate([]))
@@ -1256,6 +1248,19 @@ def _profiled_row(bench, name: str, work) -> None:
     bench.rows.append(Row(name, seconds, note=f"own time: {note}"))
     print(f"{name}: {seconds:.2f} s; {note}", flush=True)
     bench.write()
+
+
+def _kept_then_from_disk(library):
+    """Yields where a swap's incoming LoRA file comes from, under the budget that makes it so:
+    "kept in memory" (the library's budget: a file merged before), then "read from disk" (no
+    budget: lora.keep_in_memory_mb 0, or a file's first draw); the budget is restored after."""
+    kept_bytes = library.ready.budget_bytes
+    try:
+        for where, budget in (("kept in memory", kept_bytes), ("read from disk", 0)):
+            library.ready.budget_bytes = budget
+            yield where
+    finally:
+        library.ready.budget_bytes = kept_bytes
 
 
 def default_kept_lora_bytes() -> int:

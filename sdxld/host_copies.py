@@ -79,14 +79,15 @@ def _power_of_two(size: int) -> int:
 def pinned_bytes(tensors: list) -> int:
     """Bytes of the distinct buffers behind `tensors`, with the allocator's rounding (what they
     hold of the host's page-locked memory when pinned)."""
-    seen = {}
-    for tensor in tensors:
-        storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = _power_of_two(storage.nbytes())
-    return sum(seen.values())
+    return sum(_power_of_two(size) for size in _buffer_sizes(tensors))
 
 
 def storage_bytes(tensors: list) -> int:
     """Bytes of the distinct buffers behind `tensors` as allocated (packed_empty's buffers are
     already rounded as the pinned allocator rounds them)."""
-    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+    return sum(_buffer_sizes(tensors))
+
+
+def _buffer_sizes(tensors: list) -> list[int]:
+    """The size of each distinct buffer behind `tensors` (views share theirs)."""
+    return list({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())

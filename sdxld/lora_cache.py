@@ -4,14 +4,14 @@ The rotation draws a LoRA pair for every image (every batch), and with a learned
 same few files come back again and again. Each time a file was read from disk, parsed against
 the model and stacked for the batched merge (lora_stacks.py): 0.49 s of host work for a 456 MB
 rank-32 file on two CPU cores, before the card gets any of the merge's work. On the H100 a swap
-before one image under CUDA graphs cost 0.99 s, as much as the image. A file kept here is merged straight from its
-stacks (pinned when the merge runs on a GPU).
+before one image under CUDA graphs cost 0.99 s, as much as the image. A file kept here is merged
+straight from its stacks (pinned when the merge runs on a GPU).
 
 The files merged now are held by the merge anyway; of the others, the least recently merged
 leave first when they hold more than the budget (lora.keep_in_memory_mb); a file that changed on
-disk or left its folder is dropped at once. Why not
-functools.lru_cache or a library: the bound is bytes held, which only the weights know, and the
-entries must be dropped by path when the folder changes.
+disk or left its folder is dropped at once. Why not functools.lru_cache or a library: the bound
+is bytes held, which only the weights know, and the entries must be dropped by path when the
+folder changes.
 """
 
 from __future__ import annotations
