@@ -19,6 +19,7 @@ the card. Writes <out>/<card>.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import platform
 import random
@@ -772,7 +773,7 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
 # margin (the H100 built stage 1's graphs in 122 s, fp8's took longer than 190 s).
 GRAPHS_BUILD_NEEDS_S = 90
 # The graphs section's parts, in the order they run (--graphs-parts picks some).
-GRAPHS_PARTS = ("batches", "waits", "loras", "bf16", "cudagraphs", "quantized", "regional", "max")
+GRAPHS_PARTS = ("approved", "batches", "waits", "loras", "bf16", "cudagraphs", "quantized", "regional", "max")
 
 
 def bench_graphs(run: Run) -> None:
@@ -789,7 +790,9 @@ def bench_graphs(run: Run) -> None:
     - cudagraphs: CUDA graphs around eager kernels (torch's cudagraphs backend: no code generation);
     - quantized: the same CUDA graphs on an fp8 UNet (int8 without fp8 hardware), the swap merging
       into the kept originals and quantizing again (uncompiled fp8 was 5.95x slower);
-    - regional: regional compile; max: sdxld's compile max (max-autotune, builds of minutes)."""
+    - regional: regional compile; max: sdxld's compile max (max-autotune, builds of minutes);
+    - approved: stages 2 and 3 under the same CUDA graphs (performance.compile_approved) against
+      the same path eager, first of all: the approved image is the goal furthest away."""
     bench, plain = run.bench, run.plain
     parts = run.args.graphs_parts
     batch = 4 if run.args.tiny else 8
@@ -797,6 +800,8 @@ def bench_graphs(run: Run) -> None:
     cuda = run.device == "cuda"
     graphs = {"mode": "reduce-overhead"} if cuda else {"backend": "eager"}
     bench.measure("graphs: warm-up, one image", lambda: _stage1_work(run, plain))
+    if "approved" in parts:
+        _graphs_approved(run, graphs)
     single = bench.measure("graphs: stage 1, one image, eager (baseline)", lambda: _stage1_work(run, plain), run.unets)
     batches = "batches" in parts
     batched = _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs") if batches else None
@@ -832,6 +837,43 @@ def bench_graphs(run: Run) -> None:
         compiled("regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
     if "max" in parts:
         _bench_compile_max(run, run.dtype_name, single, batched, batch, batch_too=batches and not run.args.tiny)
+
+
+def _graphs_approved(run: Run, graphs: dict) -> None:
+    """An approved image (stage 2, ESRGAN, stage 3 latent, PNG) with the base UNet compiled for
+    its shapes as performance.compile_approved does, against the same path eager in this call.
+    Both without the refiner: its two builds beside the base's two would not fit one call, and
+    the refiner is the last fifth of each stage's steps. Each row's note has its parts' seconds."""
+    import torch
+
+    bench = run.bench
+    pieces: dict = {}
+    approved = _approved_path(run, use_refiner=False, pieces=pieces)
+
+    def measure(name: str, baseline=None):
+        row = bench.measure(name, approved)
+        if row is not None:
+            row.note = "; ".join(filter(None, (_pieces_note(pieces), row.note)))
+            bench.ratio(row, baseline)
+            bench.write()
+        return row
+
+    # The first approved image of a process also pays for its sizes' first allocations.
+    measure("graphs: approved image without the refiner, eager, warm-up")
+    baseline = measure("graphs: approved image without the refiner, eager (baseline)")
+    if baseline is None:
+        return
+    label = "CUDA graphs (reduce-overhead)" if run.device == "cuda" else "static shapes (eager backend)"
+    if bench.left_s() < 2 * GRAPHS_BUILD_NEEDS_S:
+        bench.rows.append(Row(f"graphs: approved image, {label}, skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
+        return
+    torch._dynamo.reset()
+    run.base.unet.compile(dynamic=False, **graphs)  # the img2img pipeline shares this UNet
+    try:
+        if measure(f"graphs: approved image without the refiner, {label}: first (builds stage 2's and stage 3's shapes)"):
+            measure(f"graphs: approved image without the refiner, {label}", baseline)
+    finally:
+        _uncompile(run.base.unet)
 
 
 def _graphs_quantized(run: Run, library, compiled, cuda_graphs: str, graphs: dict, waits: bool) -> None:
@@ -916,11 +958,12 @@ def _batched_stage1(run: Run, batch: int, label: str, baseline, baseline_images:
     return row
 
 
-def _approved_path(run: Run, tile_fit: str = "grow_overlap"):
+def _approved_path(run: Run, tile_fit: str = "grow_overlap", use_refiner: bool = True, pieces: dict | None = None):
     """What the daemon does for an approved image, up to the final's bytes: stage 2, the ESRGAN
     upscale (an anime_6B-shaped network), stage 3 latent with tile_batch 2 and `tile_fit`, the
     final encoded as PNG (what a user waits for; the file write and fsync left out, they are the
-    disk's)."""
+    disk's). With `pieces`, each part's seconds of the last run go into it (the card waited for
+    between parts: at these sizes a wait is a small share)."""
     from sdxld import png
     from sdxld.stages import stage2, stage3, upscale_for_stage3
 
@@ -929,16 +972,84 @@ def _approved_path(run: Run, tile_fit: str = "grow_overlap"):
     # The daemon checks the first image of each size it resizes on the GPU against Pillow (once
     # per process, ~1 s): done here, so that no timed row pays for it.
     upscaler.upscale(run.mid_image, geometry.final)
-    stage2_settings, stage3_settings = stage_settings(geometry, "latent", 2, True)
+    stage2_settings, stage3_settings = stage_settings(geometry, "latent", 2, use_refiner)
     stage3_settings.tile_fit = tile_fit
+    record = run.refined if use_refiner else run.plain
+    timed = _PieceTimer(run.bench, pieces)
+    vae = run.base.vae
 
     def approved():
-        _, mid = stage2(run.models, run.refined, run.stage1_image, stage2_settings, geometry.mid)
-        upscaled = upscale_for_stage3(run.models, upscaler, mid, geometry.final)
-        final = stage3(run.models, run.refined, upscaled, stage3_settings)[0]
-        return png.encode(final, run.refined.png_chunks())
+        timed.start()
+        with timed.each_call("VAE", vae.encoder, vae.decoder):
+            with timed("stage 2"):
+                _, mid = stage2(run.models, record, run.stage1_image, stage2_settings, geometry.mid)
+            with timed("ESRGAN"):
+                upscaled = upscale_for_stage3(run.models, upscaler, mid, geometry.final)
+            with timed("stage 3"):
+                final = stage3(run.models, record, upscaled, stage3_settings)[0]
+        with timed("PNG"):
+            return png.encode(final, record.png_chunks())
 
     return approved
+
+
+@dataclass
+class _PieceTimer:
+    """Seconds of an approved image's parts into `pieces` (nothing without them), the card waited
+    for at each part's ends: `with timed(name):` for a part, `with timed.each_call(name, *modules)`
+    for the calls of some modules within parts (the VAE's tiles inside stages 2 and 3)."""
+
+    bench: "Bench"
+    pieces: dict | None
+
+    def start(self) -> None:
+        if self.pieces is not None:
+            self.pieces.clear()
+
+    def _add(self, name: str, seconds: float) -> None:
+        self.pieces[name] = self.pieces.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.pieces is None:
+            yield
+            return
+        self.bench.sync()
+        started = time.perf_counter()
+        yield
+        self.bench.sync()
+        self._add(name, time.perf_counter() - started)
+
+    @contextlib.contextmanager
+    def each_call(self, name: str, *modules):
+        if self.pieces is None:
+            yield
+            return
+        began: list[float] = []
+
+        def before(*_):
+            self.bench.sync()
+            began.append(time.perf_counter())
+
+        def after(*_):
+            self.bench.sync()
+            self._add(name, time.perf_counter() - began.pop())
+
+        handles = [hook for module in modules
+                   for hook in (module.register_forward_pre_hook(before), module.register_forward_hook(after))]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _pieces_note(pieces: dict) -> str:
+    """Each part's seconds; the VAE's are inside stage 2's and stage 3's."""
+    note = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in pieces.items() if name != "VAE")
+    if "VAE" in pieces:
+        note += f" (VAE encodes and decodes within stages 2 and 3: {pieces['VAE']:.2f} s)"
+    return note
 
 
 def _stage1_work(run: Run, record) -> None:

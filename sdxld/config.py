@@ -88,9 +88,14 @@ class PerformanceConfig:
     # gain); full: the whole UNet; graphs: the whole UNet for stage 1's fixed shapes, each
     # denoising step replayed as CUDA graphs (about 2 minutes to compile per batch size on an
     # H100, where it halved a stage-1 image's time; made for the daemon's long runs; stages 2 and
-    # 3 run uncompiled); max: graphs with every matmul autotuned (longer builds, not timed yet).
+    # 3 run uncompiled unless compile_approved); max: graphs with every matmul autotuned (longer
+    # builds, not timed yet).
     # LoRAs are merged into the weights in place, so none of them recompiles per LoRA.
     compile: Literal["off", "regional", "full", "graphs", "max"] = "off"
+    # graphs and max only: stages 2 and 3 compiled for their fixed shapes too, for approved images
+    # of stage 1's size and sampler (the first such approval builds each shape: minutes); other
+    # images reuse what was built where the shapes match and run uncompiled elsewhere.
+    compile_approved: bool = False
     # torch.compile backend: inductor generates kernels; eager only traces (tests, debugging).
     compile_backend: str = "inductor"
     # Fuse the q/k/v projections of the UNet's and VAE's attention into one matmul. The UNet's
@@ -115,6 +120,11 @@ class PerformanceConfig:
     def validate(self) -> None:
         ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)
         _check(bool(ok), "performance.device", f"'{self.device}' is not one of auto, cpu, cuda, cuda:N, mps")
+        if self.compile_approved and not self.static_shapes:
+            already = " (regional and full compile stages 2 and 3 already)" if self.compile != "off" else ""
+            _check(False, "performance.compile_approved",
+                   f"is for compile graphs or max, not {self.compile}{already}: set compile to graphs or max, "
+                   f"or compile_approved to false")
 
 
 @dataclass

@@ -364,7 +364,7 @@ class Engine:
         # 1. The LoRAs that made the image, at their recorded strengths.
         notes = self.activate_recorded_loras(record)
 
-        with self.models.approved_path():
+        with self.models.approved_path(may_build=self._repeats_stage1_shapes(record)):
             # 2. Stage 2: Lanczos to the mid size, img2img.
             stage2_up, stage2_image = stage2(self.models, record, stage1_image, gen.stage2, mid_size, hooks)
             keep(stage2_up, "stage2_up")
@@ -385,6 +385,18 @@ class Engine:
         path = store.save_image(self.layout, record, final_image, "final", embed=self.embed)
         log.info("final %s -> %s", record.tag, path.name, extra={"sdxld_tag": record.tag, "sdxld_stage": "final"})
         return FinalResult(record, path, notes + retries)
+
+    def _repeats_stage1_shapes(self, record: Record) -> bool:
+        """Whether stages 2 and 3 of this image have the shapes of every approval of this run: made
+        at stage 1's size with its sampler (the timesteps' dtype is part of a compiled shape). Only
+        such images may start compile builds (performance.compile_approved)."""
+        gen = self.config.generation
+        repeats = (record.width, record.height) == (gen.base_width, gen.base_height) and record.sampler == gen.sampler
+        if self.models.compile_approved and not repeats:
+            log.info("%s: %dx%d with %s is not stage 1's %dx%d with %s: stages 2 and 3 run the shapes already "
+                     "compiled and the rest uncompiled", record.tag, record.width, record.height, record.sampler,
+                     gen.base_width, gen.base_height, gen.sampler)
+        return repeats
 
     def _intermediate_saver(self, record: Record):
         """keep(image, kind[, name]): saves an intermediate when output.save_intermediates is on."""

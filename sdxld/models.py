@@ -95,6 +95,8 @@ class ModelBank:
     # performance.compile graphs and max: every new input shape is a UNet build of its own
     # (minutes), so stage 1 keeps its batches to a few shapes.
     static_shapes: bool = False
+    # performance.compile_approved: stages 2 and 3 build their shapes too (static_shapes only).
+    compile_approved: bool = False
 
     @property
     def execution_device(self):
@@ -111,17 +113,30 @@ class ModelBank:
     def pipelines(self) -> list:
         return [p for p in (self.base, self.img2img, self.refiner) if p is not None]
 
-    def approved_path(self):
-        """Context for stages 2 and 3. Under compile graphs and max they run uncompiled: each new
-        shape (stage 2's size, stage 3's tile batches) would be a build of its own, and the first
-        approved image of a run would wait for those builds (57 s for the tiny UNet's max-autotune
-        build on a 2-core CPU; SDXL's reduce-overhead build on an H100: 122 s). graphs and max are
-        for stage 1's fixed shapes."""
+    def approved_path(self, may_build: bool):
+        """Context for stages 2 and 3. Under compile graphs and max every new shape is a build of
+        its own (minutes: SDXL's reduce-overhead build of stage 1's shape took 122 s on an H100).
+        Without compile_approved they run uncompiled, so an approved image never waits for one.
+        With it, an image that `may_build` (the engine says: stage 1's size and sampler, the shapes
+        every approval repeats) builds what it lacks; any other image runs the shapes already
+        built and the rest uncompiled, never starting a build for a size it may be alone in
+        having."""
         import torch
 
-        if self.static_shapes and hasattr(torch.compiler, "set_stance"):  # set_stance: torch 2.6+
+        if not self.static_shapes or not hasattr(torch.compiler, "set_stance"):  # set_stance: torch 2.6+
+            return contextlib.nullcontext()
+        if not self.compile_approved:
             return torch.compiler.set_stance("force_eager")
-        return contextlib.nullcontext()
+        return contextlib.nullcontext() if may_build else self.no_new_builds()
+
+    def no_new_builds(self):
+        """Compiled shapes run as built; a shape not built yet runs uncompiled instead of building
+        (an out-of-memory retry's smaller tiles, another image's size)."""
+        import torch
+
+        if not self.static_shapes or not self.compile_approved or not hasattr(torch.compiler, "set_stance"):
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("eager_on_recompile")
 
     def describe(self) -> dict:
         return {"base": self.base_id, "name": self.base_name, "hash": self.base_hash, "refiner": self.refiner_id}
@@ -313,6 +328,7 @@ def load_models(config: Config) -> ModelBank:
         residency=residency,
         quantized=quantized,
         static_shapes=config.performance.static_shapes,
+        compile_approved=config.performance.compile_approved,
     )
 
 
@@ -418,6 +434,10 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
             notes.append(f"performance.compile {mode} records CUDA graphs at the weights' addresses; memory.strategy "
                          f"{config.memory.strategy} moves the UNet, so graphs are recorded again: use memory.strategy gpu")
     notes.append(f"performance.compile {mode} ({backend}): the first image of each size compiles, expect it to be slow")
+    if config.performance.compile_approved:
+        notes.append("performance.compile_approved: the first approved image of stage 1's size builds stage 2's and "
+                     "stage 3's shapes (one per UNet and shape: up to four builds of minutes each with the refiner), "
+                     "so its final takes that much longer; later ones run as built")
 
 
 def _allow_static_shapes() -> None:

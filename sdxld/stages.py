@@ -473,21 +473,23 @@ def stage3(models, record: Record, image, settings, hooks: Hooks | None = None, 
     attempt = replace(settings, tile_batch=auto_tile_batch(settings, models.execution_device))
     notes: list[str] = []
     while True:
-        try:
-            if attempt.mode == "pixel":
-                final, tiles = stage3_pixel(models, record, image, attempt, hooks, on_tile=on_tile)
-            else:
-                final, tiles = stage3_latent(models, record, image, attempt, hooks)
-            return final, tiles, attempt, notes
-        except out_of_memory_error():
-            smaller = smaller_stage3(attempt)
-            if smaller is None:
-                raise
-            notes.append(
-                f"stage 3 ran out of GPU memory at tile_batch {attempt.tile_batch}, tile_size {attempt.tile_size}; "
-                f"retried with tile_batch {smaller.tile_batch}, tile_size {smaller.tile_size}"
-            )
-            attempt = smaller
+        # A retry's smaller shapes would be compile builds of minutes under compile_approved.
+        with models.no_new_builds() if notes else contextlib.nullcontext():
+            try:
+                if attempt.mode == "pixel":
+                    final, tiles = stage3_pixel(models, record, image, attempt, hooks, on_tile=on_tile)
+                else:
+                    final, tiles = stage3_latent(models, record, image, attempt, hooks)
+                return final, tiles, attempt, notes
+            except out_of_memory_error():
+                smaller = smaller_stage3(attempt)
+                if smaller is None:
+                    raise
+                notes.append(
+                    f"stage 3 ran out of GPU memory at tile_batch {attempt.tile_batch}, tile_size {attempt.tile_size}; "
+                    f"retried with tile_batch {smaller.tile_batch}, tile_size {smaller.tile_size}"
+                )
+                attempt = smaller
         # Outside the except block: the traceback no longer pins the failed attempt's tensors.
         gc.collect()
         if torch.cuda.is_available():

@@ -153,6 +153,35 @@ def test_compile_max_reads_lora_weights_written_after_it_compiled(root, make_eng
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU; this machine has none")
+def test_cuda_graphs_of_the_approved_path_make_the_final_eager_code_makes(make_engine):
+    # Stage 3 calls the UNet once per tile batch within a step, and a CUDA graph's outputs are
+    # overwritten by its next replay: each call's prediction has to be used up before the next.
+    # torch's cudagraphs backend records the eager kernels (builds in seconds), so the finals of
+    # a replay and of eager code may only differ by what the graphs get wrong.
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    engine = approved_compiling_engine(make_engine, performance__device="cuda", performance__dtype="bf16",
+                                       memory__strategy="gpu", performance__compile_backend="cudagraphs")
+    first = engine.stage1_once(seed=1)
+
+    def final_pixels():
+        path = engine.upscale(first.record, first.image).path
+        with Image.open(path) as final:
+            pixels = np.asarray(final, dtype=np.float32)
+        path.unlink()  # a final is never replaced: the next upscale of this record writes it anew
+        return pixels
+
+    for _ in range(3):  # warm-up, record, replay
+        replayed = final_pixels()
+    with torch.compiler.set_stance("force_eager"):
+        eager = final_pixels()
+    assert eager.std() > 1, "the final should be an image, not a flat colour"
+    assert np.abs(replayed - eager).mean() < 0.5
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU; this machine has none")
 @pytest.mark.parametrize("mode", ["graphs", "max"])
 def test_cuda_graphs_replay_with_the_lora_weights_merged_after_recording(root, make_engine, monkeypatch, mode):
     import torch
@@ -190,3 +219,65 @@ def test_compile_for_static_shapes_builds_stage1_in_power_of_two_batches_only_an
     made = engine.stage1_batch(3)  # 2 + 1
     assert [r.record.batch for r in made] == [{"size": 3, "index": i, "lora_seed": made[0].record.seed} for i in range(3)]
     assert engine.upscale(first.record, first.image).path.is_file()
+
+
+def approved_compiling_engine(make_engine, **changes):
+    return make_engine(performance__compile="graphs", performance__compile_backend="eager",
+                       performance__compile_approved=True, generation__t2i__steps=2,
+                       generation__stage2__steps=4, generation__stage3__steps=4, **changes)
+
+
+def test_compile_approved_builds_stages_2_and_3_at_the_first_approval_and_never_again(root, make_engine, no_recompiles):
+    five_loras(root)
+    engine = approved_compiling_engine(make_engine)
+    images = [engine.stage1_once(seed=seed) for seed in (1, 2, 3)]
+    stage1_built = graphs()
+    engine.upscale(images[0].record, images[0].image)
+    assert graphs() > stage1_built, "the first approval should have built stage 2's and stage 3's shapes"
+    approved_built = graphs()
+    no_recompiles()
+    for image in images[1:]:  # other seeds and LoRAs, the same shapes
+        assert engine.upscale(image.record, image.image).path.is_file()
+    engine.stage1_once(seed=4)  # stage 1's builds are still there beside them
+    assert graphs() == approved_built
+
+
+@pytest.mark.parametrize("differs", ["size", "sampler"])
+def test_compile_approved_never_builds_for_an_image_unlike_stage1s(root, make_engine, no_recompiles, differs):
+    # An image of another size (one the user brought, or made before a config edit) or sampler
+    # (the timesteps' dtype) has shapes of its own: a build of minutes for one image.
+    from dataclasses import replace
+
+    engine = approved_compiling_engine(make_engine)
+    first = engine.stage1_once(seed=1)
+    engine.upscale(first.record, first.image)
+    built = graphs()
+    no_recompiles()
+    other = engine.stage1_once(seed=2)
+    if differs == "size":
+        record, image = replace(other.record, width=192, height=224), other.image.resize((192, 224))
+    else:
+        record, image = replace(other.record, sampler="Euler a"), other.image
+    assert engine.upscale(record, image).path.is_file()
+    assert graphs() == built
+
+
+def test_compile_approved_retries_out_of_memory_without_building_the_smaller_shapes(
+        root, make_engine, no_recompiles, monkeypatch):
+    from sdxld import stages
+
+    engine = approved_compiling_engine(make_engine, generation__stage3__tile_batch=2)
+    first, second = engine.stage1_once(seed=1), engine.stage1_once(seed=2)
+    engine.upscale(first.record, first.image)
+    no_recompiles()
+    stage3_latent = stages.stage3_latent
+
+    def out_of_memory_at_two_tiles_a_call(models, record, image, settings, hooks=None):
+        if settings.tile_batch > 1:
+            raise stages.out_of_memory_error()("CUDA out of memory (injected)")
+        return stage3_latent(models, record, image, settings, hooks)
+
+    monkeypatch.setattr(stages, "stage3_latent", out_of_memory_at_two_tiles_a_call)
+    result = engine.upscale(second.record, second.image)  # one tile a call: a shape never built
+    assert result.notes == ["stage 3 ran out of GPU memory at tile_batch 2, tile_size 352; "
+                            "retried with tile_batch 1, tile_size 352"]
