@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -414,6 +415,8 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
     if mode == "off":
         return
     backend = config.performance.compile_backend
+    if backend == "inductor":
+        notes.append(f"compiled code is kept in {lasting_compile_cache()}: later starts reuse it")
     for pipe in pipes:
         if pipe is None:
             continue
@@ -438,6 +441,37 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
         notes.append("performance.compile_approved: the first approved image of stage 1's size builds stage 2's and "
                      "stage 3's shapes (one per UNet and shape: up to four builds of minutes each with the refiner), "
                      "so its final takes that much longer; later ones run as built")
+
+
+# inductor's own variable: a folder the user chose is used as it is.
+COMPILE_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def lasting_compile_cache() -> Path:
+    """The folder inductor keeps compiled graphs and kernels in, made to outlast the process.
+
+    inductor's default is /tmp/torchinductor_<user>: emptied at reboot, and under the system
+    unit's PrivateTmp a fresh /tmp at every start, so every start would build every shape again
+    (SDXL's stage-1 shape under compile graphs: 122 s on an H100). sdxld's cache folder (the root's
+    .cache under the system unit) keeps them. inductor reads the variable whenever it looks for a
+    cached graph or kernel, but writes its default into it when torch._inductor is first imported
+    (diffusers' import does): that value counts as not chosen."""
+    from .tiny import cache_root
+
+    chosen = os.environ.get(COMPILE_CACHE_VARIABLE)
+    if chosen and Path(chosen).absolute() != _inductor_default_cache():
+        return Path(chosen)
+    folder = cache_root() / "torchinductor"
+    os.environ[COMPILE_CACHE_VARIABLE] = str(folder)
+    return folder
+
+
+def _inductor_default_cache() -> Path:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # torch before 2.5 kept it beside the other runtime helpers
+        from torch._inductor.runtime.runtime_utils import default_cache_dir
+    return Path(default_cache_dir()).absolute()
 
 
 def _allow_static_shapes() -> None:

@@ -281,3 +281,67 @@ def test_compile_approved_retries_out_of_memory_without_building_the_smaller_sha
     result = engine.upscale(second.record, second.image)  # one tile a call: a shape never built
     assert result.notes == ["stage 3 ran out of GPU memory at tile_batch 2, tile_size 352; "
                             "retried with tile_batch 1, tile_size 352"]
+
+
+@pytest.mark.parametrize("variable", ["unset", "inductor's default"])
+def test_compiled_code_is_kept_in_sdxlds_cache_folder_not_in_tmp(monkeypatch, tmp_path, variable):
+    # inductor's default, /tmp/torchinductor_<user>, is emptied at reboot and, under the system
+    # unit's PrivateTmp, at every start: each start would build every shape again. Importing
+    # torch._inductor (diffusers does) writes that default into the variable.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from sdxld.config import Config
+    from sdxld.models import compile_unets
+
+    if variable == "unset":
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    config, notes = Config(), []
+    config.performance.compile = "graphs"
+    compile_unets(config, [], notes)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache/sdxld/torchinductor")
+    assert f"compiled code is kept in {tmp_path / 'cache/sdxld/torchinductor'}: later starts reuse it" in notes
+
+
+def test_a_compile_cache_folder_the_user_chose_is_kept(monkeypatch, tmp_path):
+    from sdxld.models import lasting_compile_cache
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert lasting_compile_cache() == tmp_path / "mine"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
+COMPILE_IN_A_NEW_PROCESS = """
+import diffusers  # as the daemon does, before anything compiles (it sets inductor's default folder)
+import torch
+from sdxld.models import lasting_compile_cache
+lasting_compile_cache()
+double_then_add = torch.compile(lambda x: x * 2 + 1, backend="inductor")
+assert torch.equal(double_then_add(torch.arange(4.0)), torch.tensor([1.0, 3.0, 5.0, 7.0]))
+counters = torch._dynamo.utils.counters["inductor"]
+print(counters["fxgraph_cache_hit"], counters["fxgraph_cache_miss"])
+"""
+
+
+def test_a_second_start_finds_what_the_first_compiled(tmp_path):
+    import subprocess
+    import sys
+
+    if why := cpp_compiler_missing():
+        pytest.skip(why)
+    env = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+
+    def start() -> tuple[int, int]:
+        done = subprocess.run([sys.executable, "-c", COMPILE_IN_A_NEW_PROCESS], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        hits, misses = done.stdout.split()[-2:]
+        return int(hits), int(misses)
+
+    assert start() == (0, 1)
+    assert start() == (1, 0)
+    assert any((tmp_path / "sdxld/torchinductor").rglob("*.py")), "the compiled code should be in sdxld's cache folder"
