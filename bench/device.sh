@@ -44,6 +44,11 @@ if [ "$sections" = fast ]; then
   device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
   timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
 fi
+# The VAE compiled against eager at stage 1's size (performance.compile_vae), if the call has the
+# time beside the tests: one decode and one encode each, medians of 5.
+if [ $(( ${CALL_S:-575} - SECONDS )) -gt 200 ]; then
+  timeout 120 "$PYTHON" bench/vae_compile.py --device cuda --size 768x1344 --dtype bf16 --repeats 5 | tee "$results/vae-compile.txt"
+fi
 # The suite's tests that only a GPU runs (they skip elsewhere, saying why): no sampler step
 # synchronizes, a LoRA swap neither (and gives the CPU's weights), fp8 with LoRAs merged in
 # place, an approved image replayed as CUDA graphs makes the eager final, CUDA graphs replay

@@ -897,6 +897,29 @@ def _graphs_approved(run: Run, graphs: dict) -> None:
         measure(f"graphs: approved image without the refiner, {label}: first after a restart, the compiled code kept")
     finally:
         _uncompile(run.base.unet)
+    _approved_with_compiled_vae(run, baseline)
+
+
+def _approved_with_compiled_vae(run: Run, baseline) -> None:
+    """The eager approved image with the VAE's encoder and decoder compiled (performance.compile_vae;
+    dynamic sizes after the second, no CUDA graphs), against the eager baseline. Without the
+    parts' timing hooks, which would sit inside the compiled modules."""
+    bench = run.bench
+    if bench.left_s() < GRAPHS_BUILD_NEEDS_S:
+        bench.rows.append(Row(f"graphs: approved image, VAE compiled, skipped: {bench.left_s():.0f} s of --budget-s left", 0.0))
+        return
+    vae = run.base.vae
+    backend = "inductor" if run.device == "cuda" else "eager"
+    approved = _approved_path(run, use_refiner=False)
+    vae.encoder.compile(backend=backend)
+    vae.decoder.compile(backend=backend)
+    try:
+        if bench.measure("graphs: approved image without the refiner, eager, VAE compiled: first (builds the VAE's sizes)",
+                         approved):
+            bench.ratio(bench.measure("graphs: approved image without the refiner, eager, VAE compiled", approved),
+                        baseline)
+    finally:
+        _uncompile(vae)
 
 
 def _graphs_quantized(run: Run, library, compiled, cuda_graphs: str, graphs: dict, waits: bool) -> None:

@@ -96,6 +96,10 @@ class PerformanceConfig:
     # of stage 1's size and sampler (the first such approval builds each shape: minutes); other
     # images reuse what was built where the shapes match and run uncompiled elsewhere.
     compile_approved: bool = False
+    # torch.compile the VAE's encoder and decoder too (any compile mode, or alone): inductor fuses
+    # the normalizations and activations its convolutions are wrapped in. The first stage-1 image
+    # and the first approved image compile it (its tiles: several compiles); later ones do not.
+    compile_vae: bool = False
     # torch.compile backend: inductor generates kernels; eager only traces (tests, debugging).
     compile_backend: str = "inductor"
     # Fuse the q/k/v projections of the UNet's and VAE's attention into one matmul. The UNet's

@@ -306,6 +306,8 @@ def load_models(config: Config) -> ModelBank:
     _configure_vae(config, base.vae)
     _configure_attention(config, device, [base, refiner], notes)
     compile_unets(config, [base, refiner], notes)
+    compile_vae(config, base.vae, notes)
+    keep_compiled_code(config, notes)
 
     for pipe in (base, img2img, refiner):
         if pipe is not None:
@@ -415,8 +417,6 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
     if mode == "off":
         return
     backend = config.performance.compile_backend
-    if backend == "inductor":
-        notes.append(f"compiled code is kept in {lasting_compile_cache()}: later starts reuse it")
     for pipe in pipes:
         if pipe is None:
             continue
@@ -441,6 +441,30 @@ def compile_unets(config: Config, pipes: list, notes: list[str]) -> None:
         notes.append("performance.compile_approved: the first approved image of stage 1's size builds stage 2's and "
                      "stage 3's shapes (one per UNet and shape: up to four builds of minutes each with the refiner), "
                      "so its final takes that much longer; later ones run as built")
+
+
+def compile_vae(config: Config, vae, notes: list[str]) -> None:
+    """performance.compile_vae: the VAE's encoder and decoder compiled in place (the base, img2img
+    and refiner pipelines share this VAE). Not as CUDA graphs: its calls are few and large. Its
+    tiles come in several sizes and layouts (edge tiles, views of the latent), so the first
+    approved image compiles it several times (10 on the demo model) until its sizes are dynamic;
+    after that, other image sizes compiled nothing more (tests/test_compile.py). Under compile
+    graphs and max the approved path's stance applies to it as to the UNets (uncompiled unless
+    compile_approved)."""
+    if not config.performance.compile_vae:
+        return
+    backend = config.performance.compile_backend
+    vae.encoder.compile(backend=backend)
+    vae.decoder.compile(backend=backend)
+    notes.append(f"performance.compile_vae ({backend}): the first stage-1 decode compiles the VAE, and the first "
+                 f"approved image compiles it for its tiles (several compiles, once)")
+
+
+def keep_compiled_code(config: Config, notes: list[str]) -> None:
+    """What inductor compiles is kept for later starts (lasting_compile_cache); the start says where."""
+    performance = config.performance
+    if performance.compile_backend == "inductor" and (performance.compile != "off" or performance.compile_vae):
+        notes.append(f"compiled code is kept in {lasting_compile_cache()}: later starts reuse it")
 
 
 # inductor's own variable: a folder the user chose is used as it is.

@@ -346,7 +346,7 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
     latent_tiles = [t.scaled(factor) for t in pixel_tiles]
     generator = _generator(device, record.seed + STAGE3_SEED_OFFSET)
 
-    with torch.inference_mode():
+    with torch.no_grad():
         with vae_in_fp32(pipe.vae):
             pixels = pil_to_tensor(image, device, pipe.vae.dtype)
             init = pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor

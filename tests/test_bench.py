@@ -27,7 +27,8 @@ def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
                 "graphs: LoRA character swap (kept in memory) + one image, int8",
                 "graphs: LoRA character swap (read from disk) + one image, int8",
                 "graphs: approved image without the refiner, static shapes (eager backend)",
-                "graphs: approved image without the refiner, static shapes (eager backend): first after a restart"):
+                "graphs: approved image without the refiner, static shapes (eager backend): first after a restart",
+                "graphs: approved image without the refiner, eager, VAE compiled"):
         assert row in report
     assert "FAILED" not in report
 

@@ -212,7 +212,7 @@ def test_compile_for_static_shapes_builds_stage1_in_power_of_two_batches_only_an
     # tiles would be builds at the first approval unless they run uncompiled.
     engine = make_engine(performance__compile=mode, performance__compile_backend="eager", generation__t2i__steps=2,
                          generation__stage2__steps=4, generation__stage3__steps=4, generation__final_scale=2,
-                         model__use_refiner=False)
+                         model__use_refiner=False, performance__compile_vae=True)
     first = engine.stage1_batch(1)[0]
     engine.stage1_batch(2)
     no_recompiles()
@@ -291,7 +291,7 @@ def test_compiled_code_is_kept_in_sdxlds_cache_folder_not_in_tmp(monkeypatch, tm
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from sdxld.config import Config
-    from sdxld.models import compile_unets
+    from sdxld.models import keep_compiled_code
 
     if variable == "unset":
         monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -300,7 +300,7 @@ def test_compiled_code_is_kept_in_sdxlds_cache_folder_not_in_tmp(monkeypatch, tm
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     config, notes = Config(), []
     config.performance.compile = "graphs"
-    compile_unets(config, [], notes)
+    keep_compiled_code(config, notes)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache/sdxld/torchinductor")
     assert f"compiled code is kept in {tmp_path / 'cache/sdxld/torchinductor'}: later starts reuse it" in notes
 
@@ -345,3 +345,46 @@ def test_a_second_start_finds_what_the_first_compiled(tmp_path):
     assert start() == (0, 1)
     assert start() == (1, 0)
     assert any((tmp_path / "sdxld/torchinductor").rglob("*.py")), "the compiled code should be in sdxld's cache folder"
+
+
+def test_compile_vae_compiles_each_vae_size_once_then_never_again(root, make_engine, no_recompiles):
+    five_loras(root)
+    engine = make_engine(performance__compile_vae=True, performance__compile_backend="eager",
+                         generation__t2i__steps=2, generation__stage2__steps=4, generation__stage3__steps=4)
+    first = engine.stage1_once(seed=1)
+    assert graphs() > 0, "the VAE's decoder should have been compiled (the UNet is not: compile is off)"
+    engine.upscale(first.record, first.image)  # encodes, and decodes of stage 2's and stage 3's tile sizes
+    no_recompiles()
+    for seed in (2, 3):
+        made = engine.stage1_once(seed=seed)
+    assert engine.upscale(made.record, made.image).path.is_file()
+
+
+def test_a_compiled_vae_makes_the_pixels_the_eager_one_makes(make_engine):
+    import numpy as np
+
+    # aot_eager traces and partitions the graph as inductor does, then runs ATen's own kernels.
+    compiled = make_engine(performance__compile_vae=True, performance__compile_backend="aot_eager",
+                           generation__t2i__steps=2)
+    plain = make_engine(generation__t2i__steps=2)
+    for engine in (compiled, plain):
+        engine.pixels = np.asarray(engine.stage1_once(seed=7).image, dtype=np.float32)
+    assert compiled.pixels.std() > 1
+    assert np.abs(compiled.pixels - plain.pixels).mean() < 0.5
+
+
+
+def test_compile_vae_takes_an_image_of_another_size_without_compiling_again(root, make_engine, no_recompiles):
+    # The first approval meets the VAE's tiles in all their sizes and layouts (views of the latent,
+    # edge tiles), after which the sizes are dynamic. Stage 3 hands the VAE tensors made under
+    # no_grad as the pipelines do: inference-mode tensors would be a compiled variant of their own.
+    from dataclasses import replace
+
+    engine = make_engine(performance__compile_vae=True, performance__compile_backend="eager",
+                         generation__t2i__steps=2, generation__stage2__steps=4, generation__stage3__steps=4)
+    first = engine.stage1_once(seed=1)
+    engine.upscale(first.record, first.image)
+    no_recompiles()
+    other = engine.stage1_once(seed=2)
+    wider = replace(other.record, width=192, height=160)
+    assert engine.upscale(wider, other.image.resize((192, 160))).path.is_file()
