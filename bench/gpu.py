@@ -773,7 +773,7 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
 # margin (the H100 built stage 1's graphs in 122 s, fp8's took longer than 190 s).
 GRAPHS_BUILD_NEEDS_S = 90
 # The graphs section's parts, in the order they run (--graphs-parts picks some).
-GRAPHS_PARTS = ("approved", "batches", "waits", "loras", "bf16", "cudagraphs", "quantized", "regional", "max")
+GRAPHS_PARTS = ("approved", "vae", "batches", "waits", "loras", "bf16", "cudagraphs", "quantized", "regional", "max")
 
 
 def bench_graphs(run: Run) -> None:
@@ -792,7 +792,9 @@ def bench_graphs(run: Run) -> None:
       into the kept originals and quantizing again (uncompiled fp8 was 5.95x slower);
     - regional: regional compile; max: sdxld's compile max (max-autotune, builds of minutes);
     - approved: stages 2 and 3 under the same CUDA graphs (performance.compile_approved) against
-      the same path eager, first of all: the approved image is the goal furthest away."""
+      the same path eager, first of all: the approved image is the goal furthest away; with vae,
+      also the eager approved image with the VAE compiled (performance.compile_vae: about ten
+      compiles of the VAE for its tiles, minutes on a GPU, so not in bench/device.sh's default)."""
     bench, plain = run.bench, run.plain
     parts = run.args.graphs_parts
     batch = 4 if run.args.tiny else 8
@@ -897,7 +899,8 @@ def _graphs_approved(run: Run, graphs: dict) -> None:
         measure(f"graphs: approved image without the refiner, {label}: first after a restart, the compiled code kept")
     finally:
         _uncompile(run.base.unet)
-    _approved_with_compiled_vae(run, baseline)
+    if "vae" in run.args.graphs_parts:
+        _approved_with_compiled_vae(run, baseline)
 
 
 def _approved_with_compiled_vae(run: Run, baseline) -> None:

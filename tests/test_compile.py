@@ -223,7 +223,7 @@ def test_compile_for_static_shapes_builds_stage1_in_power_of_two_batches_only_an
 
 def approved_compiling_engine(make_engine, **changes):
     return make_engine(performance__compile="graphs", performance__compile_backend="eager",
-                       performance__compile_approved=True, generation__t2i__steps=2,
+                       performance__compile_approved=True, generation__t2i__steps=2, generation__final_scale=2,
                        generation__stage2__steps=4, generation__stage3__steps=4, **changes)
 
 
@@ -242,8 +242,7 @@ def test_compile_approved_builds_stages_2_and_3_at_the_first_approval_and_never_
     assert graphs() == approved_built
 
 
-@pytest.mark.parametrize("differs", ["size", "sampler"])
-def test_compile_approved_never_builds_for_an_image_unlike_stage1s(root, make_engine, no_recompiles, differs):
+def test_compile_approved_never_builds_for_an_image_unlike_stage1s(root, make_engine, no_recompiles):
     # An image of another size (one the user brought, or made before a config edit) or sampler
     # (the timesteps' dtype) has shapes of its own: a build of minutes for one image.
     from dataclasses import replace
@@ -254,11 +253,10 @@ def test_compile_approved_never_builds_for_an_image_unlike_stage1s(root, make_en
     built = graphs()
     no_recompiles()
     other = engine.stage1_once(seed=2)
-    if differs == "size":
-        record, image = replace(other.record, width=192, height=224), other.image.resize((192, 224))
-    else:
-        record, image = replace(other.record, sampler="Euler a"), other.image
-    assert engine.upscale(record, image).path.is_file()
+    another_size = replace(other.record, width=192, height=224, tag=f"{other.record.tag}_wide")
+    assert engine.upscale(another_size, other.image.resize((192, 224))).path.is_file()
+    another_sampler = replace(other.record, sampler="Euler a")
+    assert engine.upscale(another_sampler, other.image).path.is_file()
     assert graphs() == built
 
 
@@ -347,17 +345,24 @@ def test_a_second_start_finds_what_the_first_compiled(tmp_path):
     assert any((tmp_path / "sdxld/torchinductor").rglob("*.py")), "the compiled code should be in sdxld's cache folder"
 
 
-def test_compile_vae_compiles_each_vae_size_once_then_never_again(root, make_engine, no_recompiles):
+def test_compile_vae_compiles_at_the_first_images_then_never_for_any_size(root, make_engine, no_recompiles):
+    # The first approval meets the VAE's tiles in all their sizes and layouts (views of the latent,
+    # edge tiles), after which the sizes are dynamic. Stage 3 hands the VAE tensors made under
+    # no_grad as the pipelines do: inference-mode tensors would be a compiled variant of their own.
+    from dataclasses import replace
+
     five_loras(root)
     engine = make_engine(performance__compile_vae=True, performance__compile_backend="eager",
                          generation__t2i__steps=2, generation__stage2__steps=4, generation__stage3__steps=4)
     first = engine.stage1_once(seed=1)
     assert graphs() > 0, "the VAE's decoder should have been compiled (the UNet is not: compile is off)"
-    engine.upscale(first.record, first.image)  # encodes, and decodes of stage 2's and stage 3's tile sizes
+    engine.upscale(first.record, first.image)  # encodes, and decodes of stage 2's and stage 3's tiles
     no_recompiles()
     for seed in (2, 3):
         made = engine.stage1_once(seed=seed)
     assert engine.upscale(made.record, made.image).path.is_file()
+    wider = replace(made.record, width=192, height=160, tag=f"{made.record.tag}_wide")
+    assert engine.upscale(wider, made.image.resize((192, 160))).path.is_file()
 
 
 def test_a_compiled_vae_makes_the_pixels_the_eager_one_makes(make_engine):
@@ -373,18 +378,3 @@ def test_a_compiled_vae_makes_the_pixels_the_eager_one_makes(make_engine):
     assert np.abs(compiled.pixels - plain.pixels).mean() < 0.5
 
 
-
-def test_compile_vae_takes_an_image_of_another_size_without_compiling_again(root, make_engine, no_recompiles):
-    # The first approval meets the VAE's tiles in all their sizes and layouts (views of the latent,
-    # edge tiles), after which the sizes are dynamic. Stage 3 hands the VAE tensors made under
-    # no_grad as the pipelines do: inference-mode tensors would be a compiled variant of their own.
-    from dataclasses import replace
-
-    engine = make_engine(performance__compile_vae=True, performance__compile_backend="eager",
-                         generation__t2i__steps=2, generation__stage2__steps=4, generation__stage3__steps=4)
-    first = engine.stage1_once(seed=1)
-    engine.upscale(first.record, first.image)
-    no_recompiles()
-    other = engine.stage1_once(seed=2)
-    wider = replace(other.record, width=192, height=160)
-    assert engine.upscale(wider, other.image.resize((192, 160))).path.is_file()
