@@ -121,6 +121,14 @@ class PerformanceConfig:
         """The UNet is compiled for each shape it meets (a build per stage-1 batch size)."""
         return self.compile in ("graphs", "max")
 
+    @property
+    def builds_for_minutes(self) -> bool:
+        """A compile may outlast systemd's watchdog inside one call that pings nothing: the whole
+        UNet's (graphs' build of one shape took 122 s on an H100 with 16 host cores; a host with
+        fewer compiles slower), or the VAE's for several tile shapes within one decode. Regional
+        compiles one transformer block (11 s for the first image on the H200)."""
+        return self.compile in ("full", "graphs", "max") or self.compile_vae
+
     def validate(self) -> None:
         ok = re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device)
         _check(bool(ok), "performance.device", f"'{self.device}' is not one of auto, cpu, cuda, cuda:N, mps")

@@ -88,9 +88,10 @@ class Daemon:
         # it runs beside the model load instead of after it.
         taste = TasteReader(Layout.from_config(self.config), self.config.taste.since_time())
         self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True)
-        if self.config.performance.static_shapes and self.notifier.allow_silence(BUILD_WATCHDOG_S):
-            log.info("performance.compile %s: the watchdog now waits up to %d s between pings (a build of a "
-                     "new shape pings nothing)", self.config.performance.compile, BUILD_WATCHDOG_S)
+        if self.config.performance.builds_for_minutes and self.notifier.allow_silence(BUILD_WATCHDOG_S):
+            log.info("performance.compile %s, compile_vae %s: the watchdog now waits up to %d s between pings "
+                     "(a build of a new shape pings nothing)", self.config.performance.compile,
+                     self.config.performance.compile_vae, BUILD_WATCHDOG_S)
         self.engine.use_ledger(taste.ledger())
         self.engine.remove_leftovers()
         self.inbox = Inbox(self.engine.layout, self.config.daemon.max_attempts, self.config.daemon.lease_s)

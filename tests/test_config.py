@@ -191,3 +191,17 @@ def test_a_live_edit_keeps_the_loaded_model_settings_and_names_what_a_restart_wo
     assert keep_loaded_settings(edited, loaded) == ["model.base", "performance.dtype"]
     assert edited.model == loaded.model and edited.performance == loaded.performance
     assert edited.lora.style_strength == 0.5  # everything else applies at once
+
+
+@pytest.mark.parametrize("settings, waits", [
+    ({}, False),
+    ({"compile": "regional"}, False),
+    ({"compile": "full"}, True),
+    ({"compile": "graphs"}, True),
+    ({"compile": "max"}, True),
+    ({"compile_vae": True}, True),  # several VAE tile shapes compile within one decode
+])
+def test_the_watchdog_is_told_to_wait_for_compiles_that_take_minutes_in_one_call(settings, waits):
+    from sdxld.config import PerformanceConfig
+
+    assert PerformanceConfig(**settings).builds_for_minutes is waits
