@@ -1,5 +1,5 @@
 """Helpers shared by the tests: a demo config for a root, `sdxld` run as a process, the LoRA files
-an engine reads to check them."""
+an engine reads to check them, the GPU bench run with the tiny model."""
 
 from __future__ import annotations
 
@@ -40,3 +40,17 @@ def checks_read(engine, label=lambda entry: entry.path.name) -> list[str]:
     real_load = library._load
     library._load = lambda entry: read.append(label(entry)) or real_load(entry)
     return read
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def tiny_gpu_bench(out: Path, *args: str) -> str:
+    """bench/gpu.py on the CPU with the tiny model; its report. Compile there traces with the
+    eager backend (inductor's builds are slow on a CPU, and its behaviour is tests/test_compile.py's)."""
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "gpu.py"), "--tiny", "--out", str(out), *args],
+                            capture_output=True, text=True, timeout=420)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (out / "tiny-cpu.md").read_text()
+    assert "FAILED" not in report
+    return report
