@@ -124,9 +124,7 @@ class ModelBank:
         having."""
         import torch
 
-        if not self.static_shapes or not hasattr(torch.compiler, "set_stance"):  # set_stance: torch 2.6+
-            return contextlib.nullcontext()
-        if not self.compile_approved:
+        if self.static_shapes and not self.compile_approved and hasattr(torch.compiler, "set_stance"):  # torch 2.6+
             return torch.compiler.set_stance("force_eager")
         return contextlib.nullcontext() if may_build else self.no_new_builds()
 
