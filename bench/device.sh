@@ -44,11 +44,18 @@ if [ "$sections" = fast ]; then
   device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
   timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
 fi
+on_card=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
+# A stage-1 batch's prompts through the text encoders, compel text by text against sdxld's one
+# forward per encoder (bench/text_encoders.py; seconds on a card, a minute on a CPU rehearsal).
+if [ $(( ${CALL_S:-575} - SECONDS )) -gt 230 ]; then
+  if [ "$on_card" = 1 ]; then te_args="--device cuda --dtype bf16 --repeats 5"; else te_args="--batches 1 --repeats 1"; fi
+  timeout 90 "$PYTHON" bench/text_encoders.py $te_args | tee "$results/text-encoders.txt"
+fi
 # The VAE compiled against eager at stage 1's size (performance.compile_vae), if the call has the
 # time beside the tests: one decode and one encode each, medians of 5 (a small size on a CPU
 # rehearsal).
 if [ $(( ${CALL_S:-575} - SECONDS )) -gt 200 ]; then
-  if "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
+  if [ "$on_card" = 1 ]; then
     vae_args="--device cuda --size 768x1344 --dtype bf16 --repeats 5"
   else
     vae_args="--size 64x64 --repeats 1"
@@ -56,7 +63,7 @@ if [ $(( ${CALL_S:-575} - SECONDS )) -gt 200 ]; then
   timeout 120 "$PYTHON" bench/vae_compile.py $vae_args | tee "$results/vae-compile.txt"
 fi
 # The suite's tests that only a GPU runs (they skip elsewhere, saying why): no sampler step
-# synchronizes, a LoRA swap neither (and gives the CPU's weights), fp8 with LoRAs merged in
+# synchronizes, nor a batch's prompt encoding, a LoRA swap neither (and gives the CPU's weights), fp8 with LoRAs merged in
 # place, an approved image replayed as CUDA graphs makes the eager final, CUDA graphs replay
 # merged LoRA weights (its compile max build last). In the time the call has left; a cut-off run
 # still leaves its log.
@@ -66,7 +73,7 @@ if [ "$left" -gt 30 ]; then
   # Each test at most 150 s (pytest-timeout): one that hangs or builds too long fails with its
   # stack in the log, and the tests after it still run.
   timeout "$left" "$PYTHON" -m pytest -o addopts= -q -p no:cacheprovider -rs --timeout 150 --durations=0 -k "cuda or fp8" \
-    tests/test_samplers.py tests/test_lora_stacks.py tests/test_quantize.py tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
+    tests/test_samplers.py tests/test_conditioning.py tests/test_lora_stacks.py tests/test_quantize.py tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
   tests=${PIPESTATUS[0]}
   [ "$status" = 0 ] && status=$tests
 else

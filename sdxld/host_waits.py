@@ -6,8 +6,10 @@ A blocking copy from host memory to the GPU, a GPU value read on the host (`.ite
 `torch.linalg.solve` on the GPU (it reads its error flag back) each wait until the GPU has run
 everything queued. Run with the latents on PyTorch's meta device (shapes, no data), a copy to the
 GPU shows up as a copy from the CPU to meta: exact counts, no GPU. Used by
-bench/scheduler_waits.py (every sampler) and tests/test_samplers.py (sdxld's samplers never wait);
-CountOperations by bench/unet_ops.py, bench/lora_swap.py and tests/test_lora_stacks.py.
+bench/scheduler_waits.py (every sampler), tests/test_samplers.py (sdxld's samplers never wait) and
+tests/test_conditioning.py (nor does encoding a batch's prompts); CountOperations by
+bench/unet_ops.py, bench/lora_swap.py, bench/text_encoders.py and tests/test_lora_stacks.py.
+`queued_copy` is how sdxld copies to the card without waiting.
 """
 
 from __future__ import annotations
@@ -45,6 +47,15 @@ class CountHostWaits(TorchDispatchMode):
         elif op.startswith("aten._linalg_solve") and not _on(args[0], "cpu"):
             self.counts["linalg.solve"] += 1
         return func(*args, **kwargs)
+
+
+def queued_copy(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` (on the CPU) on `device` without making the host wait: from pageable memory a copy
+    to a GPU blocks until the card has run everything queued; from pinned memory it is queued like
+    a kernel (torch keeps the pinned block until the copy has run)."""
+    if torch.device(device).type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def _by_name(func, args, kwargs) -> dict:

@@ -29,6 +29,8 @@ from diffusers import EulerAncestralDiscreteScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .host_waits import queued_copy
+
 
 def _like(coefficient: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """A coefficient as diffusers' step applies it to `tensor`: its 0-dim GPU copy is loaded in the
@@ -144,12 +146,8 @@ def noise_without_wait(like: torch.Tensor, generator) -> torch.Tensor:
     first = generator[0] if isinstance(generator, list) else generator
     if first is None or first.device.type != "cpu" or like.device.type == "cpu":
         return randn_tensor(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    noise = randn_tensor(like.shape, generator=generator, device=torch.device("cpu"), dtype=like.dtype)
-    if like.device.type == "cuda":
-        # From pageable memory a copy blocks; from pinned memory it is queued like a kernel (torch
-        # keeps the pinned block until the copy has run).
-        noise = noise.pin_memory()
-    return noise.to(like.device, non_blocking=True)
+    return queued_copy(randn_tensor(like.shape, generator=generator, device=torch.device("cpu"), dtype=like.dtype),
+                       like.device)
 
 
 class NoWaitEulerAncestralScheduler(EulerAncestralDiscreteScheduler):

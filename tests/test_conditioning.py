@@ -27,7 +27,7 @@ def same(a, b):
 
 
 @pytest.mark.parametrize("which", ["base", "refiner"])
-def test_a_short_plain_prompt_gives_exactly_diffusers_embeddings(pipes, which):
+def test_a_short_plain_prompt_gives_diffusers_embeddings_to_float_rounding(pipes, which):
     pipe = pipes[0] if which == "base" else pipes[1]
     ours = encode(pipe, "a girl, red hair, smiling", "lowres, blurry")
     embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
@@ -119,30 +119,81 @@ def test_every_stage_sees_the_whole_prompt(make_engine):
                   stage3_latent(engine.models, blue, big, settings.stage3)[0])
 
 
-@pytest.mark.parametrize("which", ["base", "refiner"])
-def test_a_batch_encodes_each_distinct_text_once_and_each_prompt_gets_what_it_gets_alone(pipes, which, monkeypatch):
-    from sdxld import conditioning
+def encoder_calls(pipe):
+    """Rows per forward of each text encoder while the block runs: {name: [rows, ...]}."""
+    calls = {}
+    hooks = [getattr(pipe, name).register_forward_hook(
+        lambda module, args, output, name=name: calls.setdefault(name, []).append(args[0].shape[0]))
+        for name in ("text_encoder", "text_encoder_2") if getattr(pipe, name, None) is not None]
+    return calls, hooks
 
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_a_batch_runs_each_text_encoder_once_and_each_prompt_gets_what_it_gets_alone(pipes, which):
     pipe = pipes[0] if which == "base" else pipes[1]
     batch = [("1girl, (red hair:1.3), rain", "lowres, blurry", "a1111"),
              (f"1boy, {LONG}", "lowres, blurry", "a1111"),
-             ("1girl, (red hair:1.3), rain", "", "a1111")]
+             ("1girl, (red hair:1.3), rain", "", "a1111"),
+             (f"x BREAK {LONG} BREAK (y:1.4)", "lowres, blurry", "a1111")]
     alone = [encode(pipe, *item) for item in batch]
-
-    texts, forwards = [], []
-    encode_text = conditioning._encode_text
-    monkeypatch.setattr(conditioning, "_encode_text", lambda providers, text, *rest: (
-        texts.append(text), encode_text(providers, text, *rest))[1])
-    hook = pipe.text_encoder_2.register_forward_hook(lambda *_: forwards.append(1))
+    calls, hooks = encoder_calls(pipe)
     try:
-        for item in batch:
-            encode(pipe, *item)
-        forwards_alone, texts_alone = len(forwards), list(texts)
-        forwards.clear(), texts.clear()
         together = encode_all(pipe, batch)
+        rows_for_each_text_once = {name: list(rows) for name, rows in calls.items()}
+        calls.clear()
+        encode_all(pipe, batch + batch[::-1])
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert all(same(a, b) for a, b in zip(alone, together))
-    assert len(texts_alone) == 6
-    assert sorted(texts) == sorted({text for item in batch for text in item[:2]}), "each distinct text once"
-    assert len(forwards) < forwards_alone
+    assert all(len(rows) == 1 for rows in rows_for_each_text_once.values()), rows_for_each_text_once
+    assert len(rows_for_each_text_once) == (2 if which == "base" else 1)
+    assert calls == rows_for_each_text_once, "a text met twice is encoded once"
+
+
+def test_a_down_weighted_chunk_is_encoded_by_compel_and_the_others_still_in_one_forward(pipes):
+    base = pipes[0]
+    batch = [("a [cat] on a mat BREAK red hair", "lowres", "a1111"), ("a cat on a mat", "lowres", "a1111")]
+    alone = [encode(base, *item) for item in batch]
+    calls, hooks = encoder_calls(base)
+    try:
+        together = encode_all(base, batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert all(same(a, b) for a, b in zip(alone, together))
+    # compel encodes "a [cat] on a mat" with and without "cat" (and the empty prompt it blends
+    # from); everything else is the last, batched forward.
+    assert all(len(rows) > 1 and rows[-1] > 1 for rows in calls.values()), calls
+    assert not torch.allclose(together[0].prompt_embeds[:, :77], together[1].prompt_embeds[:, :77])
+
+WEIGHTED_BATCH = [("1girl, (red hair:1.3), rain", "lowres, blurry", "a1111"),
+                  (f"x BREAK {LONG} BREAK (y:1.4)", "", "a1111")]
+
+
+def test_a_batch_reaches_the_text_encoders_without_the_host_waiting_for_the_card():
+    """Tokens and weights are copied from pinned memory and nothing is read back: on a GPU the
+    host queues a batch's encoding and goes on. PyTorch's meta device stands in for the card."""
+    from sdxld.host_waits import CountHostWaits
+
+    base, _ = build_pipelines()
+    base.text_encoder.to("meta"), base.text_encoder_2.to("meta")
+    with CountHostWaits() as waits:
+        embeddings = encode_all(base, WEIGHTED_BATCH)
+    assert embeddings[1].prompt_embeds.device.type == "meta", "the encoders ran on the stand-in card"
+    assert not waits.counts
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU; this machine has none")
+def test_on_cuda_a_batch_encodes_without_synchronizing_and_as_on_the_cpu(pipes):
+    base, _ = build_pipelines()
+    on_cpu = encode_all(pipes[0], WEIGHTED_BATCH)
+    base.text_encoder.to("cuda"), base.text_encoder_2.to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # torch raises at any synchronizing CUDA call
+    try:
+        on_cuda = encode_all(base, WEIGHTED_BATCH)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for cpu, cuda in zip(on_cpu, on_cuda):
+        assert all(torch.allclose(x, y.cpu(), atol=1e-4) for x, y in zip(vars(cpu).values(), vars(cuda).values()))
