@@ -732,7 +732,8 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
     each build only with `needs_s` / `batch_needs_s` of --budget-s left (else a row says so). With
     a LoRA `library`, also a character swap followed by one image, the file kept in memory and
     read from disk (what each batch-1 image costs when the LoRAs rotate; the compiled UNet reads
-    the swapped weights in place). No FLOP
+    the swapped weights in place), and an image that reads the next file while the card works
+    followed by the swap (the daemon's order). No FLOP
     counting: its hooks on the UNet would make the compiled UNet build again. The UNet is eager
     again afterwards."""
     import torch
@@ -758,6 +759,13 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
                 library.activate(pairs[0])
                 bench.ratio(bench.measure(f"{section}: LoRA character swap ({where}) + one image, {label}",
                                           lambda: (library.activate(pairs[1]), _stage1_work(run, plain))), single)
+            # As the daemon runs it: the next character's file read (from disk) while the card
+            # runs the image before, then the swap merges it from memory.
+            library.activate(pairs[0])
+            library.ready.forget(pairs[1][0].path)
+            bench.ratio(bench.measure(
+                f"{section}: one image reading the next character ahead (from disk), then the swap, {label}",
+                lambda: (_stage1_work(run, plain, lambda: library.prepare(pairs[1])), library.activate(pairs[1]))), single)
             library.activate([])
         if not batch_too or bench.left_s() < batch_needs_s:
             why = "not asked for (--tiny, or --graphs-parts without batches)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
@@ -1101,13 +1109,13 @@ def _pieces_note(pieces: dict) -> str:
     return note
 
 
-def _stage1_work(run: Run, record) -> None:
+def _stage1_work(run: Run, record, while_card_works=None) -> None:
     """One stage-1 image; a NaN refusal (random weights may overflow) comes after all the work,
-    so it counts as done, as in Bench.measure."""
-    from sdxld.stages import NaNImageError, stage1
+    so it counts as done, as in Bench.measure. `while_card_works`: stage1_batch's."""
+    from sdxld.stages import NaNImageError, stage1_batch
 
     try:
-        stage1(run.models, record)
+        stage1_batch(run.models, [record], while_card_works=while_card_works)
     except NaNImageError:
         pass
 

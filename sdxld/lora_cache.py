@@ -9,7 +9,8 @@ straight from its stacks (pinned when the merge runs on a GPU).
 
 The files merged now are held by the merge anyway; of the others, the least recently merged
 leave first when they hold more than the budget (lora.keep_in_memory_mb); a file that changed on
-disk or left its folder is dropped at once. Why not functools.lru_cache or a library: the bound
+disk or left its folder is dropped at once. The files the next batch will draw are read into it
+while the card runs the batch before (Engine._ready_next_loras). Why not functools.lru_cache or a library: the bound
 is bytes held, which only the weights know, and the entries must be dropped by path when the
 folder changes.
 """
@@ -57,6 +58,12 @@ class ReadyLoras:
                 self._kept[path] = (signature, weights, weights.held_bytes())
             self._kept.move_to_end(path)
         self._in_use = set(files)
+        self._shrink()
+
+    def keep(self, path: Path, signature: tuple, weights: LoraWeights) -> None:
+        """A file read ahead of its merge (stacked: its size final), kept as the most recent."""
+        self._kept[path] = (signature, weights, weights.held_bytes())
+        self._kept.move_to_end(path)
         self._shrink()
 
     def forget(self, path: Path) -> None:

@@ -350,6 +350,22 @@ class LoraLibrary:
                                for slot, merged in wanted.items()})
         return [use for _, use in uses]
 
+    def prepare(self, chosen: list[LoraEntry]) -> list[Path]:
+        """Read and stack the files of `chosen` that are neither merged now nor kept ready, and
+        keep them ready for a merge soon (lora.keep_in_memory_mb bounds what stays); returns the
+        files read. A file larger than the whole budget is left for its merge: it would not stay."""
+        read = []
+        for entry in chosen:
+            if self.ready.get(entry.path, entry.signature) is not None or entry.signature[1] > self.ready.budget_bytes:
+                continue
+            weights = self._read(entry)
+            if weights is None:
+                continue
+            self.merger.prepare(weights)
+            self.ready.keep(entry.path, entry.signature, weights)
+            read.append(entry.path)
+        return read
+
     def wanted_uses(self, chosen: list[LoraEntry], strengths: list[float] | None = None,
                     tagged: list[tuple[LoraEntry, float]] = ()) -> list[LoraUse]:
         """What `activate` would merge, without touching the model: lets a batch group its images

@@ -119,12 +119,18 @@ def stage1(models, record: Record, hooks: Hooks | None = None):
 BATCH_SHARED = ("sampler", "width", "height", "steps", "cfg", "refiner_split")
 
 
-def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> list:
+def stage1_batch(models, records: list[Record], hooks: Hooks | None = None,
+                 while_card_works: Callable[[], None] | None = None) -> list:
     """Stage 1 of several records, one UNet call per step for all of them. They share the sampler,
     size, steps, CFG and refiner split, and the LoRAs merged into the model (the caller's part);
     each keeps its own prompt, negative and seed: a CPU generator per image, so each image is the
     one its record makes alone. Prompts whose embeddings differ in length (one more 75-token
-    chunk) would need padding that changes them: such records run in calls of their own."""
+    chunk) would need padding that changes them: such records run in calls of their own.
+
+    `while_card_works`: host work to do once every call is queued and before the images are read
+    back. On a GPU the pipeline returns when the host has queued the work (under CUDA graphs,
+    seconds before the card is done), and reading the pixels waits for the card: what runs in
+    between costs no time."""
     hooks = hooks or Hooks()
     lead = records[0]
     for record in records[1:]:
@@ -134,7 +140,7 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
     models.set_sampler(lead.sampler)
     use_refiner = models.refiner is not None and lead.refiner_split is not None
     common = dict(num_inference_steps=lead.steps, guidance_scale=lead.cfg)
-    images: list = [None] * len(records)
+    decoded: list[tuple[list[int], object]] = []  # (record indices, their images on the device)
     base_embeddings = batch_prompt_embeddings(models.base, records)
     for indices in _unet_batches(base_embeddings, models.static_shapes):
         generators = [_generator(models.device, records[i].seed) for i in indices]
@@ -152,8 +158,7 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
         if hooks.should_stop():
             raise Interrupted("stage 1 interrupted")
         if not use_refiner:
-            for i, image in zip(indices, tensor_to_pil(result.images, "stage 1")):
-                images[i] = image
+            decoded.append((indices, result.images))
             continue
         latents = result.images
         refiner_embeddings = batch_prompt_embeddings(models.refiner, [records[i] for i in indices])
@@ -170,8 +175,13 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None) -> l
             )
             if hooks.should_stop():
                 raise Interrupted("stage 1 interrupted")
-            for row, image in zip(rows, tensor_to_pil(refined.images, "stage 1")):
-                images[indices[row]] = image
+            decoded.append(([indices[row] for row in rows], refined.images))
+    if while_card_works is not None:
+        while_card_works()
+    images: list = [None] * len(records)
+    for indices, tensors in decoded:
+        for i, image in zip(indices, tensor_to_pil(tensors, "stage 1")):
+            images[i] = image
     return images
 
 

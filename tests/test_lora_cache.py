@@ -120,3 +120,71 @@ def test_a_config_edit_of_the_budget_applies_to_the_running_engine(root, make_en
     assert c0.path in engine.loras.ready.paths()
     engine.reconfigure(demo_config(root, lora__keep_in_memory_mb=0))
     assert set(engine.loras.ready.paths()) == {c1.path, style.path}, "only the files merged now stay"
+
+
+# --- the next batch's files, read while the card runs this one ------------------------------
+
+SEED = 40
+
+
+def lookahead_library(root, make_engine, **changes):
+    """Six characters and a style; fixed seeds, batches of 2: the second batch's lead is SEED + 2."""
+    import random
+
+    engine, characters, style = library_with(root, make_engine, characters=6, generation__seed=SEED, **changes)
+    first, second = (random.Random(seed).choice(characters) for seed in (SEED, SEED + 2))
+    assert first.path != second.path, "the seeds are chosen so that the second batch swaps characters"
+    return engine, second
+
+
+def test_the_next_batchs_loras_are_read_before_this_batchs_pixels_and_its_swap_reads_nothing(root, make_engine, reads,
+                                                                                           monkeypatch):
+    import sdxld.loras
+    import sdxld.stages
+
+    engine, second_character = lookahead_library(root, make_engine)
+    events = []
+    counting_read, to_pil = sdxld.loras.read_lora_weights, sdxld.stages.tensor_to_pil
+    monkeypatch.setattr(sdxld.loras, "read_lora_weights", lambda *args: (events.append("read"), counting_read(*args))[1])
+    monkeypatch.setattr(sdxld.stages, "tensor_to_pil", lambda *args: (events.append("pixels"), to_pil(*args))[1])
+
+    engine.stage1_batch(2)
+    # The character and the style for this batch, then the next batch's character, read while
+    # the card would still be working, before the pixels are read back.
+    assert events == ["read", "read", "read", "pixels"]
+    assert second_character.path in engine.loras.ready.paths()
+    events.clear()
+    made = engine.stage1_batch(2)
+    assert made[0].record.loras[0].file == second_character.path.name
+    assert events[0] == "pixels", "the second batch read its character again"
+
+
+def test_reading_ahead_changes_no_draw_and_no_pixel(root, make_engine):
+    from sdxld.engine import SeedSequence
+
+    engine, _ = lookahead_library(root, make_engine)
+
+    def two_batches(read_ahead: bool):
+        engine.seeds, engine.prefetch_loras = SeedSequence(SEED), read_ahead
+        made = engine.stage1_batch(2) + engine.stage1_batch(2)
+        return [(r.record.prompt, r.record.seed, r.record.loras, r.image.tobytes()) for r in made]
+
+    assert two_batches(True) == two_batches(False)
+
+
+def test_without_memory_to_keep_them_nothing_is_read_ahead(root, make_engine, reads):
+    engine, second_character = lookahead_library(root, make_engine, lora__keep_in_memory_mb=0)
+    engine.stage1_batch(2)
+    assert len(reads) == 2, "only this batch's character and style"
+    assert second_character.path not in engine.loras.ready.paths()
+
+
+def test_a_random_seed_is_drawn_once_whether_peeked_or_not():
+    from sdxld.engine import SeedSequence
+
+    random_seeds = SeedSequence(-1)
+    peeked = random_seeds.peek()
+    assert random_seeds.peek() == peeked and random_seeds.next() == peeked
+    assert len({random_seeds.next() for _ in range(20)}) > 1
+    fixed = SeedSequence(5)
+    assert (fixed.peek(), fixed.next(), fixed.peek(), fixed.next()) == (5, 5, 6, 6)
