@@ -235,8 +235,13 @@ class Engine:
         the image). If the pick changes before then (an approval teaching the rotation, a LoRA
         folder edit), the files read stay kept like any other, within lora.keep_in_memory_mb.
         <lora:> tags in prompts are not looked ahead: they come after the prompt is composed."""
-        if self.prefetch_loras and self.loras.ready.budget_bytes:
+        if not (self.prefetch_loras and self.loras.ready.budget_bytes):
+            return
+        try:
             self.loras.prepare(self._pick_loras(random.Random(self.seeds.peek()), self.rotation, {}))
+        except Exception as err:  # noqa: BLE001 - reading ahead must never cost this batch its images
+            log.warning("reading the next batch's LoRA files ahead failed (%s: %s); they are read when merged",
+                        type(err).__name__, err)
 
     def run_stage1(self, record: Record, hooks: Hooks | None = None) -> Stage1Result:
         self.layout.ensure_output_dirs()

@@ -188,3 +188,15 @@ def test_a_random_seed_is_drawn_once_whether_peeked_or_not():
     assert len({random_seeds.next() for _ in range(20)}) > 1
     fixed = SeedSequence(5)
     assert (fixed.peek(), fixed.next(), fixed.peek(), fixed.next()) == (5, 5, 6, 6)
+
+
+def test_a_failure_reading_ahead_costs_this_batch_nothing(root, make_engine, monkeypatch, caplog):
+    engine, _ = lookahead_library(root, make_engine)
+
+    def out_of_pinned_memory(entries):
+        raise RuntimeError("CUDA error: out of memory (pinning host memory)")
+
+    monkeypatch.setattr(engine.loras, "prepare", out_of_pinned_memory)
+    made = engine.stage1_batch(2)
+    assert len(made) == 2 and all(result.path.exists() for result in made)
+    assert "reading the next batch's LoRA files ahead failed" in caplog.text
