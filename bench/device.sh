@@ -20,6 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>
 # Straight into $OUT when the caller collects it: a call cut off by its time limit still returns
 # every row written so far (the results file is rewritten after each row).
 results=${RESULTS:-${OUT:-bench/results}}
+mkdir -p "$results"
 # The H100 calls of 2026-11-27 measured batches, fp8 uncompiled and the approved path
 # (bench/results/NVIDIA-H100-80GB-HBM3.md), then the graphs section's bf16 CUDA graphs, the
 # cudagraphs backend, the batches and the host waits (NVIDIA-H100-80GB-HBM3-graphs.md); fp8 under
@@ -36,20 +37,19 @@ case "$sections" in
   fast) skip=stages,pixel,esrgan,switches,compile,graphs,offload,sequential ;;
   *) echo "SECTIONS is graphs or fast, not $sections" >&2; exit 2 ;;
 esac
+on_card=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
+# First, being short (about 30 s on a card, a minute on a CPU rehearsal): a stage-1 batch's
+# prompts through the text encoders, compel text by text against sdxld's one forward per encoder
+# (bench/text_encoders.py), which the graphs section's budget would otherwise leave no time for.
+if [ "$on_card" = 1 ]; then te_args="--device cuda --dtype bf16 --repeats 5"; else te_args="--batches 1 --repeats 1"; fi
+timeout 90 "$PYTHON" bench/text_encoders.py $te_args | tee "$results/text-encoders.txt"
 "$PYTHON" bench/gpu.py --skip "$skip" --graphs-parts "$parts" --budget-s "${BUDGET_S:-420}" --out "$results" "$@"
 status=$?
 # The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part
 # (measured in the H100 call: bench/results/NVIDIA-H100-80GB-HBM3-host-costs.txt).
 if [ "$sections" = fast ]; then
-  device=$("$PYTHON" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+  device=cpu; [ "$on_card" = 1 ] && device=cuda
   timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
-fi
-on_card=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
-# A stage-1 batch's prompts through the text encoders, compel text by text against sdxld's one
-# forward per encoder (bench/text_encoders.py; seconds on a card, a minute on a CPU rehearsal).
-if [ $(( ${CALL_S:-575} - SECONDS )) -gt 230 ]; then
-  if [ "$on_card" = 1 ]; then te_args="--device cuda --dtype bf16 --repeats 5"; else te_args="--batches 1 --repeats 1"; fi
-  timeout 90 "$PYTHON" bench/text_encoders.py $te_args | tee "$results/text-encoders.txt"
 fi
 # The VAE compiled against eager at stage 1's size (performance.compile_vae), if the call has the
 # time beside the tests: one decode and one encode each, medians of 5 (a small size on a CPU
