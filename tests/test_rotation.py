@@ -16,8 +16,12 @@ from sdxld.taste import Ledger
 from sdxld.tiny import write_tiny_lora
 
 
-def test_best_arm_odds_match_sampling_the_posteriors():
-    counts = [(12, 30), (20, 25), (3, 4), (0, 0)]
+@pytest.mark.parametrize("counts", [
+    [(12, 30), (20, 25), (3, 4), (0, 0)],
+    # A library as it grows: most arms untried, some sharing their counts (computed once per pair).
+    [(0, 0)] * 6 + [(3, 1)] * 2 + [(0, 4), (1, 9), (1, 9)],
+], ids=["distinct counts", "shared counts"])
+def test_best_arm_odds_match_sampling_the_posteriors(counts):
     rng = np.random.default_rng(0)
     samples = np.stack([rng.beta(1 + a, 1 + r, 400_000) for a, r in counts])
     sampled = np.bincount(samples.argmax(axis=0), minlength=len(counts)) / samples.shape[1]

@@ -1,0 +1,115 @@
+"""The host's work between two stage-1 batches, when the card has nothing queued: the LoRA folders'
+sync, the draws (learned rotation's odds), the LoRA swap, the count of images waiting; measured on
+the tiny model with a library of many LoRAs and a stage1/ folder of waiting images.
+
+    python bench/between_batches.py [--loras 200 --waiting 500 --batches 10]
+
+On a GPU under CUDA graphs a batch-1 image takes about a second, so every 10 ms here is about 1%
+of the images per hour. Work done while the card runs the batch (the next batch's LoRA files read
+ahead) is reported apart: it costs no card time there. The learned rotation's odds are timed for
+the library's character pool, with no verdicts and with one per arm, computed anew and asked again
+(they are cached until the counts change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--loras", type=int, default=200, help="character LoRAs (a quarter as many styles)")
+    parser.add_argument("--waiting", type=int, default=500, help="images waiting in outputs/stage1 (daemon.max_pending's default)")
+    parser.add_argument("--batches", type=int, default=10)
+    args = parser.parse_args()
+
+    import sdxld.engine as engine_module
+    import sdxld.loras as loras_module
+    from sdxld.engine import Engine
+    from sdxld.init import init_root
+    from sdxld.models import quiet_libraries
+    from sdxld.pacing import pending_images
+    from sdxld.rotation import _best_arm_odds, mixed_odds
+    from sdxld.tiny import write_tiny_lora
+    from support.helpers import demo_config
+
+    quiet_libraries()
+    root = Path(tempfile.mkdtemp(prefix="sdxld-between-"))
+    init_root(root)
+    for index in range(args.loras):
+        write_tiny_lora(root / f"loras/character/c{index}.safetensors", seed=index, rank=4)
+        (root / f"loras/character/c{index}.txt").write_text(f"character{index}")
+    for index in range(max(1, args.loras // 4)):
+        write_tiny_lora(root / f"loras/style/s{index}.safetensors", seed=100_000 + index, rank=2)
+    engine = Engine.load(demo_config(root, model__refiner=None), background_writes=True)
+    started = time.perf_counter()
+    engine.sync_loras()
+    print(f"{args.loras} characters, {max(1, args.loras // 4)} styles: first check {time.perf_counter() - started:.1f} s")
+    waiting = root / "outputs" / "stage1"
+    waiting.mkdir(parents=True, exist_ok=True)
+    for index in range(args.waiting):
+        (waiting / f"w{index:05d}_stage1_512x896.png").write_bytes(b"\x89PNG")
+
+    seconds: dict[str, list[float]] = defaultdict(list)
+
+    def timed(owner, name: str, label: str):
+        real = getattr(owner, name)
+
+        def wrapper(*a, **k):
+            start = time.perf_counter()
+            try:
+                return real(*a, **k)
+            finally:
+                seconds[label].append(time.perf_counter() - start)
+
+        setattr(owner, name, wrapper)
+
+    timed(engine, "sync_loras", "LoRA folders synced")
+    timed(engine, "_draw", "draws (prompt, learned odds)")
+    timed(engine.loras, "activate", "LoRA swap (merge)")
+    timed(engine, "_ready_next_loras", "next batch's files read ahead (card time)")
+    timed(engine_module, "stage1_batch", "stage 1 (card time; the read-ahead included)")
+    timed(loras_module, "read_lora_weights", "LoRA files read (by the read-ahead or a swap)")
+    engine.stage1_batch(1)  # warm-up
+    seconds.clear()
+    totals = []
+    for _ in range(args.batches):
+        start = time.perf_counter()
+        engine.stage1_batch(1)
+        counted = time.perf_counter()
+        pending_images(engine.layout, 0)
+        seconds["images waiting counted"].append(time.perf_counter() - counted)
+        totals.append(time.perf_counter() - start)
+    engine.flush()
+    per_batch = {label: sum(values) / args.batches for label, values in seconds.items()}
+    card = per_batch["stage 1 (card time; the read-ahead included)"]
+    print(f"\nper batch of 1, mean of {args.batches} (ms)")
+    for label, value in per_batch.items():
+        print(f"  {label:44} {value * 1000:8.1f}")
+    print(f"  {'all between batches (all but stage 1)':44} {(statistics.mean(totals) - card) * 1000:8.1f}")
+
+    names = [entry.name for entry in engine.loras.available("character")]
+    rng = random.Random(0)
+    for label, counts in (("no verdicts", [(0, 0)] * len(names)),
+                          ("a verdict or more per arm", [(rng.randint(0, 5), rng.randint(1, 30)) for _ in names])):
+        _best_arm_odds.cache_clear()
+        start = time.perf_counter()
+        mixed_odds(counts, 0.2)
+        anew = time.perf_counter() - start
+        start = time.perf_counter()
+        mixed_odds(counts, 0.2)
+        again = time.perf_counter() - start
+        print(f"learned odds, {len(names)} characters, {label}: {anew * 1000:.2f} ms anew, {again * 1000:.3f} ms asked again")
+
+
+if __name__ == "__main__":
+    main()
