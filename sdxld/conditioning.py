@@ -70,9 +70,9 @@ def _encode_texts(providers, texts: list[tuple[str, Syntax]], device) -> tuple[d
     compel runs its text encoder once per 77-token chunk of each text, once more for the pooled
     embedding and once for the empty prompt it weights against: a batch of 8 prompts and a shared
     negative is 29 forwards of one row each, each a few hundred kernel launches the host issues
-    one at a time (0.39 s of a 9.4 s batch of 8 on the H100). Here compel still tokenizes, splits and weights, but every row of
-    77 tokens of every text (and the pooled embedding's row, most often one of them) goes through
-    each encoder in one forward. A chunk with a weight below 1 is the exception: compel blends it
+    one at a time (0.39 s of a 9.4 s batch of 8 on the H100). Here compel still tokenizes, splits
+    and weights, but every row of 77 tokens of every text (and the pooled embedding's row, most
+    often one of them) goes through each encoder in one forward. A chunk with a weight below 1 is the exception: compel blends it
     towards the text without those words, which needs encodes of other texts, so compel encodes
     that chunk itself, as before."""
     chunked = {key: parse(*key) for key in texts}

@@ -10,9 +10,9 @@ straight from its stacks (pinned when the merge runs on a GPU).
 The files merged now are held by the merge anyway; of the others, the least recently merged
 leave first when they hold more than the budget (lora.keep_in_memory_mb); a file that changed on
 disk or left its folder is dropped at once. The files the next batch will draw are read into it
-while the card runs the batch before (Engine._ready_next_loras). Why not functools.lru_cache or a library: the bound
-is bytes held, which only the weights know, and the entries must be dropped by path when the
-folder changes.
+while the card runs the batch before (Engine._ready_next_loras). Why not functools.lru_cache or a
+library: the bound is bytes held, which only the weights know, and the entries must be dropped by
+path when the folder changes.
 """
 
 from __future__ import annotations
@@ -53,18 +53,20 @@ class ReadyLoras:
         their size final): kept as the most recent; of the others the oldest leave while they
         hold more than the budget."""
         for path, (signature, weights) in files.items():
-            kept = self._kept.get(path)
-            if kept is None or kept[1] is not weights:
-                self._kept[path] = (signature, weights, weights.held_bytes())
-            self._kept.move_to_end(path)
+            self._newest(path, signature, weights)
         self._in_use = set(files)
         self._shrink()
 
     def keep(self, path: Path, signature: tuple, weights: LoraWeights) -> None:
         """A file read ahead of its merge (stacked: its size final), kept as the most recent."""
-        self._kept[path] = (signature, weights, weights.held_bytes())
-        self._kept.move_to_end(path)
+        self._newest(path, signature, weights)
         self._shrink()
+
+    def _newest(self, path: Path, signature: tuple, weights: LoraWeights) -> None:
+        kept = self._kept.get(path)
+        if kept is None or kept[1] is not weights:
+            self._kept[path] = (signature, weights, weights.held_bytes())
+        self._kept.move_to_end(path)
 
     def forget(self, path: Path) -> None:
         self._kept.pop(path, None)

@@ -150,11 +150,16 @@ class LoraMerger:
             raise LoraMergeError(f"merging failed at layer {component}.{name}{others}: {type(err).__name__}: {err}",
                                  culprits or changed) from err
 
-    def prepare(self, weights) -> None:
-        """What merging `weights` needs from the file alone (its stacks), built ahead of the merge."""
+    def prepare(self, files: list) -> None:
+        """What merging these LoraWeights needs from each file alone (its stacks), built ahead of
+        the merge."""
         import torch
 
-        weights.stacked(pin=torch.device(diffusers_private.execution_device(self.pipe)).type == "cuda")
+        if not files:
+            return
+        pin = torch.device(diffusers_private.execution_device(self.pipe)).type == "cuda"
+        for weights in files:
+            weights.stacked(pin=pin)
 
     def _unfuse_qkv(self, components: set[str]) -> None:
         if "unet" in components and getattr(self.pipe, "fusing_unet", False):
