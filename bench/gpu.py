@@ -791,8 +791,9 @@ def bench_graphs(run: Run) -> None:
     rows, each build a row of its own):
     - batches: eager and compiled batches of 8 beside the single images;
     - waits: where the host waits for the card in one eager image and in LoRA swaps, by line;
-    - loras: the LoRA rows (stacked merges; a file read from disk and one kept in memory), and a
-      swap before one image under each compiled UNet below;
+    - loras: the LoRA rows (stacked merges; a file read from disk and one kept in memory), a
+      batch with the next character read ahead against one after a swap read from disk (eager),
+      and a swap before one image under each compiled UNet below;
     - bf16: stage 1's UNet replayed as CUDA graphs for its fixed shapes without autotuning
       (inductor's reduce-overhead mode: what performance.compile graphs runs);
     - cudagraphs: CUDA graphs around eager kernels (torch's cudagraphs backend: no code generation);
@@ -822,6 +823,7 @@ def bench_graphs(run: Run) -> None:
     if "loras" in parts:
         library = bench_loras(bench, run.base, run.models, plain, run.unets, run.args, quick=run.args.tiny,
                               section="graphs")
+        _read_ahead_rows(run, library, batch, "graphs")
     if waits and (pairs := _swap_pairs(library)) is not None:
         library.activate(pairs[0])
         _host_waits_by_line(run, "one LoRA swap", lambda: library.activate(pairs[1]))
@@ -1109,15 +1111,47 @@ def _pieces_note(pieces: dict) -> str:
     return note
 
 
-def _stage1_work(run: Run, record, while_card_works=None) -> None:
-    """One stage-1 image; a NaN refusal (random weights may overflow) comes after all the work,
-    so it counts as done, as in Bench.measure. `while_card_works`: stage1_batch's."""
+def _stage1_work(run: Run, record, while_card_works=None, batch: int = 1) -> None:
+    """One stage-1 image (`batch` of them, seeds counting up from the record's); a NaN refusal
+    (random weights may overflow) comes after all the work, so it counts as done, as in
+    Bench.measure. `while_card_works`: stage1_batch's."""
+    from dataclasses import replace
+
     from sdxld.stages import NaNImageError, stage1_batch
 
+    records = [record] + [replace(record, seed=record.seed + index) for index in range(1, batch)]
     try:
-        stage1_batch(run.models, [record], while_card_works=while_card_works)
+        stage1_batch(run.models, records, while_card_works=while_card_works)
     except NaNImageError:
         pass
+
+
+def _read_ahead_rows(run: Run, library, batch: int, section: str) -> None:
+    """A batch with a character swap read from disk before it, against the same batch reading
+    the next character while the card works and then swapping (the daemon's order), eager. At a
+    batch of 8 the card, not the host, sets the pace (the H100 ran it at 345 TFLOP/s), so the
+    host's reading has card time to hide in without any compile."""
+    if (pairs := _swap_pairs(library)) is None:
+        return
+    character = pairs[1][0]
+
+    def swap_then_batch():
+        library.activate(pairs[1])
+        _stage1_work(run, run.plain, batch=batch)
+
+    def batch_reading_ahead():
+        _stage1_work(run, run.plain, lambda: library.prepare(pairs[1]), batch=batch)
+        library.activate(pairs[1])
+
+    rows = []
+    for label, work in ((f"LoRA character swap (read from disk) + a batch of {batch}", swap_then_batch),
+                        (f"a batch of {batch} reading the next character ahead (from disk), then the swap",
+                         batch_reading_ahead)):
+        library.activate(pairs[0])
+        library.ready.forget(character.path)
+        rows.append(run.bench.measure(f"{section}: {label}", work))
+    run.bench.ratio(rows[1], rows[0])
+    library.activate([])
 
 
 def _measure_scheduler_waits(run: Run, repeats: int = 3) -> None:
