@@ -177,7 +177,7 @@ def test_a_batch_reaches_the_text_encoders_without_the_host_waiting_for_the_card
     from sdxld.host_waits import CountHostWaits
 
     base, _ = build_pipelines()
-    base.text_encoder.to("meta"), base.text_encoder_2.to("meta")
+    base.to("meta")
     with CountHostWaits() as waits:
         embeddings = encode_all(base, WEIGHTED_BATCH)
     assert embeddings[1].prompt_embeds.device.type == "meta", "the encoders ran on the stand-in card"
@@ -188,7 +188,7 @@ def test_a_batch_reaches_the_text_encoders_without_the_host_waiting_for_the_card
 def test_on_cuda_a_batch_encodes_without_synchronizing_and_as_on_the_cpu(pipes):
     base, _ = build_pipelines()
     on_cpu = encode_all(pipes[0], WEIGHTED_BATCH)
-    base.text_encoder.to("cuda"), base.text_encoder_2.to("cuda")
+    base.to("cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # torch raises at any synchronizing CUDA call
     try:
