@@ -74,7 +74,8 @@ if [ "$left" -gt 30 ]; then
   # Each test at most 150 s (pytest-timeout): one that hangs or builds too long fails with its
   # stack in the log, and the tests after it still run.
   timeout "$left" "$PYTHON" -m pytest -o addopts= -q -p no:cacheprovider -rs --timeout 150 --durations=0 -k "cuda or fp8" \
-    tests/test_samplers.py tests/test_conditioning.py tests/test_lora_stacks.py tests/test_quantize.py tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
+    tests/test_samplers.py tests/test_conditioning.py tests/test_lora_stacks.py tests/test_lora_cache.py tests/test_quantize.py \
+    tests/test_compile.py 2>&1 | tee "$results/gpu-tests.txt"
   tests=${PIPESTATUS[0]}
   [ "$status" = 0 ] && status=$tests
 else

@@ -732,8 +732,8 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
     each build only with `needs_s` / `batch_needs_s` of --budget-s left (else a row says so). With
     a LoRA `library`, also a character swap followed by one image, the file kept in memory and
     read from disk (what each batch-1 image costs when the LoRAs rotate; the compiled UNet reads
-    the swapped weights in place), and an image that reads the next file while the card works
-    followed by the swap (the daemon's order). No FLOP
+    the swapped weights in place), and an image that merges the next file while the card works
+    (the daemon's order with the weights on the card). No FLOP
     counting: its hooks on the UNet would make the compiled UNet build again. The UNet is eager
     again afterwards."""
     import torch
@@ -759,13 +759,13 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
                 library.activate(pairs[0])
                 bench.ratio(bench.measure(f"{section}: LoRA character swap ({where}) + one image, {label}",
                                           lambda: (library.activate(pairs[1]), _stage1_work(run, plain))), single)
-            # As the daemon runs it: the next character's file read (from disk) while the card
-            # runs the image before, then the swap merges it from memory.
+            # As the daemon runs it with the weights on the card: the next character read (from
+            # disk) and merged while the card runs the image before.
             library.activate(pairs[0])
             library.ready.forget(pairs[1][0].path)
             bench.ratio(bench.measure(
-                f"{section}: one image reading the next character ahead (from disk), then the swap, {label}",
-                lambda: (_stage1_work(run, plain, lambda: library.prepare(pairs[1])), library.activate(pairs[1]))), single)
+                f"{section}: one image merging the next character ahead (read from disk), {label}",
+                lambda: _stage1_work(run, plain, lambda: library.activate(pairs[1]))), single)
             library.activate([])
         if not batch_too or bench.left_s() < batch_needs_s:
             why = "not asked for (--tiny, or --graphs-parts without batches)" if not batch_too else f"{bench.left_s():.0f} s of --budget-s left"
@@ -792,8 +792,8 @@ def bench_graphs(run: Run) -> None:
     - batches: eager and compiled batches of 8 beside the single images;
     - waits: where the host waits for the card in one eager image and in LoRA swaps, by line;
     - loras: the LoRA rows (stacked merges; a file read from disk and one kept in memory), a
-      batch with the next character read ahead against one after a swap read from disk (eager),
-      and a swap before one image under each compiled UNet below;
+      batch with the next character read or merged ahead against one after a swap read from disk
+      (eager), and a swap before one image under each compiled UNet below;
     - bf16: stage 1's UNet replayed as CUDA graphs for its fixed shapes without autotuning
       (inductor's reduce-overhead mode: what performance.compile graphs runs);
     - cudagraphs: CUDA graphs around eager kernels (torch's cudagraphs backend: no code generation);
@@ -1127,10 +1127,11 @@ def _stage1_work(run: Run, record, while_card_works=None, batch: int = 1) -> Non
 
 
 def _read_ahead_rows(run: Run, library, batch: int, section: str) -> None:
-    """A batch with a character swap read from disk before it, against the same batch reading
-    the next character while the card works and then swapping (the daemon's order), eager. At a
-    batch of 8 the card, not the host, sets the pace (the H100 ran it at 345 TFLOP/s), so the
-    host's reading has card time to hide in without any compile."""
+    """A batch with a character swap read from disk before it, against the same batch getting
+    the next character ready while the card works, as the daemon does: merged there (memory.strategy
+    gpu, the weights staying on the card), or only read there and swapped after (offload
+    strategies). Eager: at a batch of 8 the card, not the host, sets the pace (the H100 ran it at
+    345 TFLOP/s), so the host's work has card time to hide in without any compile."""
     if (pairs := _swap_pairs(library)) is None:
         return
     character = pairs[1][0]
@@ -1143,14 +1144,19 @@ def _read_ahead_rows(run: Run, library, batch: int, section: str) -> None:
         _stage1_work(run, run.plain, lambda: library.prepare(pairs[1]), batch=batch)
         library.activate(pairs[1])
 
+    def batch_merging_ahead():
+        _stage1_work(run, run.plain, lambda: library.activate(pairs[1]), batch=batch)
+
     rows = []
     for label, work in ((f"LoRA character swap (read from disk) + a batch of {batch}", swap_then_batch),
                         (f"a batch of {batch} reading the next character ahead (from disk), then the swap",
-                         batch_reading_ahead)):
+                         batch_reading_ahead),
+                        (f"a batch of {batch} merging the next character ahead (read from disk)", batch_merging_ahead)):
         library.activate(pairs[0])
         library.ready.forget(character.path)
         rows.append(run.bench.measure(f"{section}: {label}", work))
-    run.bench.ratio(rows[1], rows[0])
+    for row in rows[1:]:
+        run.bench.ratio(row, rows[0])
     library.activate([])
 
 

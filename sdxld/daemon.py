@@ -279,7 +279,7 @@ class Daemon:
         started = time.monotonic()
         self.status.update(state="generating", current={"job": "stage1"})
         try:
-            made = self.engine.stage1_batch(self._batch_size(), hooks=self._hooks("stage1"))
+            made = self.engine.stage1_batch(self._batch_size(), hooks=self._hooks("stage1"), another_follows=True)
         except Interrupted:
             return
         except NaNImageError as err:

@@ -105,7 +105,8 @@ class Engine:
         self.rotation = Rotation(config)
         self._warned_dirs = False
         self._upscaler = None
-        # The next batch's LoRA files are read while the card runs this one (_ready_next_loras).
+        # Whether stage1_batch(another_follows=True) gets the next batch's LoRAs ready while the
+        # card runs this one (_ready_next_loras); off only to measure against.
         self.prefetch_loras = True
         # Long runs save stage-1 images on a writer thread; one-shot callers get the file at once.
         self.writer = store.BackgroundWriter() if background_writes else None
@@ -228,20 +229,36 @@ class Engine:
         return rotation.pick_loras(rng, self.loras, drawn)
 
     def _ready_next_loras(self) -> None:
-        """Read the LoRA files the next batch will draw (its lead's seed is known, and the LoRA
-        pick is the first thing that seed draws) and keep them ready, stacked, while the card
-        runs this batch. On a GPU the host is idle then; the next batch's swap is left with the
-        merge proper (on the H100 a swap before one image read from disk cost 0.99 s, as much as
-        the image). If the pick changes before then (an approval teaching the rotation, a LoRA
-        folder edit), the files read stay kept like any other, within lora.keep_in_memory_mb.
-        <lora:> tags in prompts are not looked ahead: they come after the prompt is composed."""
-        if not (self.prefetch_loras and self.loras.ready.budget_bytes):
+        """Get the LoRAs the next batch will draw ready while the card runs this batch (its lead's
+        seed is known, and the LoRA pick is the first thing that seed draws). On a GPU the host is
+        idle then; on the H100 a swap read from disk before one image cost 0.99 s, as much as the
+        image.
+
+        With the weights staying on the device (memory.strategy gpu, or no GPU), the pair is merged
+        now: the swap's writes queue on the card behind this batch's work, which still reads the
+        weights it was queued with, and the next batch starts with nothing to swap. Under offload
+        strategies the weights move between calls and a merge may pause the offload hooks, so
+        the files are only read and stacked into the kept memory (lora.keep_in_memory_mb) for the
+        next batch's swap. If the pick changes before then (an approval teaching the rotation, a
+        folder edit, an approved image's own LoRAs), the next batch swaps as it would have; files
+        read stay kept like any other. <lora:> tags in prompts are not looked ahead: they come
+        after the prompt is composed."""
+        if not self.prefetch_loras:
             return
         try:
-            self.loras.prepare(self._pick_loras(random.Random(self.seeds.peek()), self.rotation, {}))
-        except Exception as err:  # noqa: BLE001 - reading ahead must never cost this batch its images
-            log.warning("reading the next batch's LoRA files ahead failed (%s: %s); they are read when merged",
+            picked = self._pick_loras(random.Random(self.seeds.peek()), self.rotation, {})
+            if self._merges_ahead():
+                self.loras.activate(picked)
+            elif self.loras.ready.budget_bytes:
+                self.loras.prepare(picked)
+        except Exception as err:  # noqa: BLE001 - getting ahead must never cost this batch its images
+            log.warning("getting the next batch's LoRAs ready failed (%s: %s); they are swapped in when it starts",
                         type(err).__name__, err)
+
+    def _merges_ahead(self) -> bool:
+        """Whether the next batch's LoRAs are merged while the card runs this one: only where the
+        weights stay on the device (memory.strategy gpu, or no GPU to offload to)."""
+        return self.config.memory.strategy == "gpu" or not self.models.device.startswith("cuda")
 
     def run_stage1(self, record: Record, hooks: Hooks | None = None) -> Stage1Result:
         self.layout.ensure_output_dirs()
@@ -251,12 +268,16 @@ class Engine:
         self.sync_loras()
         return self.run_stage1(self.new_stage1_record(seed), hooks)
 
-    def stage1_batch(self, count: int, hooks: Hooks | None = None) -> list[Stage1Result]:
+    def stage1_batch(self, count: int, hooks: Hooks | None = None, another_follows: bool = False) -> list[Stage1Result]:
         """`count` stage-1 images in one UNet call per step. They share the first image's LoRA
         draw (the model holds one set of merged weights); each has its own seed, prompt and
         record, whose `batch` says so. Images whose <lora:> tags ask for other weights run in a
         call of their own, one per set of weights: each set is merged once per batch, however the
-        images that want it are interleaved. Returns the results in the order the seeds came."""
+        images that want it are interleaved. Returns the results in the order the seeds came.
+
+        `another_follows`: the caller makes another stage-1 batch next (the daemon's loop), so
+        that batch's LoRAs are got ready while the card runs this one (_ready_next_loras). Not
+        for a caller that upscales these images next: they need this batch's LoRAs."""
         self.sync_loras()
         self.layout.ensure_output_dirs()
         draws: list[Draw] = []
@@ -278,7 +299,7 @@ class Engine:
             # next group could push them out of the budget again.
             last = number == len(groups)
             images = self._stage1_measured([draw.record for draw in group], hooks,
-                                           self._ready_next_loras if last else None)
+                                           self._ready_next_loras if last and another_follows else None)
             for draw, image in zip(group, images):
                 results[id(draw)] = self._publish_stage1(draw.record, image)
         return [results[id(draw)] for draw in draws]

@@ -87,7 +87,10 @@ def generate(engine, *, stage1_only: bool, once: bool, count: int | None, seed: 
             if limit is not None:
                 batch = min(batch, limit - made)
             try:
-                results = engine.stage1_batch(batch, hooks=hooks)
+                # Stage-1 only: the next batch's LoRAs are got ready during this one, unless this
+                # is the last; with upscaling, these images' own LoRAs must stay merged.
+                another = stage1_only and (limit is None or made + batch < limit)
+                results = engine.stage1_batch(batch, hooks=hooks, another_follows=another)
                 for result in results:
                     print(result.path, flush=True)
                 if not stage1_only:

@@ -24,8 +24,9 @@ def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
                 "graphs: stage 1 batch 4, regional compile", "fast: stage 1, one image, fp32 + compile max",
                 "graphs: LoRA character swap (kept in memory) + one image, int8",
                 "graphs: LoRA character swap (read from disk) + one image, int8",
-                "graphs: one image reading the next character ahead (from disk), then the swap, int8",
-                "graphs: a batch of 4 reading the next character ahead (from disk), then the swap"):
+                "graphs: one image merging the next character ahead (read from disk), int8",
+                "graphs: a batch of 4 reading the next character ahead (from disk), then the swap",
+                "graphs: a batch of 4 merging the next character ahead (read from disk)"):
         assert row in report
 
 

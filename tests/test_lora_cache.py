@@ -122,7 +122,7 @@ def test_a_config_edit_of_the_budget_applies_to_the_running_engine(root, make_en
     assert set(engine.loras.ready.paths()) == {c1.path, style.path}, "only the files merged now stay"
 
 
-# --- the next batch's files, read while the card runs this one ------------------------------
+# --- the next batch's LoRAs, made ready while the card runs this one --------------------------
 
 SEED = 40
 
@@ -137,46 +137,132 @@ def lookahead_library(root, make_engine, **changes):
     return engine, second
 
 
-def test_the_next_batchs_loras_are_read_before_this_batchs_pixels_and_its_swap_reads_nothing(root, make_engine, reads,
-                                                                                           monkeypatch):
+@pytest.fixture
+def events(monkeypatch):
+    """What stage 1 does, in order: 'read' (a LoRA file), 'merge' (weights rewritten), 'encode'
+    (a batch's prompts through the base: the first thing its stage 1 does; the refiner's come
+    later), 'pixels' (read back from the card)."""
+    import sdxld.lora_merge
     import sdxld.loras
     import sdxld.stages
 
-    engine, second_character = lookahead_library(root, make_engine)
-    events = []
-    counting_read, to_pil = sdxld.loras.read_lora_weights, sdxld.stages.tensor_to_pil
-    monkeypatch.setattr(sdxld.loras, "read_lora_weights", lambda *args: (events.append("read"), counting_read(*args))[1])
-    monkeypatch.setattr(sdxld.stages, "tensor_to_pil", lambda *args: (events.append("pixels"), to_pil(*args))[1])
+    seen = []
 
-    engine.stage1_batch(2)
-    # The character and the style for this batch, then the next batch's character, read while
-    # the card would still be working, before the pixels are read back.
-    assert events == ["read", "read", "read", "pixels"]
+    def logging(owner, name, event):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *args, **kwargs: (seen.append(event), real(*args, **kwargs))[1])
+
+    logging(sdxld.loras, "read_lora_weights", "read")
+    logging(sdxld.lora_merge.LoraMerger, "_rewrite", "merge")
+    logging(sdxld.stages, "tensor_to_pil", "pixels")
+    encode = sdxld.stages.batch_prompt_embeddings
+    monkeypatch.setattr(sdxld.stages, "batch_prompt_embeddings", lambda pipe, records: (
+        pipe.text_encoder is not None and seen.append("encode"), encode(pipe, records))[1])
+    return seen
+
+
+def test_where_weights_stay_on_the_device_the_next_pair_is_merged_before_the_pixels_and_its_batch_swaps_nothing(
+        root, make_engine, events):
+    engine, second_character = lookahead_library(root, make_engine)
+    assert engine._merges_ahead()  # no GPU: the weights stay where they are, as under strategy gpu
+    engine.stage1_batch(2, another_follows=True)
+    # This batch's pair read and merged, its prompts, then the next batch's character read and
+    # merged while the card would still be working, before the pixels are read back.
+    assert events == ["read", "read", "merge", "encode", "read", "merge", "pixels"]
+    events.clear()
+    made = engine.stage1_batch(2, another_follows=True)
+    assert made[0].record.loras[0].file == second_character.path.name
+    assert events[0] == "encode", "the second batch swapped before its stage 1"
+
+
+def test_without_another_batch_next_its_loras_stay_merged_for_upscaling_its_images(root, make_engine, events):
+    engine, _ = lookahead_library(root, make_engine)
+    made = engine.stage1_batch(2)  # as `sdxld generate` calls it before upscaling each image
+    assert events == ["read", "read", "merge", "encode", "pixels"]
+    events.clear()
+    engine.activate_recorded_loras(made[0].record)  # the upscale's first step
+    assert events == [], "the upscale had to swap back"
+
+
+def test_under_offloading_the_next_files_are_only_read_ahead_and_the_swap_reads_nothing(root, make_engine, events,
+                                                                                         monkeypatch):
+    engine, second_character = lookahead_library(root, make_engine)
+    # Offloading needs a GPU; what it changes here is this one decision.
+    monkeypatch.setattr(engine, "_merges_ahead", lambda: False)
+    engine.stage1_batch(2, another_follows=True)
+    assert events == ["read", "read", "merge", "encode", "read", "pixels"]
     assert second_character.path in engine.loras.ready.paths()
     events.clear()
-    made = engine.stage1_batch(2)
+    made = engine.stage1_batch(2, another_follows=True)
     assert made[0].record.loras[0].file == second_character.path.name
-    assert events[0] == "pixels", "the second batch read its character again"
+    assert events[:2] == ["merge", "encode"], "the second batch read its character again"
 
 
-def test_reading_ahead_changes_no_draw_and_no_pixel(root, make_engine):
+def test_the_weights_merge_ahead_only_where_they_stay_on_the_device(root, make_engine, monkeypatch):
+    engine, _ = lookahead_library(root, make_engine)
+    monkeypatch.setattr(engine.models, "device", "cuda:0")
+    for strategy, ahead in (("gpu", True), ("model_offload", False), ("group_offload", False),
+                            ("sequential_offload", False)):
+        engine.config.memory.strategy = strategy
+        assert engine._merges_ahead() is ahead, strategy
+
+
+ON_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU; this machine has none")
+
+
+@pytest.mark.parametrize("merges_ahead, device", [
+    (True, "cpu"), (False, "cpu"),
+    # On a card the merge is queued while the batch before is still running: the batch in flight
+    # must still see the weights it was queued with (one stream keeps them in order).
+    pytest.param(True, "cuda", marks=ON_CUDA),
+], ids=["merged ahead", "read ahead", "merged ahead on cuda"])
+def test_getting_ahead_changes_no_draw_and_no_pixel(root, make_engine, monkeypatch, merges_ahead, device):
+    import numpy as np
+
     from sdxld.engine import SeedSequence
 
-    engine, _ = lookahead_library(root, make_engine)
+    on_card = {"performance__device": "cuda", "performance__dtype": "bf16", "memory__strategy": "gpu"}
+    engine, _ = lookahead_library(root, make_engine, **(on_card if device == "cuda" else {}))
+    monkeypatch.setattr(engine, "_merges_ahead", lambda: merges_ahead)
 
-    def two_batches(read_ahead: bool):
-        engine.seeds, engine.prefetch_loras = SeedSequence(SEED), read_ahead
-        made = engine.stage1_batch(2) + engine.stage1_batch(2)
-        return [(r.record.prompt, r.record.seed, r.record.loras, r.image.tobytes()) for r in made]
+    def two_batches(ahead: bool):
+        engine.seeds, engine.prefetch_loras = SeedSequence(SEED), ahead
+        made = engine.stage1_batch(2, another_follows=True) + engine.stage1_batch(2, another_follows=True)
+        return [(r.record.prompt, r.record.seed, r.record.loras) for r in made], [np.asarray(r.image) for r in made]
 
-    assert two_batches(True) == two_batches(False)
+    (records_ahead, pixels_ahead), (records, pixels) = two_batches(True), two_batches(False)
+    assert records_ahead == records
+    # The CPU repeats itself to the bit; a card's kernels may differ by a rounding. A batch made
+    # with the next batch's LoRA would differ everywhere.
+    tolerance = 0 if device == "cpu" else 2
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= tolerance for a, b in zip(pixels_ahead, pixels))
 
 
-def test_without_memory_to_keep_them_nothing_is_read_ahead(root, make_engine, reads):
+def test_under_offloading_without_memory_to_keep_them_nothing_is_read_ahead(root, make_engine, reads, monkeypatch):
     engine, second_character = lookahead_library(root, make_engine, lora__keep_in_memory_mb=0)
-    engine.stage1_batch(2)
+    monkeypatch.setattr(engine, "_merges_ahead", lambda: False)
+    engine.stage1_batch(2, another_follows=True)
     assert len(reads) == 2, "only this batch's character and style"
     assert second_character.path not in engine.loras.ready.paths()
+
+
+def test_a_failure_getting_ahead_costs_this_batch_nothing(root, make_engine, monkeypatch, caplog):
+    from sdxld.lora_merge import LoraMerger
+
+    engine, _ = lookahead_library(root, make_engine)
+    rewrite, calls = LoraMerger._rewrite, []
+
+    def out_of_memory_the_second_time(merger, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first is this batch's own swap, the second the next batch's
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return rewrite(merger, *args, **kwargs)
+
+    monkeypatch.setattr(LoraMerger, "_rewrite", out_of_memory_the_second_time)
+    made = engine.stage1_batch(2, another_follows=True)
+    assert len(made) == 2 and all(result.path.exists() for result in made)
+    assert "getting the next batch's LoRAs ready failed" in caplog.text
+    assert len(engine.stage1_batch(2, another_follows=True)) == 2, "the next batch swaps as it would have"
 
 
 def test_a_random_seed_is_drawn_once_whether_peeked_or_not():
@@ -188,15 +274,3 @@ def test_a_random_seed_is_drawn_once_whether_peeked_or_not():
     assert len({random_seeds.next() for _ in range(20)}) > 1
     fixed = SeedSequence(5)
     assert (fixed.peek(), fixed.next(), fixed.peek(), fixed.next()) == (5, 5, 6, 6)
-
-
-def test_a_failure_reading_ahead_costs_this_batch_nothing(root, make_engine, monkeypatch, caplog):
-    engine, _ = lookahead_library(root, make_engine)
-
-    def out_of_pinned_memory(entries):
-        raise RuntimeError("CUDA error: out of memory (pinning host memory)")
-
-    monkeypatch.setattr(engine.loras, "prepare", out_of_pinned_memory)
-    made = engine.stage1_batch(2)
-    assert len(made) == 2 and all(result.path.exists() for result in made)
-    assert "reading the next batch's LoRA files ahead failed" in caplog.text
