@@ -5,8 +5,9 @@ the tiny model with a library of many LoRAs and a stage1/ folder of waiting imag
     python bench/between_batches.py [--loras 200 --waiting 500 --batches 10]
 
 On a GPU under CUDA graphs a batch-1 image takes about a second, so every 10 ms here is about 1%
-of the images per hour. Work done while the card runs the batch (the next batch's LoRA files read
-ahead) is reported apart: it costs no card time there. The learned rotation's odds are timed for
+of the images per hour. Work done while the card runs the batch (the next batch's LoRAs merged
+ahead, as the daemon does with the weights on the device) is reported apart: it costs no card
+time there. The learned rotation's odds are timed for
 the library's character pool, with no verdicts and with one per arm, computed anew and asked again
 (they are cached until the counts change).
 """
@@ -61,37 +62,50 @@ def main() -> None:
 
     seconds: dict[str, list[float]] = defaultdict(list)
 
-    def timed(owner, name: str, label: str):
+    getting_ahead = []  # non-empty while the next batch's LoRAs are got ready
+
+    def timed(owner, name: str, label: str, ahead_label: str | None = None):
         real = getattr(owner, name)
 
         def wrapper(*a, **k):
+            where = ahead_label if ahead_label and getting_ahead else label
             start = time.perf_counter()
             try:
                 return real(*a, **k)
             finally:
-                seconds[label].append(time.perf_counter() - start)
+                seconds[where].append(time.perf_counter() - start)
 
         setattr(owner, name, wrapper)
 
     timed(engine, "sync_loras", "LoRA folders synced")
     timed(engine, "_draw", "draws (prompt, learned odds)")
-    timed(engine.loras, "activate", "LoRA swap (merge)")
-    timed(engine, "_ready_next_loras", "next batch's files read ahead (card time)")
-    timed(engine_module, "stage1_batch", "stage 1 (card time; the read-ahead included)")
-    timed(loras_module, "read_lora_weights", "LoRA files read (by the read-ahead or a swap)")
-    engine.stage1_batch(1)  # warm-up
+    timed(engine.loras, "activate", "LoRA swap at the batch's start", "LoRA swap merged ahead (card time)")
+    real_ready = engine._ready_next_loras
+
+    def ready_next_loras():
+        getting_ahead.append(1)
+        try:
+            real_ready()
+        finally:
+            getting_ahead.clear()
+
+    engine._ready_next_loras = ready_next_loras
+    timed(engine, "_ready_next_loras", "next batch's LoRAs got ready (card time)")
+    timed(engine_module, "stage1_batch", "stage 1 (card time; getting ahead included)")
+    timed(loras_module, "read_lora_weights", "LoRA files read (ahead or by a swap)")
+    engine.stage1_batch(1, another_follows=True)  # warm-up, as the daemon calls it
     seconds.clear()
     totals = []
     for _ in range(args.batches):
         start = time.perf_counter()
-        engine.stage1_batch(1)
+        engine.stage1_batch(1, another_follows=True)
         counted = time.perf_counter()
         pending_images(engine.layout, 0)
         seconds["images waiting counted"].append(time.perf_counter() - counted)
         totals.append(time.perf_counter() - start)
     engine.flush()
     per_batch = {label: sum(values) / args.batches for label, values in seconds.items()}
-    card = per_batch["stage 1 (card time; the read-ahead included)"]
+    card = per_batch["stage 1 (card time; getting ahead included)"]
     print(f"\nper batch of 1, mean of {args.batches} (ms)")
     for label, value in per_batch.items():
         print(f"  {label:44} {value * 1000:8.1f}")
