@@ -295,8 +295,8 @@ class Engine:
             uses = self.loras.activate(group[0].rotated, tagged=group[0].tagged)
             for draw in group:
                 draw.record.loras = list(uses)
-            # The next batch's files are read during the last group: read earlier, this batch's
-            # next group could push them out of the budget again.
+            # The next batch's LoRAs are got ready during the last group only: earlier, this
+            # batch's next group would swap them out again (or push their files out of the budget).
             last = number == len(groups)
             images = self._stage1_measured([draw.record for draw in group], hooks,
                                            self._ready_next_loras if last and another_follows else None)
