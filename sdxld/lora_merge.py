@@ -153,13 +153,18 @@ class LoraMerger:
     def prepare(self, files: list) -> None:
         """What merging these LoraWeights needs from each file alone (its stacks), built ahead of
         the merge."""
-        import torch
-
         if not files:
             return
-        pin = torch.device(diffusers_private.execution_device(self.pipe)).type == "cuda"
+        pin = self._merge_device().type == "cuda"
         for weights in files:
             weights.stacked(pin=pin)
+
+    def _merge_device(self):
+        """Where merges compute: the pipeline's execution device (host copies are pinned only for
+        a GPU: pinning starts CUDA)."""
+        import torch
+
+        return torch.device(diffusers_private.execution_device(self.pipe))
 
     def _unfuse_qkv(self, components: set[str]) -> None:
         if "unet" in components and getattr(self.pipe, "fusing_unet", False):
@@ -172,8 +177,7 @@ class LoraMerger:
         parts of layers as they are started (what a rollback must restore)."""
         import torch
 
-        device = torch.device(diffusers_private.execution_device(self.pipe))
-        # Host copies are pinned only for a GPU: pinning starts CUDA.
+        device = self._merge_device()
         pin = device.type == "cuda"
         # Inference mode: group offload may have turned the weights into inference tensors.
         with torch.inference_mode():

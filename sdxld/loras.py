@@ -350,17 +350,16 @@ class LoraLibrary:
                                for slot, merged in wanted.items()})
         return [use for _, use in uses]
 
-    def prepare(self, chosen: list[LoraEntry]) -> list[Path]:
+    def prepare(self, chosen: list[LoraEntry]) -> None:
         """Read and stack the files of `chosen` that are neither merged now nor kept ready, and
-        keep them ready for a merge soon (lora.keep_in_memory_mb bounds what stays); returns the
-        files read. A file larger than the whole budget is left for its merge: it would not stay."""
+        keep them ready for a merge soon (lora.keep_in_memory_mb bounds what stays). A file larger
+        than the whole budget is left for its merge: it would not stay."""
         wanted = [entry for entry in chosen
                   if self.ready.get(entry.path, entry.signature) is None and entry.signature[1] <= self.ready.budget_bytes]
         read = [(entry, weights) for entry in wanted if (weights := self._read(entry)) is not None]
         self.merger.prepare([weights for _, weights in read])
         for entry, weights in read:
             self.ready.keep(entry.path, entry.signature, weights)
-        return [entry.path for entry, _ in read]
 
     def wanted_uses(self, chosen: list[LoraEntry], strengths: list[float] | None = None,
                     tagged: list[tuple[LoraEntry, float]] = ()) -> list[LoraUse]:

@@ -128,9 +128,9 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None,
     chunk) would need padding that changes them: such records run in calls of their own.
 
     `while_card_works`: host work to do once every call is queued and before the images are read
-    back. On a GPU the pipeline returns when the host has queued the work (under CUDA graphs,
-    seconds before the card is done), and reading the pixels waits for the card: what runs in
-    between costs no time."""
+    back. On a GPU the pipeline returns when the host has queued the work (under CUDA graphs, or
+    with a batch that keeps the card busy, it should be well before the card is done), and
+    reading the pixels waits for the card: what runs in between should cost no card time."""
     hooks = hooks or Hooks()
     lead = records[0]
     for record in records[1:]:
