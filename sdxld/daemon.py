@@ -87,7 +87,10 @@ class Daemon:
         # Reading what the user approved (every record, cold: seconds for 100,000) needs no torch:
         # it runs beside the model load instead of after it.
         taste = TasteReader(Layout.from_config(self.config), self.config.taste.since_time())
-        self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True)
+        # The loop syncs the LoRA folders itself (_apply_changes): on the watcher's reports, every
+        # rescan_s, and with a bounded time for checking new files.
+        self.engine = Engine.load(self.config, lora_settle_s=self.config.daemon.settle_s, background_writes=True,
+                                  lora_folders_followed=True)
         if self.config.performance.builds_for_minutes and self.notifier.allow_silence(BUILD_WATCHDOG_S):
             log.info("performance.compile %s, compile_vae %s: the watchdog now waits up to %d s between pings "
                      "(a build of a new shape pings nothing)", self.config.performance.compile,

@@ -81,7 +81,11 @@ class FinalResult:
 
 
 class Engine:
-    def __init__(self, config: Config, models, lora_settle_s: float = 0.0, background_writes: bool = False):
+    def __init__(self, config: Config, models, lora_settle_s: float = 0.0, background_writes: bool = False,
+                 lora_folders_followed: bool = False):
+        """`lora_folders_followed`: the caller keeps the LoRA library in step with its folders
+        (the daemon: when the watcher reports a change and every daemon.rescan_s, checking new
+        files for a bounded time), so a batch or an upscale does not look at the folders again."""
         self.config = config
         self.layout = Layout.from_config(config)
         self.models = models
@@ -110,6 +114,7 @@ class Engine:
         self.prefetch_loras = True
         # Long runs save stage-1 images on a writer thread; one-shot callers get the file at once.
         self.writer = store.BackgroundWriter() if background_writes else None
+        self.lora_folders_followed = lora_folders_followed
 
     @property
     def embed(self) -> str:
@@ -161,6 +166,14 @@ class Engine:
             log.warning("LoRA folder(s) %s do not exist: no LoRA of that kind until they do", ", ".join(missing))
             self._warned_dirs = True
         return self.loras.sync(budget_s)
+
+    def follow_lora_folders(self) -> None:
+        """The LoRA folders as they are now, before work that draws or merges LoRAs, unless the
+        caller follows them. Why the daemon does: a sync stats every file (29 ms at 1,250 files,
+        card time lost between batches), and it has no budget, so in a daemon it would check at
+        once every new file the daemon's bounded checks left for later (each reads the whole file)."""
+        if not self.lora_folders_followed:
+            self.sync_loras()
 
     @property
     def ledger(self):
@@ -265,7 +278,7 @@ class Engine:
         return self._publish_stage1(record, stage1(self.models, record, hooks))
 
     def stage1_once(self, seed: int | None = None, hooks: Hooks | None = None) -> Stage1Result:
-        self.sync_loras()
+        self.follow_lora_folders()
         return self.run_stage1(self.new_stage1_record(seed), hooks)
 
     def stage1_batch(self, count: int, hooks: Hooks | None = None, another_follows: bool = False) -> list[Stage1Result]:
@@ -278,7 +291,7 @@ class Engine:
         `another_follows`: the caller makes another stage-1 batch next (the daemon's loop), so
         that batch's LoRAs are got ready while the card runs this one (_ready_next_loras). Not
         for a caller that upscales these images next: they need this batch's LoRAs."""
-        self.sync_loras()
+        self.follow_lora_folders()
         self.layout.ensure_output_dirs()
         draws: list[Draw] = []
         for _ in range(count):
@@ -381,7 +394,7 @@ class Engine:
 
         A LoRA that left its folder cannot be used: the upscale goes on without it and the note
         says so (it is written into the final's record)."""
-        self.sync_loras()
+        self.follow_lora_folders()
         rotated, strengths, tagged, notes = [], [], [], []
         for use in record.loras:
             entry = self.loras.find(use.kind, use.name)

@@ -113,7 +113,7 @@ def _record_for(path: Path, size, engine, sidecar, name):
     gen = engine.config.generation
     defaults = foreign.Defaults(prompts.prompt, prompts.negative, gen.sampler, gen.t2i.steps, gen.t2i.cfg,
                                 engine.models.describe(), seed, engine.config.prompts.syntax)
-    engine.sync_loras()
+    engine.follow_lora_folders()
     record = foreign.record_for(path, size, sidecar, defaults, engine.loras, engine.config.upscale.unknown_images)
     if record is None:
         raise InboxError(f"{lookup.problem}, A1111 parameters in the image, a caption {Path(name or path.name).stem}.txt",

@@ -267,7 +267,21 @@ class LoraLibrary:
         return [e for e in self.entries() if e.kind == kind and e.status == "loaded"]
 
     def find(self, kind: str, name: str) -> LoraEntry | None:
-        return next((e for e in self.available(kind) if e.name == name), None)
+        """The usable LoRA of that kind and name (a record names it), checked now if a sync's
+        budget left it for later."""
+        candidates = [e for e in self.entries() if e.kind == kind and e.name == name]
+        self._check_waiting(candidates)
+        return next((e for e in candidates if e.status == "loaded"), None)
+
+    def _check_waiting(self, candidates: list[LoraEntry]) -> None:
+        """Check the files among `candidates` that a sync's budget left for later: one a tag or a
+        record names is worth its check now rather than an image made without it."""
+        unchecked = [e for e in candidates if e.reason == NOT_CHECKED_YET]
+        for entry in unchecked:
+            self._check(entry)
+            self._refresh_triggers(entry)
+        if unchecked:
+            self.memory.save()
 
     def tagged_in(self, prompt: str, negative: str = "") -> list[tuple[LoraEntry, float]]:
         """The LoRAs the prompt's `<lora:name:weight>` tags ask for. A tag that cannot be used is
@@ -291,12 +305,7 @@ class LoraLibrary:
             tag = lora_tag(name, weight)
             candidates = [e for e in self.entries() if e.name == name] or [
                 e for e in self.entries() if e.name.casefold() == name.casefold()]
-            unchecked = [e for e in candidates if e.reason == NOT_CHECKED_YET]
-            for entry in unchecked:  # named by the user: worth its check now
-                self._check(entry)
-                self._refresh_triggers(entry)
-            if unchecked:
-                self.memory.save()
+            self._check_waiting(candidates)
             usable = [e for e in candidates if e.status == "loaded"]
             if not -4 <= weight <= 4:
                 problems.append(f"{tag}: weight {weight:g} is outside -4..4")
