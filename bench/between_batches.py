@@ -94,22 +94,34 @@ def main() -> None:
     timed(engine_module, "stage1_batch", "stage 1 (card time; getting ahead included)")
     timed(loras_module, "read_lora_weights", "LoRA files read (ahead or by a swap)")
     engine.stage1_batch(1, another_follows=True)  # warm-up, as the daemon calls it
-    seconds.clear()
-    totals = []
-    for _ in range(args.batches):
-        start = time.perf_counter()
-        engine.stage1_batch(1, another_follows=True)
-        counted = time.perf_counter()
-        pending_images(engine.layout, 0)
-        seconds["images waiting counted"].append(time.perf_counter() - counted)
-        totals.append(time.perf_counter() - start)
+    # The daemon's engine leaves the LoRA folders to the daemon (synced when the watcher reports a
+    # change, and every rescan_s); generate's engine syncs them before each batch: both, in turn.
+    columns = {}
+    for followed in (False, True):
+        engine.lora_folders_followed = followed
+        seconds.clear()
+        totals = []
+        for _ in range(args.batches):
+            start = time.perf_counter()
+            engine.stage1_batch(1, another_follows=True)
+            counted = time.perf_counter()
+            pending_images(engine.layout, 0)
+            seconds["images waiting counted"].append(time.perf_counter() - counted)
+            totals.append(time.perf_counter() - start)
+        per_batch = {label: sum(values) / args.batches for label, values in seconds.items()}
+        card = per_batch["stage 1 (card time; getting ahead included)"]
+        per_batch["all between batches (all but stage 1)"] = statistics.mean(totals) - card
+        columns["followed by the daemon" if followed else "synced per batch"] = per_batch
     engine.flush()
-    per_batch = {label: sum(values) / args.batches for label, values in seconds.items()}
-    card = per_batch["stage 1 (card time; getting ahead included)"]
-    print(f"\nper batch of 1, mean of {args.batches} (ms)")
-    for label, value in per_batch.items():
-        print(f"  {label:44} {value * 1000:8.1f}")
-    print(f"  {'all between batches (all but stage 1)':44} {(statistics.mean(totals) - card) * 1000:8.1f}")
+    labels = list(dict.fromkeys(label for per_batch in columns.values() for label in per_batch))
+    print(f"\nper batch of 1, mean of {args.batches} (ms): " + " | ".join(columns))
+    for label in labels:
+        print(f"  {label:44} " + " ".join(f"{columns[c].get(label, 0.0) * 1000:10.1f}" for c in columns))
+    before, after = (columns[c]["all between batches (all but stage 1)"] for c in columns)
+    print(f"  between batches, LoRA folders followed / synced per batch: {after / before:.2f}x")
+    start = time.perf_counter()
+    engine.sync_loras(budget_s=1.0)
+    print(f"one sync, as the daemon runs it when the watcher reports a change: {(time.perf_counter() - start) * 1000:.1f} ms")
 
     names = [entry.name for entry in engine.loras.available("character")]
     rng = random.Random(0)
