@@ -13,6 +13,7 @@ it never stops the run.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import re
@@ -45,8 +46,10 @@ class LoraEntry:
     triggers: str = ""
     trigger_signature: tuple | None = field(default=None, repr=False)
 
-    @property
+    @functools.cached_property
     def name(self) -> str:
+        # Asked for every entry each time the entries are sorted (every draw): Path.stem was two
+        # thirds of a draw's time with 1,250 LoRAs.
         return self.path.stem
 
 
