@@ -7,6 +7,7 @@ with the prompt, seed and LoRAs that made it, whatever the prompt files say toda
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -393,14 +394,18 @@ def _conditioning(pipe, record: Record, cfg: float, original_size, device):
     """Prompt embeddings and a per-tile time-id function for one pipeline (base or refiner)."""
     import torch
 
+    from .host_waits import queued_copy
     from .tiling import Conditioning
 
     prompt = prompt_embeddings(pipe, record)
 
+    # Made once per tile and queued: a blocking copy at every UNet call made the host wait for
+    # the card to finish the previous call before it could queue the next one.
+    @functools.cache
     def time_ids(tile):
         positive, negative_ids = diffusers_private.img2img_time_ids(
             pipe, original_size, (tile.y, tile.x), (tile.height, tile.width), prompt.prompt_embeds.dtype)
-        return torch.cat([negative_ids, positive]).to(device)
+        return queued_copy(torch.cat([negative_ids, positive]), device)
 
     return Conditioning(
         unet=pipe.unet,

@@ -205,7 +205,10 @@ def tiled_denoise(
     """
     import torch
 
-    weights = [torch.from_numpy(gaussian_weights(t.width, t.height)).float().to(latents.device) for t in latent_tiles]
+    from .host_waits import queued_copy
+
+    weights = [queued_copy(torch.from_numpy(gaussian_weights(t.width, t.height)).float(), latents.device)
+               for t in latent_tiles]
     for index, t in enumerate(timesteps):
         cond = [c for start, c in phases if start <= index][-1]
         model_input = scheduler.scale_model_input(latents, t)

@@ -285,3 +285,43 @@ def test_the_vae_gets_the_values_and_memory_layout_of_diffusers_preprocess():
     for dtype in (torch.float32, torch.bfloat16):
         made = pil_to_tensor(image, "cpu", dtype)
         assert torch.equal(made, expected.to(dtype)) and made.stride() == expected.stride()
+
+
+def test_stage3s_denoising_loop_never_makes_the_host_wait_for_the_card():
+    """Each UNet call of stage 3 is queued while the card still runs the one before: the tiles'
+    time ids and blend weights are copied once and without blocking. PyTorch's meta device stands
+    in for the card (a blocking copy to it is counted as one to a GPU would be)."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from sdxld.host_waits import CountHostWaits
+    from sdxld.models import make_scheduler
+    from sdxld.records import Record
+    from sdxld.stages import _conditioning
+    from sdxld.tiling import tiled_denoise
+    from sdxld.tiny import build_pipelines
+
+    base, refiner = build_pipelines()
+    pipe = StableDiffusionXLImg2ImgPipeline(**base.components)
+    pipe.scheduler = make_scheduler("UniPC", pipe.scheduler.config)
+    for model in (pipe, refiner):
+        model.to("meta")
+    record = Record(tag="t", prompt="a cat, (red scarf:1.2)", negative="blurry", seed=1, width=128, height=224,
+                    sampler="UniPC", steps=8, cfg=5.0, prompt_syntax="a1111")
+    width, height = 512, 896
+    pixel_tiles = tile_grid(width, height, 256, 32)
+    latent_tiles = [tile.scaled(8) for tile in pixel_tiles]
+    phases = [(0, _conditioning(pipe, record, 5.0, (height, width), "meta")),
+              (4, _conditioning(refiner, record, 5.0, (height, width), "meta"))]  # the refiner's last 3 steps
+    pipe.scheduler.set_timesteps(14, device="meta")
+    pipe.scheduler.set_begin_index(7)
+    latents = torch.empty(1, 4, height // 8, width // 8, device="meta")
+    calls, handle = count_calls(pipe.unet)
+    try:
+        with CountHostWaits() as waits:
+            tiled_denoise(latents, list(pipe.scheduler.timesteps[7:]), pipe.scheduler, phases, latent_tiles,
+                          pixel_tiles, 2, lambda step, total: False)
+    finally:
+        handle.remove()
+    assert len(pixel_tiles) == 12 and calls, "the loop ran on the stand-in card"
+    assert not waits.counts, f"the host waited for the card: {dict(waits.counts)}"
