@@ -44,6 +44,11 @@ on_card=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
 # (bench/text_encoders.py), which the graphs section's budget would otherwise leave no time for.
 if [ "$on_card" = 1 ]; then te_args="--device cuda --dtype bf16 --repeats 5"; else te_args="--batches 1 --repeats 1"; fi
 timeout 90 "$PYTHON" bench/text_encoders.py $te_args | tee "$results/text-encoders.txt"
+# SDXL's attention calls (recorded from its UNets and VAE at each stage's shape) under each SDPA
+# backend, flash, memory-efficient and cuDNN, against torch's default (bench/attention.py; about
+# 30 s on a card, 11 s on a CPU rehearsal at a quarter of the sizes): whether a backend switch pays.
+if [ "$on_card" = 1 ]; then attention_args="--device cuda --dtype bf16"; else attention_args=""; fi
+timeout 90 "$PYTHON" bench/attention.py $attention_args | tee "$results/attention.txt"
 "$PYTHON" bench/gpu.py --skip "$skip" --graphs-parts "$parts" --budget-s "${BUDGET_S:-420}" --out "$results" "$@"
 status=$?
 # The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part
