@@ -54,3 +54,13 @@ def test_unet_ops_bench_counts_the_full_size_unet_without_its_weights():
     result = subprocess.run([sys.executable, str(REPO / "bench" / "unet_ops.py")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "aten.scaled_dot_product_attention" in result.stdout and "  all " in result.stdout
+
+
+def test_attention_bench_records_sdxls_attention_calls_and_times_each_backend():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "attention.py"), "--scale", "8", "--repeats", "1"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| base UNet, stage 3, a call of 2 tiles | 140 |" in result.stdout  # 70 blocks, self + cross each
+    assert "| refiner UNet, stage 2 | 88 |" in result.stdout
+    assert "| VAE decode, one 1024 px tile | 1 |" in result.stdout
+    assert "| flash ms | efficient ms | cudnn ms | default ms |" in result.stdout
