@@ -57,12 +57,13 @@ if [ "$sections" = fast ]; then
   device=cpu; [ "$on_card" = 1 ] && device=cuda
   timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
 fi
-# The VAE compiled against eager at stage 1's size (performance.compile_vae), if the call has the
-# time beside the tests: one decode and one encode each, medians of 5 (a small size on a CPU
-# rehearsal).
+# The VAE compiled, and eager in the channels-last layout, against eager (performance.compile_vae,
+# performance.channels_last) on one VAE tile (1024 px: every tile of stage 2's and stage 3's
+# decodes and encodes is at most that, and stage 1's two), if the call has the time beside the
+# tests: one decode and one encode each, medians of 5 (a small size on a CPU rehearsal).
 if [ $(( ${CALL_S:-575} - SECONDS )) -gt 200 ]; then
   if [ "$on_card" = 1 ]; then
-    vae_args="--device cuda --size 768x1344 --dtype bf16 --repeats 5"
+    vae_args="--device cuda --size 1024x1024 --dtype bf16 --repeats 5"
   else
     vae_args="--size 64x64 --repeats 1"
   fi
