@@ -797,8 +797,9 @@ def bench_graphs(run: Run) -> None:
     - bf16: stage 1's UNet replayed as CUDA graphs for its fixed shapes without autotuning
       (inductor's reduce-overhead mode: what performance.compile graphs runs);
     - cudagraphs: CUDA graphs around eager kernels (torch's cudagraphs backend: no code generation);
-    - quantized: the same CUDA graphs on an fp8 UNet (int8 without fp8 hardware), the swap merging
-      into the kept originals and quantizing again (uncompiled fp8 was 5.95x slower);
+    - quantized: an fp8 UNet (int8 without fp8 hardware) under regional compile (a quick build),
+      then under the same CUDA graphs, the swap merging into the kept originals and quantizing
+      again (uncompiled fp8 was 5.95x slower);
     - regional: regional compile; max: sdxld's compile max (max-autotune, builds of minutes);
     - approved: stages 2 and 3 under the same CUDA graphs (performance.compile_approved) against
       the same path eager, first of all: the approved image is the goal furthest away; with vae,
@@ -956,6 +957,13 @@ def _graphs_quantized(run: Run, library, compiled, cuda_graphs: str, graphs: dic
                 quantized_library.activate(pairs[0])
                 _host_waits_by_line(run, f"one {mode} LoRA swap", lambda: quantized_library.activate(pairs[1]))
                 quantized_library.activate([])
+        # First the quick build: the transformer blocks compiled one by one (regional, no CUDA
+        # graphs; seconds to build where the whole UNet's graphs took minutes, fp8's outlasting a
+        # call's budget). Every quantized linear layer is inside those blocks, so this row says
+        # whether the fp8 arithmetic pays once torchao's per-layer quantization is fused, against
+        # the bf16 regional row of the same call.
+        backend = "inductor" if run.device == "cuda" else "eager"
+        compiled(f"{mode} + regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
         compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True,
                  library=quantized_library)
     finally:
