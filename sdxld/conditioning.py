@@ -72,9 +72,9 @@ def _encode_texts(providers, texts: list[tuple[str, Syntax]], device) -> tuple[d
     negative is 29 forwards of one row each, each a few hundred kernel launches the host issues
     one at a time (0.39 s of a 9.4 s batch of 8 on the H100). Here compel still tokenizes, splits
     and weights, but every row of 77 tokens of every text (and the pooled embedding's row, most
-    often one of them) goes through each encoder in one forward. A chunk with a weight below 1 is the exception: compel blends it
-    towards the text without those words, which needs encodes of other texts, so compel encodes
-    that chunk itself, as before."""
+    often one of them) goes through each encoder in one forward. A chunk with a weight below 1 is
+    the exception: compel blends it towards the text without those words, which needs encodes of
+    other texts, so compel encodes that chunk itself, as before."""
     chunked = {key: parse(*key) for key in texts}
     hidden_per_encoder: dict[tuple, list[torch.Tensor]] = {key: [] for key in texts}
     pooled: dict[tuple, torch.Tensor] = {}
