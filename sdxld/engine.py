@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import store
+from . import stages, store
 from .config import Config
 from .layout import Layout
 from .loras import LoraLibrary
@@ -42,18 +42,26 @@ class SeedSequence:
 
     def __init__(self, configured: int):
         self.configured = configured
-        self._next = configured if configured >= 0 else None
+        self._coming: list[int] = []  # seeds looked at ahead, in the order next() gives them
+        self._after = configured  # fixed seeds: the first one not in _coming yet
 
     def next(self) -> int:
-        seed = self.peek()
-        self._next = seed + 1 if self.configured >= 0 else None
-        return seed
+        self.upcoming(1)
+        return self._coming.pop(0)
 
     def peek(self) -> int:
         """The seed next() gives next (a random one is drawn now and kept for it)."""
-        if self._next is None:
-            self._next = secrets.randbelow(2**32)
-        return self._next
+        return self.upcoming(1)[0]
+
+    def upcoming(self, count: int) -> list[int]:
+        """The seeds the next `count` calls of next() give, in order (random ones drawn now and kept)."""
+        while len(self._coming) < count:
+            if self.configured >= 0:
+                self._coming.append(self._after)
+                self._after += 1
+            else:
+                self._coming.append(secrets.randbelow(2**32))
+        return self._coming[:count]
 
 
 @dataclass
@@ -71,6 +79,25 @@ class Draw:
     rotated: list  # the rotated LoRA entries
     tagged: list  # (entry, weight) of the prompt's <lora:> tags
     lora_draws: dict  # learned rotation's LoRA draws, for the record
+
+
+@dataclass
+class PromptsEncodedAhead:
+    """A batch's prompt embeddings, encoded while the card still ran the batch before it."""
+
+    prompts: list[tuple[str, str, str]]  # (prompt, negative, syntax) of each image, in order
+    rewrites: int  # LoraMerger.rewrites then: the text encoders' weights they were made with
+    embeddings: list
+
+    def fit(self, records: list[Record], rewrites: int) -> list | None:
+        """The embeddings, if `records` have exactly these prompts and no weight was rewritten since."""
+        if rewrites != self.rewrites or _prompts_of(records) != self.prompts:
+            return None
+        return self.embeddings
+
+
+def _prompts_of(records: list[Record]) -> list[tuple[str, str, str]]:
+    return [(record.prompt, record.negative, record.prompt_syntax) for record in records]
 
 
 @dataclass
@@ -109,9 +136,11 @@ class Engine:
         self.rotation = Rotation(config)
         self._warned_dirs = False
         self._upscaler = None
-        # Whether stage1_batch(another_follows=True) gets the next batch's LoRAs ready while the
-        # card runs this one (_ready_next_loras); off only to measure against.
+        # Whether stage1_batch(another_follows=True) gets the next batch's LoRAs ready and encodes
+        # its prompts while the card runs this one; off only to measure against.
         self.prefetch_loras = True
+        self.encode_ahead = True
+        self._prompts_ahead: PromptsEncodedAhead | None = None
         # Long runs save stage-1 images on a writer thread; one-shot callers get the file at once.
         self.writer = store.BackgroundWriter() if background_writes else None
         self.lora_folders_followed = lora_folders_followed
@@ -235,6 +264,13 @@ class Engine:
         )
         return Draw(record, rotated, tagged, lora_draws)
 
+    def _draw_batch(self, seeds: list[int]) -> list[Draw]:
+        """The draws of a stage-1 batch: the first image's LoRAs for all (_draw's `lead`)."""
+        draws: list[Draw] = []
+        for seed in seeds:
+            draws.append(self._draw(seed, lead=draws[0] if draws else None, merge=False))
+        return draws
+
     def _pick_loras(self, rng: random.Random, rotation: Rotation, drawn: dict) -> list:
         """The rotated LoRAs: the first thing an image's seeded RNG draws."""
         if rotation is self.rotation and rotation.any_learned:
@@ -268,6 +304,39 @@ class Engine:
             log.warning("getting the next batch's LoRAs ready failed (%s: %s); they are swapped in when it starts",
                         type(err).__name__, err)
 
+    def _next_batch_readier(self, count: int):
+        """What stage 1 runs once this batch's work is queued: the next batch's LoRAs, then its
+        prompts (of `count` images, as this batch: the daemon's batches stay one size while it
+        keeps up)."""
+        def get_ready() -> None:
+            self._ready_next_loras()
+            self._encode_next_prompts(count)
+
+        return get_ready
+
+    def _encode_next_prompts(self, count: int) -> None:
+        """Encode the prompts the next batch will draw while the card runs this one, after its
+        LoRAs were merged ahead. A batch's prompts through both text encoders are 1,835-2,115
+        operations (bench/text_encoders.py, SDXL's encoders) that the host dispatches one by one:
+        at the start of the batch the card waits for every one of them, here they queue behind
+        this batch's work. The next batch takes them only if it draws exactly these prompts, in
+        this order, and no weight was rewritten since (an approved image's LoRAs, a tag, a file
+        changed); otherwise it encodes its own, as before, so its images are the same to the bit
+        either way. Only where the weights stay on the device: under the offload strategies a
+        call of the text encoders moves models."""
+        if not (self.encode_ahead and self._merges_ahead()):
+            return
+        try:
+            draws = self._draw_batch(self.seeds.upcoming(count))
+            if any(draw.tagged for draw in draws):
+                return  # its tags' LoRAs are merged at its start: these would be encoded without them
+            records = [draw.record for draw in draws]
+            self._prompts_ahead = PromptsEncodedAhead(_prompts_of(records), self.loras.merger.rewrites,
+                                                      stages.batch_prompt_embeddings(self.models.base, records))
+        except Exception as err:  # noqa: BLE001 - getting ahead must never cost this batch its images
+            log.warning("encoding the next batch's prompts ahead failed (%s: %s); they are encoded when it starts",
+                        type(err).__name__, err)
+
     def _merges_ahead(self) -> bool:
         """Whether the next batch's LoRAs are merged while the card runs this one: only where the
         weights stay on the device (memory.strategy gpu, or no GPU to offload to)."""
@@ -293,9 +362,8 @@ class Engine:
         for a caller that upscales these images next: they need this batch's LoRAs."""
         self.follow_lora_folders()
         self.layout.ensure_output_dirs()
-        draws: list[Draw] = []
-        for _ in range(count):
-            draws.append(self._draw(self.seeds.next(), lead=draws[0] if draws else None, merge=False))
+        ahead, self._prompts_ahead = self._prompts_ahead, None
+        draws = self._draw_batch([self.seeds.next() for _ in range(count)])
         if count > 1:
             for index, draw in enumerate(draws):
                 draw.record.batch = {"size": count, "index": index, "lora_seed": draws[0].record.seed}
@@ -308,11 +376,13 @@ class Engine:
             uses = self.loras.activate(group[0].rotated, tagged=group[0].tagged)
             for draw in group:
                 draw.record.loras = list(uses)
-            # The next batch's LoRAs are got ready during the last group only: earlier, this
-            # batch's next group would swap them out again (or push their files out of the budget).
+            # The next batch is got ready during the last group only: earlier, this batch's next
+            # group would swap its LoRAs out again (or push their files out of the budget).
             last = number == len(groups)
-            images = self._stage1_measured([draw.record for draw in group], hooks,
-                                           self._ready_next_loras if last and another_follows else None)
+            records = [draw.record for draw in group]
+            images = self._stage1_measured(
+                records, hooks, self._next_batch_readier(count) if last and another_follows else None,
+                ahead.fit(records, self.loras.merger.rewrites) if ahead is not None else None)
             for draw, image in zip(group, images):
                 results[id(draw)] = self._publish_stage1(draw.record, image)
         return [results[id(draw)] for draw in draws]
@@ -330,9 +400,11 @@ class Engine:
             configured = auto_stage1_batch(free, self._stage1_image_bytes)
         return min(configured, self._stage1_batch_ceiling or configured)
 
-    def _stage1_measured(self, records: list[Record], hooks: Hooks | None, while_card_works=None) -> list:
+    def _stage1_measured(self, records: list[Record], hooks: Hooks | None, while_card_works=None,
+                         embeddings: list | None = None) -> list:
         """stage1_batch, measuring the peak VRAM per image on a GPU (for 'auto'); a batch that runs
-        out of memory is run again in halves, and later batches stay at most that size."""
+        out of memory is run again in halves, and later batches stay at most that size.
+        `embeddings`: the records' prompts, encoded ahead."""
         cuda = self.models.device.startswith("cuda")
         if cuda:
             import torch
@@ -340,7 +412,7 @@ class Engine:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         try:
-            images = stage1_batch(self.models, records, hooks, while_card_works)
+            images = stage1_batch(self.models, records, hooks, while_card_works, embeddings)
         except out_of_memory_error():
             if len(records) == 1:
                 raise

@@ -95,6 +95,10 @@ class LoraMerger:
         # performance.quantize (quantize.Quantized): its layers' originals were kept before
         # quantizing (a quantized weight is no original), and merged weights are quantized again.
         self._quantized = quantized
+        # Counts the times apply() started rewriting weights: while it stays the same, every
+        # weight is the tensor it was, to the bit (the same LoRAs merged again by another path of
+        # swaps may round differently on a GPU).
+        self.rewrites = 0
 
     def holds(self, slot: str, key: tuple) -> bool:
         merged = self._merged.get(slot)
@@ -127,6 +131,7 @@ class LoraMerger:
             context = offload_paused(self.pipe)
         else:
             context = contextlib.nullcontext()
+        self.rewrites += 1
         with context:
             self._unfuse_qkv(components)
             self._rewrite_or_roll_back(sorted(touched), new_state, changed)

@@ -121,7 +121,7 @@ BATCH_SHARED = ("sampler", "width", "height", "steps", "cfg", "refiner_split")
 
 
 def stage1_batch(models, records: list[Record], hooks: Hooks | None = None,
-                 while_card_works: Callable[[], None] | None = None) -> list:
+                 while_card_works: Callable[[], None] | None = None, base_embeddings: list | None = None) -> list:
     """Stage 1 of several records, one UNet call per step for all of them. They share the sampler,
     size, steps, CFG and refiner split, and the LoRAs merged into the model (the caller's part);
     each keeps its own prompt, negative and seed: a CPU generator per image, so each image is the
@@ -131,7 +131,8 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None,
     `while_card_works`: host work to do once every call is queued and before the images are read
     back. On a GPU the pipeline returns when the host has queued the work (under CUDA graphs, or
     with a batch that keeps the card busy, it should be well before the card is done), and
-    reading the pixels waits for the card: what runs in between should cost no card time."""
+    reading the pixels waits for the card: what runs in between should cost no card time.
+    `base_embeddings`: the records' prompts through the base's text encoders, if already encoded."""
     hooks = hooks or Hooks()
     lead = records[0]
     for record in records[1:]:
@@ -142,7 +143,8 @@ def stage1_batch(models, records: list[Record], hooks: Hooks | None = None,
     use_refiner = models.refiner is not None and lead.refiner_split is not None
     common = dict(num_inference_steps=lead.steps, guidance_scale=lead.cfg)
     decoded: list[tuple[list[int], object]] = []  # (record indices, their images on the device)
-    base_embeddings = batch_prompt_embeddings(models.base, records)
+    if base_embeddings is None:
+        base_embeddings = batch_prompt_embeddings(models.base, records)
     for indices in _unet_batches(base_embeddings, models.static_shapes):
         generators = [_generator(models.device, records[i].seed) for i in indices]
         generator = generators if len(generators) > 1 else generators[0]

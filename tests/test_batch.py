@@ -171,11 +171,11 @@ def test_a_batch_that_runs_out_of_memory_is_redone_in_halves_and_later_batches_s
     real = engine_module.stage1_batch
     calls = []
 
-    def small_gpu(models, records, hooks=None, while_card_works=None):
+    def small_gpu(models, records, hooks=None, while_card_works=None, base_embeddings=None):
         calls.append(len(records))
         if len(records) > 2:
             raise out_of_memory_error()("CUDA out of memory (simulated)")
-        return real(models, records, hooks, while_card_works)
+        return real(models, records, hooks, while_card_works, base_embeddings)
 
     monkeypatch.setattr(engine_module, "stage1_batch", small_gpu)
     engine = make_engine(model__refiner=None, generation__batch_size=4)

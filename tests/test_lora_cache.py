@@ -122,7 +122,7 @@ def test_a_config_edit_of_the_budget_applies_to_the_running_engine(root, make_en
     assert set(engine.loras.ready.paths()) == {c1.path, style.path}, "only the files merged now stay"
 
 
-# --- the next batch's LoRAs, made ready while the card runs this one --------------------------
+# --- the next batch's LoRAs and prompts, made ready while the card runs this one --------------
 
 SEED = 40
 
@@ -140,8 +140,10 @@ def lookahead_library(root, make_engine, **changes):
 @pytest.fixture
 def events(monkeypatch):
     """What stage 1 does, in order: 'read' (a LoRA file), 'merge' (weights rewritten), 'encode'
-    (a batch's prompts through the base: the first thing its stage 1 does; the refiner's come
-    later), 'pixels' (read back from the card)."""
+    (a batch's prompts through the base; the refiner's come later), 'denoise' (the base's
+    denoising loop queued), 'pixels' (read back from the card)."""
+    from diffusers import StableDiffusionXLPipeline
+
     import sdxld.lora_merge
     import sdxld.loras
     import sdxld.stages
@@ -155,6 +157,7 @@ def events(monkeypatch):
     logging(sdxld.loras, "read_lora_weights", "read")
     logging(sdxld.lora_merge.LoraMerger, "_rewrite", "merge")
     logging(sdxld.stages, "tensor_to_pil", "pixels")
+    logging(StableDiffusionXLPipeline, "__call__", "denoise")
     encode = sdxld.stages.batch_prompt_embeddings
     monkeypatch.setattr(sdxld.stages, "batch_prompt_embeddings", lambda pipe, records: (
         pipe.text_encoder is not None and seen.append("encode"), encode(pipe, records))[1])
@@ -166,19 +169,20 @@ def test_where_weights_stay_on_the_device_the_next_pair_is_merged_before_the_pix
     engine, second_character = lookahead_library(root, make_engine)
     assert engine._merges_ahead()  # no GPU: the weights stay where they are, as under strategy gpu
     engine.stage1_batch(2, another_follows=True)
-    # This batch's pair read and merged, its prompts, then the next batch's character read and
-    # merged while the card would still be working, before the pixels are read back.
-    assert events == ["read", "read", "merge", "encode", "read", "merge", "pixels"]
+    # This batch's pair read and merged, its prompts encoded, its steps queued; then the next
+    # batch's character read and merged and its prompts encoded while the card would still be
+    # working, before the pixels are read back.
+    assert events == ["read", "read", "merge", "encode", "denoise", "read", "merge", "encode", "pixels"]
     events.clear()
     made = engine.stage1_batch(2, another_follows=True)
     assert made[0].record.loras[0].file == second_character.path.name
-    assert events[0] == "encode", "the second batch swapped before its stage 1"
+    assert events[0] == "denoise", "the second batch swapped or encoded before its steps"
 
 
 def test_without_another_batch_next_its_loras_stay_merged_for_upscaling_its_images(root, make_engine, events):
     engine, _ = lookahead_library(root, make_engine)
     made = engine.stage1_batch(2)  # as `sdxld generate` calls it before upscaling each image
-    assert events == ["read", "read", "merge", "encode", "pixels"]
+    assert events == ["read", "read", "merge", "encode", "denoise", "pixels"]
     events.clear()
     engine.activate_recorded_loras(made[0].record)  # the upscale's first step
     assert events == [], "the upscale had to swap back"
@@ -190,12 +194,12 @@ def test_under_offloading_the_next_files_are_only_read_ahead_and_the_swap_reads_
     # Offloading needs a GPU; what it changes here is this one decision.
     monkeypatch.setattr(engine, "_merges_ahead", lambda: False)
     engine.stage1_batch(2, another_follows=True)
-    assert events == ["read", "read", "merge", "encode", "read", "pixels"]
+    assert events == ["read", "read", "merge", "encode", "denoise", "read", "pixels"]
     assert second_character.path in engine.loras.ready.paths()
     events.clear()
     made = engine.stage1_batch(2, another_follows=True)
     assert made[0].record.loras[0].file == second_character.path.name
-    assert events[:2] == ["merge", "encode"], "the second batch read its character again"
+    assert events[:3] == ["merge", "encode", "denoise"], "the second batch read its character again"
 
 
 def test_the_weights_merge_ahead_only_where_they_stay_on_the_device(root, make_engine, monkeypatch):
@@ -226,7 +230,7 @@ def test_getting_ahead_changes_no_draw_and_no_pixel(root, make_engine, monkeypat
     monkeypatch.setattr(engine, "_merges_ahead", lambda: merges_ahead)
 
     def two_batches(ahead: bool):
-        engine.seeds, engine.prefetch_loras = SeedSequence(SEED), ahead
+        engine.seeds, engine.prefetch_loras, engine.encode_ahead = SeedSequence(SEED), ahead, ahead
         made = engine.stage1_batch(2, another_follows=True) + engine.stage1_batch(2, another_follows=True)
         return [(r.record.prompt, r.record.seed, r.record.loras) for r in made], [np.asarray(r.image) for r in made]
 
@@ -272,5 +276,87 @@ def test_a_random_seed_is_drawn_once_whether_peeked_or_not():
     peeked = random_seeds.peek()
     assert random_seeds.peek() == peeked and random_seeds.next() == peeked
     assert len({random_seeds.next() for _ in range(20)}) > 1
+    coming = random_seeds.upcoming(3)
+    assert random_seeds.upcoming(2) == coming[:2] and random_seeds.peek() == coming[0]
+    assert [random_seeds.next() for _ in range(4)][:3] == coming
     fixed = SeedSequence(5)
     assert (fixed.peek(), fixed.next(), fixed.peek(), fixed.next()) == (5, 5, 6, 6)
+    assert fixed.upcoming(3) == [7, 8, 9] and fixed.next() == 7 and fixed.upcoming(1) == [8]
+
+
+def second_batch(engine, events, ahead: bool, between=lambda: None):
+    """Two batches of 2 from SEED, `between` run between them: the second batch's images, and
+    what it did before its steps were queued."""
+    import numpy as np
+
+    from sdxld.engine import SeedSequence
+
+    engine.seeds, engine.encode_ahead = SeedSequence(SEED), ahead
+    engine.stage1_batch(2, another_follows=True)
+    between()
+    events.clear()
+    made = engine.stage1_batch(2, another_follows=True)
+    return [np.asarray(r.image) for r in made], events[:events.index("denoise")], [r.record.prompt for r in made]
+
+
+def test_a_prompt_edited_between_batches_is_encoded_when_its_batch_starts(root, make_engine, events):
+    engine, _ = lookahead_library(root, make_engine)
+    options = root / "prompts/prompt_options.txt"
+
+    def edit_options():
+        options.write_text("lighthouse, aurora, desert\n")
+
+    made = {}
+    for ahead in (True, False):
+        options.write_text("rain, city, garden, night, harbor, snow\n")
+        made[ahead] = second_batch(engine, events, ahead, edit_options)
+    (pixels, before_steps, prompts), (pixels_fresh, _, prompts_fresh) = made[True], made[False]
+    assert prompts == prompts_fresh and any(word in " ".join(prompts) for word in ("lighthouse", "aurora", "desert"))
+    assert before_steps == ["encode"], "the prompts encoded ahead were used after the edit"
+    assert all((a == b).all() for a, b in zip(pixels, pixels_fresh))
+
+
+def test_a_lora_file_replaced_between_batches_is_merged_then_the_prompts_encoded_again(root, make_engine, events):
+    engine, second_character = lookahead_library(root, make_engine)
+
+    def replace_the_next_character():
+        # The same name and trigger words (the same prompts), other text-encoder weights.
+        write_tiny_lora(second_character.path, seed=99, rank=4)
+        engine.sync_loras()
+
+    _, before_steps, _ = second_batch(engine, events, True, replace_the_next_character)
+    assert before_steps == ["read", "merge", "encode"]
+
+
+def test_the_prompts_are_not_encoded_ahead_where_they_would_be_stale(root, make_engine, events, monkeypatch):
+    engine, _ = lookahead_library(root, make_engine)
+    (root / "prompts/manual_prompt.txt").write_text("1girl, <lora:s:0.3>\n")
+    engine.stage1_batch(2, another_follows=True)
+    assert events[events.index("denoise"):] == ["denoise", "read", "merge", "pixels"], \
+        "a tag's LoRA merges at its batch's start: prompts encoded before would lack it"
+
+    (root / "prompts/manual_prompt.txt").write_text("1girl\n")
+    monkeypatch.setattr(engine, "_merges_ahead", lambda: False)  # as under the offload strategies
+    events.clear()
+    engine.stage1_batch(2, another_follows=True)
+    assert "encode" not in events[events.index("denoise"):], "a text encoder called between the steps and the pixels"
+
+
+def test_a_failure_encoding_ahead_costs_no_image(root, make_engine, events, monkeypatch, caplog):
+    import sdxld.stages
+
+    engine, _ = lookahead_library(root, make_engine)
+    encode, calls = sdxld.stages.batch_prompt_embeddings, []
+
+    def out_of_memory_ahead(pipe, records):
+        calls.append(pipe.text_encoder is not None)  # the base's, not the refiner's
+        if calls.count(True) == 2 and calls[-1]:  # the first is this batch's own, the second the next batch's
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return encode(pipe, records)
+
+    monkeypatch.setattr(sdxld.stages, "batch_prompt_embeddings", out_of_memory_ahead)
+    made = engine.stage1_batch(2, another_follows=True)
+    assert len(made) == 2 and all(result.path.exists() for result in made)
+    assert "encoding the next batch's prompts ahead failed" in caplog.text
+    assert len(engine.stage1_batch(2, another_follows=True)) == 2 and calls.count(True) == 4, \
+        "the next batch encoded its own (and the batch after it ahead)"
