@@ -726,14 +726,17 @@ def _bench_compile_max(run: Run, mode: str, single, batched, batch: int, batch_t
 
 
 def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, batched, batch: int, static: bool,
-                     needs_s: float, batch_needs_s: float, batch_too: bool = True, library=None) -> None:
+                     needs_s: float, batch_needs_s: float, batch_too: bool = True, library=None,
+                     in_a_row: bool = False) -> None:
     """The base UNet compiled by `compile_unet`: the first image (the build), one image against
     `single`, the first batch (a build per shape under static shapes), the batch against `batched`;
     each build only with `needs_s` / `batch_needs_s` of --budget-s left (else a row says so). With
     a LoRA `library`, also a character swap followed by one image, the file kept in memory and
     read from disk (what each batch-1 image costs when the LoRAs rotate; the compiled UNet reads
     the swapped weights in place), and an image that merges the next file while the card works
-    (the daemon's order with the weights on the card). No FLOP
+    (the daemon's order with the weights on the card). `in_a_row`: also images in a row with each
+    one's prompts encoded at its start, against the next image's encoded while the card runs the
+    one before (the daemon's order with the weights on the card). No FLOP
     counting: its hooks on the UNet would make the compiled UNet build again. The UNet is eager
     again afterwards."""
     import torch
@@ -753,6 +756,13 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
         if bench.measure(f"{section}: stage 1, {label}: first image (builds)", lambda: _stage1_work(run, plain)) is None:
             return
         bench.ratio(bench.measure(f"{section}: stage 1, one image, {label}", lambda: _stage1_work(run, plain)), single)
+        if in_a_row:
+            count = 2 if run.args.tiny else IMAGES_IN_A_ROW
+            at_start = bench.measure(f"{section}: {count} images in a row, prompts encoded at each start, {label}",
+                                     _images_in_a_row(run, count, ahead=False))
+            bench.ratio(bench.measure(f"{section}: {count} images in a row, each next one's prompts encoded while "
+                                      f"the card runs the one before, {label}",
+                                      _images_in_a_row(run, count, ahead=True)), at_start)
         if (pairs := _swap_pairs(library)) is not None:
             for where in _kept_then_from_disk(library):
                 library.activate(pairs[1])
@@ -801,6 +811,9 @@ def bench_graphs(run: Run) -> None:
       then under the same CUDA graphs, the swap merging into the kept originals and quantizing
       again (uncompiled fp8 was 5.95x slower);
     - regional: regional compile; max: sdxld's compile max (max-autotune, builds of minutes);
+    - under bf16 CUDA graphs, fp8 CUDA graphs and regional compile: images in a row with each
+      one's prompts encoded at its start, against the next one's encoded while the card runs the
+      one before (the daemon's order with the weights on the card);
     - approved: stages 2 and 3 under the same CUDA graphs (performance.compile_approved) against
       the same path eager, first of all: the approved image is the goal furthest away; with vae,
       also the eager approved image with the VAE compiled (performance.compile_vae: about ten
@@ -830,14 +843,15 @@ def bench_graphs(run: Run) -> None:
         _host_waits_by_line(run, "one LoRA swap", lambda: library.activate(pairs[1]))
         library.activate([])
 
-    def compiled(label: str, compile_unet, static: bool, library=None) -> None:
+    def compiled(label: str, compile_unet, static: bool, library=None, in_a_row: bool = False) -> None:
         _compiled_stage1(run, "graphs", label, compile_unet, single, batched, batch, static=static,
                          needs_s=GRAPHS_BUILD_NEEDS_S, batch_needs_s=GRAPHS_BUILD_NEEDS_S, library=library,
-                         batch_too=batches)
+                         batch_too=batches, in_a_row=in_a_row)
 
     cuda_graphs = "CUDA graphs (reduce-overhead)" if cuda else "static shapes (eager backend)"
     if "bf16" in parts:
-        compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True, library=library)
+        compiled(cuda_graphs, lambda unet: unet.compile(dynamic=False, **graphs), static=True, library=library,
+                 in_a_row=True)
     if cuda and "cudagraphs" in parts:
         # The same CUDA graphs around the eager kernels, no inductor: a build of a trace instead of
         # code generation; what is left of the gain without inductor's fusions.
@@ -847,7 +861,8 @@ def bench_graphs(run: Run) -> None:
         _graphs_quantized(run, library, compiled, cuda_graphs, graphs, waits)
     if "regional" in parts:
         backend = "inductor" if cuda else "eager"
-        compiled("regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
+        compiled("regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False,
+                 in_a_row=True)
     if "max" in parts:
         _bench_compile_max(run, run.dtype_name, single, batched, batch, batch_too=batches and not run.args.tiny)
 
@@ -965,7 +980,7 @@ def _graphs_quantized(run: Run, library, compiled, cuda_graphs: str, graphs: dic
         backend = "inductor" if run.device == "cuda" else "eager"
         compiled(f"{mode} + regional compile", lambda unet: unet.compile_repeated_blocks(backend=backend), static=False)
         compiled(f"{mode} + {cuda_graphs}", lambda unet: unet.compile(dynamic=False, **graphs), static=True,
-                 library=quantized_library)
+                 library=quantized_library, in_a_row=True)
     finally:
         _unquantize_all(run, kept)
 
@@ -999,6 +1014,40 @@ def _host_waits_by_line(run: Run, what: str = "one eager stage-1 image", work=No
     run.bench.rows.append(Row(f"graphs: host waits in {what}, {sum(waits.values())} in all", 0.0, note=note))
     print(f"{run.bench.rows[-1].name}: {note}", flush=True)
     run.bench.write()
+
+
+# Images per "in a row" row: the prompts' encoding is a few percent of an image under CUDA
+# graphs, so one image's run-to-run noise would hide it.
+IMAGES_IN_A_ROW = 4
+
+
+def _images_in_a_row(run: Run, count: int, ahead: bool):
+    """The work of `count` stage-1 images one after the other, each with a prompt of its own, to
+    time. Either way it encodes prompts `count` times: each image's at its start, or (`ahead`)
+    the next image's while the card runs the one before, as sdxld's engine does with the weights
+    on the card; then the first image's are encoded now, before the timing."""
+    from dataclasses import replace
+
+    from sdxld.stages import NaNImageError, batch_prompt_embeddings, stage1_batch
+
+    records = [replace(run.plain, seed=index, prompt=f"{run.plain.prompt}, take {index}") for index in range(count + 1)]
+    encoded = {}
+
+    def encode(index: int) -> None:
+        encoded[index] = batch_prompt_embeddings(run.models.base, [records[index]])
+
+    if ahead:
+        encode(0)
+
+    def work() -> None:
+        for index in range(count):
+            try:
+                stage1_batch(run.models, [records[index]], base_embeddings=encoded.pop(index, None),
+                             while_card_works=(lambda i=index: encode(i + 1)) if ahead else None)
+            except NaNImageError:
+                pass
+
+    return work
 
 
 def _stage1_records(run: Run, count: int):

@@ -27,7 +27,12 @@ def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
                 "graphs: LoRA character swap (read from disk) + one image, int8",
                 "graphs: one image merging the next character ahead (read from disk), int8",
                 "graphs: a batch of 4 reading the next character ahead (from disk), then the swap",
-                "graphs: a batch of 4 merging the next character ahead (read from disk)"):
+                "graphs: a batch of 4 merging the next character ahead (read from disk)",
+                "graphs: 2 images in a row, prompts encoded at each start, static shapes (eager backend)",
+                "graphs: 2 images in a row, each next one's prompts encoded while the card runs the one before, "
+                "static shapes (eager backend)",
+                "graphs: 2 images in a row, each next one's prompts encoded while the card runs the one before, "
+                "int8 + static shapes", "graphs: 2 images in a row, prompts encoded at each start, regional compile"):
         assert row in report
 
 
