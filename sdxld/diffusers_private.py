@@ -7,6 +7,8 @@ has one per shim), not a stage or the LoRA merger. Written against diffusers 0.3
 
 from __future__ import annotations
 
+import functools
+
 # SDXL's aesthetic-score micro-conditioning for img2img and the refiner: diffusers' defaults
 # (`aesthetic_score`, `negative_aesthetic_score` of StableDiffusionXLImg2ImgPipeline.__call__),
 # which the pipeline calls in stages 2 and 3 use too.
@@ -26,12 +28,56 @@ def interrupt(pipe) -> None:
 
 def img2img_time_ids(pipe, original_size, crop_top_left, target_size, dtype):
     """The (positive, negative) SDXL time ids an img2img or refiner pipeline conditions on: sizes and
-    crop for the base, sizes, crop and aesthetic score for the refiner."""
-    return pipe._get_add_time_ids(
+    crop for the base, sizes, crop and aesthetic score for the refiner; on the host."""
+    return type(pipe)._get_add_time_ids(
+        pipe,
         original_size, crop_top_left, target_size, AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE,
         original_size, crop_top_left, target_size,
         dtype=dtype, text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
     )
+
+
+def queue_pipeline_setup(pipe, device) -> None:
+    """Let a pipeline call set itself up without waiting for the card to run what is queued.
+
+    In the refiner's call (stage 1's and stage 2's hand-off from the base) diffusers' set-up waited
+    for the base's steps to finish three times before queuing the refiner's first: the timesteps'
+    copy to the GPU (sdxld's schedulers now queue it, samplers.py), `get_timesteps` reading back
+    how many timesteps lie past `denoising_start` (`.item()`), and the SDXL time ids' copy to the
+    GPU (a blocking copy from pageable memory). Here `get_timesteps` counts on the host copy of
+    the timesteps sdxld's schedulers keep and answers with the same slice of the device's, and the
+    time ids are made on the device with a queued copy. The same values either way; a scheduler
+    of diffusers' own keeps diffusers' code. Set on the instance, for the methods the class has."""
+    if callable(getattr(type(pipe), "get_timesteps", None)):
+        pipe.get_timesteps = functools.partial(_get_timesteps_from_host, pipe)
+    if callable(getattr(type(pipe), "_get_add_time_ids", None)):
+        pipe._get_add_time_ids = functools.partial(_time_ids_queued, pipe, device)
+
+
+def _get_timesteps_from_host(pipe, num_inference_steps, strength, device, denoising_start=None):
+    from .samplers import timesteps_on_host
+
+    scheduler, original = pipe.scheduler, type(pipe).get_timesteps
+    on_host = timesteps_on_host(scheduler)
+    if on_host is None:
+        return original(pipe, num_inference_steps, strength, device, denoising_start)
+    on_device = scheduler.timesteps
+    scheduler.timesteps = on_host
+    try:
+        timesteps, steps = original(pipe, num_inference_steps, strength, device, denoising_start)
+    finally:
+        scheduler.timesteps = on_device
+    # Both of diffusers' branches answer with a tail of the schedule.
+    return on_device[len(on_device) - len(timesteps):], steps
+
+
+def _time_ids_queued(pipe, device, *args, **kwargs):
+    from .host_waits import queued_copy
+
+    made = type(pipe)._get_add_time_ids(pipe, *args, **kwargs)
+    if isinstance(made, tuple):
+        return tuple(queued_copy(ids, device) for ids in made)
+    return queued_copy(made, device)
 
 
 def disable_offloading(pipe) -> tuple[bool, bool, bool]:

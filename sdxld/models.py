@@ -99,6 +99,10 @@ class ModelBank:
     # performance.compile_approved: stages 2 and 3 build their shapes too (static_shapes only).
     compile_approved: bool = False
 
+    def __post_init__(self) -> None:
+        for pipe in self.pipelines():
+            diffusers_private.queue_pipeline_setup(pipe, self.device)
+
     @property
     def execution_device(self):
         return diffusers_private.execution_device(self.base)

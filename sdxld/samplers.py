@@ -18,10 +18,16 @@ warm-up, corrector, history) stays diffusers'.
 Euler a: each step adds noise drawn from the image's generator, which sdxld keeps on the CPU (a seed
 gives the same image on any card); diffusers copies that noise to the GPU with a blocking copy.
 sdxld's draws the same numbers the same way, into pinned memory, and copies them without waiting.
+
+Both: `set_timesteps` copies the new schedule's timesteps to the GPU with a blocking copy, which
+in the refiner's pipeline call (stage 1's and stage 2's hand-off) made the host wait for the
+base's steps to finish before queuing the refiner's. sdxld's copy is queued, and the timesteps
+are kept on the host too for what reads them (diffusers_private.queue_pipeline_setup).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +61,37 @@ class _Coefficients:
     b: torch.Tensor
 
 
-class NoWaitUniPCScheduler(UniPCMultistepScheduler):
+class _TimestepsQueued:
+    """set_timesteps as diffusers', the schedule made on the host; the timesteps then copied to
+    `device` without waiting, and kept on the host (timesteps_on_host() says whether they still
+    are the scheduler's). Its signature stays diffusers' (wraps): diffusers' pipelines read it to
+    know whether custom timesteps or sigmas are taken."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        diffusers_set_timesteps = super(_TimestepsQueued, cls).set_timesteps
+
+        @functools.wraps(diffusers_set_timesteps)
+        def set_timesteps(self, num_inference_steps=None, device=None, *args, **kwargs):
+            diffusers_set_timesteps(self, num_inference_steps, None, *args, **kwargs)
+            self._timesteps_on_host = self.timesteps
+            if device is not None:
+                self.timesteps = queued_copy(self.timesteps, device)
+            self._timesteps_queued = self.timesteps
+
+        cls.set_timesteps = set_timesteps
+
+
+def timesteps_on_host(scheduler) -> torch.Tensor | None:
+    """The scheduler's timesteps as a host tensor, if it kept them since its last set_timesteps
+    (a scheduler of diffusers' own, or timesteps set another way: None)."""
+    queued = getattr(scheduler, "_timesteps_queued", None)
+    if queued is None or queued is not scheduler.timesteps:
+        return None
+    return scheduler._timesteps_on_host
+
+
+class NoWaitUniPCScheduler(_TimestepsQueued, UniPCMultistepScheduler):
     """diffusers' UniPC (B(h) variants, data or noise prediction, any order), with its scalars kept
     on the host; `solver_p` (another scheduler as the predictor) is left to diffusers."""
 
@@ -150,7 +186,7 @@ def noise_without_wait(like: torch.Tensor, generator) -> torch.Tensor:
                        like.device)
 
 
-class NoWaitEulerAncestralScheduler(EulerAncestralDiscreteScheduler):
+class NoWaitEulerAncestralScheduler(_TimestepsQueued, EulerAncestralDiscreteScheduler):
     """diffusers' Euler a step (epsilon or v prediction), its noise from `noise_without_wait`."""
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):

@@ -43,6 +43,27 @@ def test_time_ids_hold_sizes_and_crop_for_the_base_and_the_aesthetic_score_for_t
     assert negative.tolist() == [[896, 512, 16, 32, diffusers_private.NEGATIVE_AESTHETIC_SCORE]]
 
 
+@pytest.mark.parametrize("pipeline", ["img2img", "refiner"])
+@pytest.mark.parametrize("start", [{"strength": 0.3}, {"strength": 1.0, "denoising_start": 0.8}],
+                         ids=["from a strength", "from denoising_start"])
+def test_queued_pipeline_setup_answers_what_diffusers_answers(models, pipeline, start):
+    from sdxld.models import make_scheduler
+
+    pipe = getattr(models, pipeline)
+    pipe.scheduler = make_scheduler("UniPC", pipe.scheduler.config)
+    answers = []
+    for get_timesteps in (pipe.get_timesteps, lambda *a, **k: type(pipe).get_timesteps(pipe, *a, **k)):
+        pipe.scheduler.set_timesteps(10, device="cpu")
+        timesteps, steps = get_timesteps(10, start["strength"], "cpu", start.get("denoising_start"))
+        answers.append((timesteps.tolist(), steps, pipe.scheduler.begin_index))
+    shimmed, diffusers = answers
+    assert shimmed == diffusers and diffusers[1] in (2, 3)
+    arguments = ((896, 512), (16, 32), (352, 352), diffusers_private.AESTHETIC_SCORE, diffusers_private.NEGATIVE_AESTHETIC_SCORE,
+                 (896, 512), (16, 32), (352, 352), torch.float32, pipe.text_encoder_2.config.projection_dim)
+    assert [ids.tolist() for ids in pipe._get_add_time_ids(*arguments)] == \
+        [ids.tolist() for ids in type(pipe)._get_add_time_ids(pipe, *arguments)]
+
+
 def test_disable_offloading_says_which_offload_was_on_and_the_device_it_used(models):
     from diffusers import StableDiffusionXLPipeline
 

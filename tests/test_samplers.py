@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import Counter
 
 import pytest
@@ -198,3 +199,26 @@ def test_bh1_down_to_zero_noise_ends_on_an_image_where_diffusers_ends_on_nan():
 def test_the_unipc_and_euler_a_samplers_are_sdxlds_own(sampler, ours, theirs):
     scheduler = make_scheduler(sampler, sdxl_scheduler().config)
     assert type(scheduler) is ours and isinstance(scheduler, theirs)
+
+
+@pytest.mark.parametrize("ours, theirs", [(NoWaitUniPCScheduler, UniPCMultistepScheduler),
+                                          (NoWaitEulerAncestralScheduler, EulerAncestralDiscreteScheduler)],
+                         ids=["UniPC", "Euler a"])
+def test_a_new_schedule_reaches_the_device_without_waiting_and_holds_diffusers_values(ours, theirs):
+    from sdxld.host_waits import CountHostWaits
+    from sdxld.samplers import timesteps_on_host
+
+    config = sdxl_scheduler().config
+    expected = theirs.from_config(config)
+    expected.set_timesteps(12, device="cpu")
+    scheduler = ours.from_config(config)
+    with CountHostWaits() as waits:
+        scheduler.set_timesteps(12, device="meta")  # meta stands in for the card
+    assert not waits.counts, f"the host waited for the card: {dict(waits.counts)}"
+    assert scheduler.timesteps.device.type == "meta" and scheduler.timesteps.dtype == expected.timesteps.dtype
+    assert torch.equal(timesteps_on_host(scheduler), expected.timesteps)
+    assert torch.equal(scheduler.sigmas, expected.sigmas) and scheduler.sigmas.device.type == "cpu"
+    # diffusers' pipelines read the signature to know whether custom timesteps or sigmas are taken.
+    assert inspect.signature(scheduler.set_timesteps) == inspect.signature(expected.set_timesteps)
+    scheduler.timesteps = scheduler.timesteps[2:]  # set another way: the host copy no longer speaks for them
+    assert timesteps_on_host(scheduler) is None

@@ -287,6 +287,39 @@ def test_the_vae_gets_the_values_and_memory_layout_of_diffusers_preprocess():
         assert torch.equal(made, expected.to(dtype)) and made.stride() == expected.stride()
 
 
+@pytest.mark.parametrize("sampler", ["UniPC", "Euler a"])
+def test_the_refiners_call_queues_its_steps_without_waiting_for_the_bases(sampler):
+    """At stage 1's and stage 2's hand-off the refiner's pipeline call sets itself up and queues
+    every step while the card still runs the base's: its timesteps and time ids are copied
+    without blocking and nothing is read back. PyTorch's meta device stands in for the card:
+    reading a value from it fails, and a blocking copy to it is counted."""
+    import torch
+
+    from sdxld.host_waits import CountHostWaits
+    from sdxld.models import ModelBank, img2img_from, make_scheduler
+    from sdxld.records import Record
+    from sdxld.stages import _step_callback, prompt_embeddings
+    from sdxld.tiny import build_pipelines
+
+    base, refiner = build_pipelines()
+    refiner.scheduler = make_scheduler(sampler, refiner.scheduler.config)
+    for model in (base, refiner):
+        model.to("meta")
+    ModelBank(base=base, img2img=img2img_from(base), refiner=refiner, device="meta", dtype_name="fp32", base_id="tiny")
+    record = Record(tag="t", prompt="a cat, (red scarf:1.2)", negative="blurry", seed=1, width=128, height=224,
+                    sampler=sampler, steps=10, cfg=5.0, prompt_syntax="a1111")
+    embeddings = prompt_embeddings(refiner, record).pipeline_kwargs()
+    base_latents = torch.empty(1, 4, 224 // 8, 128 // 8, device="meta")
+    steps = []
+    callback = _step_callback(Hooks(on_step=lambda phase, step, total: steps.append(step)), "stage1 refiner", 10, 8)
+    with CountHostWaits() as waits:
+        refined = refiner(**embeddings, image=base_latents, num_inference_steps=10, guidance_scale=5.0,
+                          denoising_start=0.8, generator=torch.Generator().manual_seed(1), output_type="pt",
+                          callback_on_step_end=callback)
+    assert steps == [9, 10] and refined.images.shape == (1, 3, 224, 128), "the refiner's last two steps ran"
+    assert not waits.counts, f"the host waited for the card: {dict(waits.counts)}"
+
+
 def test_stage3s_denoising_loop_never_makes_the_host_wait_for_the_card():
     """Each UNet call of stage 3 is queued while the card still runs the one before: the tiles'
     time ids and blend weights are copied once and without blocking. PyTorch's meta device stands
