@@ -26,13 +26,14 @@ mkdir -p "$results"
 # cudagraphs backend, the batches and the host waits (NVIDIA-H100-80GB-HBM3-graphs.md); fp8 under
 # CUDA graphs ran out of time in its build. This call times what is left, the goal furthest away
 # first: the approved image under CUDA graphs (performance.compile_approved: two builds of about
-# two minutes each), then the LoRA rows (a file kept in memory against one read from disk, and a
-# batch of 8 reading the next file ahead against one after a swap from disk), fp8
-# under CUDA graphs, regional, max, as --budget-s allows.
+# two minutes each), then stage 1 with the refiner (the default; its hand-off no longer waits
+# for the base's steps) and where the host waits in it, then the LoRA rows (a file kept in memory
+# against one read from disk, and a batch of 8 reading the next file ahead against one after a
+# swap from disk), fp8 under CUDA graphs, regional, max, as --budget-s allows.
 # GRAPHS_PARTS=all runs every part of the graphs section; SECTIONS=fast the first call's sections.
 sections=${SECTIONS:-graphs}
-parts=${GRAPHS_PARTS:-approved,loras,quantized,regional,max}
-[ "$parts" = all ] && parts=approved,vae,batches,waits,loras,bf16,cudagraphs,quantized,regional,max
+parts=${GRAPHS_PARTS:-approved,refiner,loras,quantized,regional,max}
+[ "$parts" = all ] && parts=approved,vae,refiner,batches,waits,loras,bf16,cudagraphs,quantized,regional,max
 case "$sections" in
   graphs) skip=stages,pixel,esrgan,throughput,loras,switches,compile,fast,offload,sequential ;;
   fast) skip=stages,pixel,esrgan,switches,compile,graphs,offload,sequential ;;

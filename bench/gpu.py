@@ -791,7 +791,8 @@ def _compiled_stage1(run: Run, section: str, label: str, compile_unet, single, b
 # margin (the H100 built stage 1's graphs in 122 s, fp8's took longer than 190 s).
 GRAPHS_BUILD_NEEDS_S = 90
 # The graphs section's parts, in the order they run (--graphs-parts picks some).
-GRAPHS_PARTS = ("approved", "vae", "batches", "waits", "loras", "bf16", "cudagraphs", "quantized", "regional", "max")
+GRAPHS_PARTS = ("approved", "vae", "refiner", "batches", "waits", "loras", "bf16", "cudagraphs", "quantized", "regional",
+                "max")
 
 
 def bench_graphs(run: Run) -> None:
@@ -799,6 +800,8 @@ def bench_graphs(run: Run) -> None:
     stage 1 at batch 1 kept the card busy 1.3 s of 3.2 s: the host launching kernels set the
     pace. Parts (GRAPHS_PARTS, all by default; each timed row a ratio to this section's eager
     rows, each build a row of its own):
+    - refiner: one eager image with the refiner taking over at 0.8 (the default), against the
+      baseline, and on a GPU where the host waits for the card in it, by line;
     - batches: eager and compiled batches of 8 beside the single images;
     - waits: where the host waits for the card in one eager image and in LoRA swaps, by line;
     - loras: the LoRA rows (stacked merges; a file read from disk and one kept in memory), a
@@ -828,6 +831,8 @@ def bench_graphs(run: Run) -> None:
     if "approved" in parts:
         _graphs_approved(run, graphs)
     single = bench.measure("graphs: stage 1, one image, eager (baseline)", lambda: _stage1_work(run, plain), run.unets)
+    if "refiner" in parts:
+        _refiner_rows(run, single)
     batches = "batches" in parts
     batched = _batched_stage1(run, batch, "eager (baseline)", single, 1, section="graphs") if batches else None
     waits = cuda and "waits" in parts
@@ -865,6 +870,20 @@ def bench_graphs(run: Run) -> None:
                  in_a_row=True)
     if "max" in parts:
         _bench_compile_max(run, run.dtype_name, single, batched, batch, batch_too=batches and not run.args.tiny)
+
+
+def _refiner_rows(run: Run, single) -> None:
+    """Stage 1 as the defaults make it, the refiner taking the last fifth of the steps: same
+    FLOPs as the base alone (the H200's rows: 417 and 411 TFLOP), but 2.37 s against 2.06 s there.
+    Its hand-off made the host wait for the base's steps before queuing the refiner's (now
+    queued without a wait: tests/test_stages.py counts it on the meta device); the waits row says
+    what is left, by line."""
+    bench = run.bench
+    bench.measure("graphs: stage 1 + refiner, one image, eager: warm-up", lambda: _stage1_work(run, run.refined))
+    bench.ratio(bench.measure("graphs: stage 1 + refiner (split 0.8), one image, eager", lambda: _stage1_work(run, run.refined),
+                              run.unets), single)
+    if run.device == "cuda":
+        _host_waits_by_line(run, "one eager stage-1 image with the refiner", lambda: _stage1_work(run, run.refined))
 
 
 def _graphs_approved(run: Run, graphs: dict) -> None:

@@ -14,12 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_bench_runs_on_the_cpu_with_the_tiny_model(tmp_path):
     # fast and graphs (the fast section's approved path covers stages 2 and 3 and the ESRGAN upscale).
     report = tiny_gpu_bench(tmp_path, "--skip", "stages,pixel,esrgan,compile,switches",
-                            "--graphs-parts", "batches,waits,loras,bf16,cudagraphs,quantized,regional,max")
+                            "--graphs-parts", "refiner,batches,waits,loras,bf16,cudagraphs,quantized,regional,max")
     for row in ("stage 1 128x224", "stage 1 batch 4", "LoRA swap: a character read from disk",
                 "LoRA swap: a character drawn before, kept in memory", "originals on the card",
                 "fast: approved image, int8",
                 "fast: LoRA swap, int8", "relative error", "fast: stage 1, one image, int8 + compile max",
-                "fast: stage 1 profiled", "fast: stage 1, UniPC: sdxld's (no host waits) / diffusers'",
+                "fast: stage 1 profiled", "graphs: stage 1 + refiner (split 0.8), one image, eager", "fast: stage 1, UniPC: sdxld's (no host waits) / diffusers'",
                 "graphs: stage 1, one image, static shapes (eager backend)", "graphs: stage 1 batch 4, int8 + static shapes",
                 "graphs: stage 1 batch 4, regional compile", "graphs: stage 1, one image, int8 + regional compile",
                 "fast: stage 1, one image, fp32 + compile max",
