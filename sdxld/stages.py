@@ -347,6 +347,7 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
     """Tiled refinement in latent space: one latent, per-step fusion of per-tile UNet predictions."""
     import torch
 
+    from .host_waits import queued_copy
     from .tiling import tile_grid, tiled_denoise
 
     hooks = hooks or Hooks()
@@ -362,18 +363,21 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
     with torch.no_grad():
         with vae_in_fp32(pipe.vae):
             pixels = pil_to_tensor(image, device, pipe.vae.dtype)
-            init = pipe.vae.encode(pixels).latent_dist.sample(generator=generator) * pipe.vae.config.scaling_factor
+            init = _sample_without_wait(pipe.vae.encode(pixels).latent_dist, generator) * pipe.vae.config.scaling_factor
 
+        # Until add_noise (diffusers' copies the schedule's sigmas with a blocking copy) nothing
+        # waits for the card: the prompts' encoding, a few thousand operations the host
+        # dispatches one by one, is done while the card encodes the image (16.5 MP at 3072x5376).
+        phases = [(0, _conditioning(pipe, record, settings.cfg, (height, width), device))]
         pipe.scheduler.set_timesteps(settings.steps, device=device)
         timesteps, _ = pipe.get_timesteps(settings.steps, settings.strength, device)
-        noise = torch.randn(init.shape, generator=generator, dtype=torch.float32).to(device)
-        latents = pipe.scheduler.add_noise(init.float(), noise, timesteps[:1])
-
-        phases = [(0, _conditioning(pipe, record, settings.cfg, (height, width), device))]
         if models.refiner is not None and settings.use_refiner:
             cutoff = round(pipe.scheduler.config.num_train_timesteps * (1 - settings.denoise_split))
-            handoff = next((i for i, t in enumerate(timesteps) if t < cutoff), len(timesteps))
+            on_host = _timesteps_on_host(pipe.scheduler, timesteps)
+            handoff = next((i for i, t in enumerate(on_host) if t < cutoff), len(on_host))
             phases.append((handoff, _conditioning(models.refiner, record, settings.cfg, (height, width), device)))
+        noise = queued_copy(torch.randn(init.shape, generator=generator, dtype=torch.float32), device)
+        latents = pipe.scheduler.add_noise(init.float(), noise, timesteps[:1])
 
         def on_step(step, total):
             hooks.on_step("stage3 latent", step, total)
@@ -390,6 +394,25 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
             decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
         final = tensor_to_pil(pipe.image_processor.postprocess(decoded.float(), output_type="pt"), "stage 3")[0]
     return final, len(pixel_tiles)
+
+
+def _sample_without_wait(latent_dist, generator):
+    """diffusers' DiagonalGaussianDistribution.sample(generator): the same numbers from the same
+    generator, copied to the device without making the host wait for the encoder to finish."""
+    from .samplers import noise_without_wait
+
+    return latent_dist.mean + latent_dist.std * noise_without_wait(latent_dist.mean, generator)
+
+
+def _timesteps_on_host(scheduler, timesteps) -> list:
+    """`timesteps` (a tail of the scheduler's) as numbers, from the host copy sdxld's schedulers
+    keep; read back from the device (a wait) only for a scheduler of diffusers' own."""
+    from .samplers import timesteps_on_host
+
+    kept = timesteps_on_host(scheduler)
+    if kept is None:
+        return timesteps.tolist()
+    return kept[len(kept) - len(timesteps):].tolist()
 
 
 def _conditioning(pipe, record: Record, cfg: float, original_size, device):

@@ -320,6 +320,56 @@ def test_the_refiners_call_queues_its_steps_without_waiting_for_the_bases(sample
     assert not waits.counts, f"the host waited for the card: {dict(waits.counts)}"
 
 
+class StopAtThePixels(Exception):
+    """The final's pixels read back: the meta device has none to give."""
+
+
+def test_stage3_encodes_its_prompts_while_the_card_encodes_the_image(monkeypatch):
+    """Stage 3 starts with the VAE encoding the whole upscaled image (16.5 MP at the default final
+    size). Its set-up queues that, encodes the prompts (a few thousand operations the host
+    dispatches one by one) while the card works, and only then waits for the card (diffusers'
+    add_noise copies the schedule's sigmas). PyTorch's meta device stands in for the card."""
+    import dataclasses
+
+    import torch
+
+    import sdxld.stages
+    from sdxld.config import Stage3Config
+    from sdxld.host_waits import CountHostWaits
+    from sdxld.models import ModelBank, img2img_from, make_scheduler
+    from sdxld.records import Record
+    from sdxld.tiny import build_pipelines
+
+    base, refiner = build_pipelines()
+    for model in (base, refiner):
+        model.scheduler = make_scheduler("UniPC", model.scheduler.config)
+        model.to("meta")
+    models = ModelBank(base=base, img2img=img2img_from(base), refiner=refiner, device="meta", dtype_name="fp32",
+                       base_id="tiny")
+    record = Record(tag="t", prompt="a cat, (red scarf:1.2)", negative="blurry", seed=1, width=128, height=224,
+                    sampler="UniPC", steps=8, cfg=5.0, prompt_syntax="a1111")
+    settings = dataclasses.replace(Stage3Config(), steps=10, tile_size=256, tile_overlap=32)
+    waits = CountHostWaits()
+    seen = []  # (what ran, host waits so far)
+    base.vae.encoder.register_forward_hook(lambda *_: seen.append(("image encoded", waits.counts.total())))
+    for encoder in (base.text_encoder, base.text_encoder_2):
+        encoder.register_forward_pre_hook(lambda *_: seen.append(("prompts encoded", waits.counts.total())))
+    refiner_calls, handle = count_calls(refiner.unet)
+
+    def stop(*_):
+        raise StopAtThePixels
+
+    monkeypatch.setattr(sdxld.stages, "tensor_to_pil", stop)
+    try:
+        with waits, pytest.raises(StopAtThePixels):
+            sdxld.stages.stage3_latent(models, record, Image.new("RGB", (256, 448), "gray"), settings)
+    finally:
+        handle.remove()
+    assert seen[0][0] == "image encoded" and {what for what, _ in seen[1:]} == {"prompts encoded"}
+    assert {count for _, count in seen} == {seen[0][1]}, f"the host waited for the card before the prompts: {seen}"
+    assert refiner_calls, "the refiner took over (its hand-off read from the host's copy of the timesteps)"
+
+
 def test_stage3s_denoising_loop_never_makes_the_host_wait_for_the_card():
     """Each UNet call of stage 3 is queued while the card still runs the one before: the tiles'
     time ids and blend weights are copied once and without blocking. PyTorch's meta device stands
