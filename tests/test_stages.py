@@ -331,8 +331,6 @@ def test_stage3_encodes_its_prompts_while_the_card_encodes_the_image(monkeypatch
     add_noise copies the schedule's sigmas). PyTorch's meta device stands in for the card."""
     import dataclasses
 
-    import torch
-
     import sdxld.stages
     from sdxld.config import Stage3Config
     from sdxld.host_waits import CountHostWaits
