@@ -121,18 +121,21 @@ def _record_for(path: Path, size, engine, sidecar, name):
     return record
 
 
-def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, young_s: float = 0.0) -> JobOutcome:
+def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, young_s: float = 0.0,
+                next_ready: bool = True) -> JobOutcome:
     """Process one claimed approved image; it always ends in done/, failed/ or (stopped) back in approved/.
 
     A file that looks half-copied (empty, truncated) and changed less than `young_s` ago goes back
-    to approved/ (incomplete) for a later try: the daemon waits for copies, a one-shot run does not."""
+    to approved/ (incomplete) for a later try: the daemon waits for copies, a one-shot run does not.
+    `next_ready`: while the card runs its stage 3, the next waiting image's LoRAs are read
+    (ready_next_approved)."""
     try:
         image, record = _load(claim.path, engine, sidecar=claim.sidecar, name=claim.name)
         existing = engine.final_exists(record.tag)
         if existing is not None:
             inbox.done(claim)
             return JobOutcome(claim.name, JobStatus.SKIPPED, existing, "a final already exists")
-        result = engine.upscale(record, image, hooks)
+        result = engine.upscale(record, image, hooks, (lambda: ready_next_approved(engine, inbox)) if next_ready else None)
     except Interrupted:
         inbox.release(claim)
         return JobOutcome(claim.name, JobStatus.INTERRUPTED)
@@ -155,6 +158,24 @@ def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, 
         return JobOutcome(claim.name, JobStatus.FAILED, detail=problem)
     inbox.done(claim)
     return JobOutcome(claim.name, JobStatus.FINAL, result.path)
+
+
+def ready_next_approved(engine, inbox: Inbox) -> None:
+    """Read the LoRA files of the oldest image waiting in approved/ (the next one claimed, unless
+    another process takes it first) into the kept memory, so that its upscale merges them
+    without reading a file. Only an image with an sdxld record is looked at (its JSON, or its PNG's
+    chunk once the copy is complete); anything that goes wrong leaves that to its own upscale."""
+    try:
+        waiting = inbox.pending()
+        if not waiting:
+            return
+        record = find_record(waiting[0], engine.layout)
+        engine.prepare_recorded_loras(record)
+    except RecordLookupError:
+        return  # another tool's image, or a copy still on its way: its upscale finds out
+    except Exception as err:  # noqa: BLE001 - getting ahead must never cost this image its final
+        log.warning("reading the next approved image's LoRAs ahead failed (%s: %s); its upscale reads them",
+                    type(err).__name__, err)
 
 
 def _young(path: Path, seconds: float) -> bool:

@@ -343,8 +343,10 @@ def vae_in_fp32(vae):
         vae.to(torch.float16)
 
 
-def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None = None):
-    """Tiled refinement in latent space: one latent, per-step fusion of per-tile UNet predictions."""
+def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None = None, while_card_works=None):
+    """Tiled refinement in latent space: one latent, per-step fusion of per-tile UNet predictions.
+    `while_card_works`: host work to do once the steps and the decode are queued, before the
+    final's pixels are read back."""
     import torch
 
     from .host_waits import queued_copy
@@ -392,6 +394,8 @@ def stage3_latent(models, record: Record, image, settings, hooks: Hooks | None =
             raise Interrupted("stage 3 interrupted")
         with vae_in_fp32(pipe.vae):
             decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        if while_card_works is not None:
+            while_card_works()
         final = tensor_to_pil(pipe.image_processor.postprocess(decoded.float(), output_type="pt"), "stage 3")[0]
     return final, len(pixel_tiles)
 
@@ -500,15 +504,19 @@ def upscale_for_stage3(models, upscaler, image, size: tuple[int, int]):
     return upscaler.upscale(image, size)
 
 
-def stage3(models, record: Record, image, settings, hooks: Hooks | None = None, on_tile=None):
+def stage3(models, record: Record, image, settings, hooks: Hooks | None = None, on_tile=None, while_card_works=None):
     """Stage 3's second half in the configured mode (disabled: the image as it is), retried with less work per UNet call when the GPU runs out
     of memory (another process took VRAM, a larger image than usual). Returns the image, the tile
-    count, the settings that succeeded and a note per retry for the record."""
+    count, the settings that succeeded and a note per retry for the record. `while_card_works`:
+    host work for while the card runs latent mode's steps (stage1_batch's); in pixel mode, whose
+    tiles come back one by one, and when disabled, it runs at the end."""
     import gc
 
     import torch
 
     if not settings.enabled:
+        if while_card_works is not None:
+            while_card_works()
         return image, 0, settings, []
     attempt = replace(settings, tile_batch=auto_tile_batch(settings, models.execution_device))
     notes: list[str] = []
@@ -518,8 +526,10 @@ def stage3(models, record: Record, image, settings, hooks: Hooks | None = None, 
             try:
                 if attempt.mode == "pixel":
                     final, tiles = stage3_pixel(models, record, image, attempt, hooks, on_tile=on_tile)
+                    if while_card_works is not None:
+                        while_card_works()
                 else:
-                    final, tiles = stage3_latent(models, record, image, attempt, hooks)
+                    final, tiles = stage3_latent(models, record, image, attempt, hooks, while_card_works)
                 return final, tiles, attempt, notes
             except out_of_memory_error():
                 smaller = smaller_stage3(attempt)

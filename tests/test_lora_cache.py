@@ -360,3 +360,63 @@ def test_a_failure_encoding_ahead_costs_no_image(root, make_engine, events, monk
     assert "encoding the next batch's prompts ahead failed" in caplog.text
     assert len(engine.stage1_batch(2, another_follows=True)) == 2 and calls.count(True) == 4, \
         "the next batch encoded its own (and the batch after it ahead)"
+
+
+# --- the next approved image's LoRAs, read while the card runs this one's stage 3 --------------
+
+def two_images_with_other_characters(root, make_engine):
+    """Images A and B of different characters (one style), made "hours ago": none of their files
+    is in the model or the kept memory now. B waits in approved/."""
+    import shutil
+
+    from sdxld.inbox import Inbox
+
+    engine, characters, style = library_with(root, make_engine, characters=3)
+    made = {}
+    for seed in range(100):
+        record = engine.new_stage1_record(seed)
+        made.setdefault(record.loras[0].name, seed)
+        if len(made) == 3:
+            break
+    (a_name, a_seed), (b_name, b_seed), (other, _) = made.items()
+    first, second = engine.stage1_once(a_seed), engine.stage1_once(b_seed)
+    engine.flush()
+    engine.loras.activate([next(c for c in characters if c.name == other), style])
+    for path in engine.loras.ready.paths():
+        engine.loras.ready.forget(path)
+    approved = engine.layout.approved
+    approved.mkdir(parents=True, exist_ok=True)
+    shutil.copy(second.path, approved / second.path.name)
+    inbox = Inbox(engine.layout, engine.config.daemon.max_attempts, engine.config.daemon.lease_s)
+    return engine, inbox, first, second
+
+
+def test_the_next_approved_images_loras_are_read_while_the_card_runs_this_ones_stage_3(root, make_engine, events):
+    from sdxld.jobs import ready_next_approved
+
+    engine, inbox, first, second = two_images_with_other_characters(root, make_engine)
+    events.clear()
+    engine.upscale(first.record, first.image, while_card_works=lambda: ready_next_approved(engine, inbox))
+    # A's character read and merged; stage 2's pixels; then B's character read before stage 3's pixels.
+    assert files_and_pixels(events) == ["read", "merge", "pixels", "read", "pixels"]
+    events.clear()
+    engine.upscale(second.record, second.image)
+    assert files_and_pixels(events) == ["merge", "pixels", "pixels"], "B's upscale read its character again"
+
+
+def files_and_pixels(events) -> list[str]:
+    return [event for event in events if event in ("read", "merge", "pixels")]
+
+
+def test_nothing_is_read_ahead_for_an_image_without_a_record_or_an_empty_inbox(root, make_engine, reads, caplog):
+    from PIL import Image
+
+    from sdxld.jobs import ready_next_approved
+
+    engine, inbox, _, second = two_images_with_other_characters(root, make_engine)
+    (engine.layout.approved / second.path.name).unlink()
+    reads.clear()
+    ready_next_approved(engine, inbox)
+    Image.new("RGB", (64, 64)).save(engine.layout.approved / "from_another_tool.png")
+    ready_next_approved(engine, inbox)
+    assert reads == [] and "ahead failed" not in caplog.text
