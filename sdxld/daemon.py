@@ -19,7 +19,7 @@ from .changes import ChangeRouter, ConfigEdit, reread_config
 from .config import Config
 from .engine import Engine
 from .inbox import Claim, Inbox
-from .jobs import JobStatus, run_claimed
+from .jobs import JobStatus, ready_next_approved, run_claimed
 from .layout import Layout
 from .pacing import Hold, Stage1Pacing, pending_images
 from .stages import Hooks, Interrupted, NaNImageError
@@ -251,7 +251,8 @@ class Daemon:
     def _upscale(self, claim: Claim, young_s: float) -> None:
         started = time.monotonic()
         self.status.update(force=True, state="upscaling", current={"job": "upscale", "file": claim.name})
-        outcome = run_claimed(self.engine, self.inbox, claim, self._hooks(claim.name), young_s=young_s)
+        outcome = run_claimed(self.engine, self.inbox, claim, self._hooks(claim.name), young_s=young_s,
+                              while_card_works=self._ready_next_job)
         if outcome.status is JobStatus.FINAL:
             self.status.image_done(time.monotonic() - started, "final")
             log.info("approved %s -> %s", claim.name, outcome.final.name, extra={"sdxld_tag": store.tag_of(outcome.final.name), "sdxld_stage": "final"})
@@ -269,6 +270,25 @@ class Daemon:
             self.approved_hold.hold_for(retry, outcome.detail)
             self.status.update(force=True, last_error=f"{claim.name}: {outcome.detail}; retrying in {retry:g} s")
         self.status.update(force=True, state="running", current=None)
+
+    def _ready_next_job(self) -> None:
+        """While the card runs an approved image's stage 3 (its steps queued, the image's own LoRAs
+        read for the last time): the next job's LoRAs. Another approved image waiting: its files
+        read into memory. Otherwise, unless stage 1 is paused, the next stage-1 batch's LoRAs
+        merged and its prompts encoded, as each batch does for the one after it, so that stage 1
+        starts again with nothing to swap (an approval arriving meanwhile swaps as it would have)."""
+        if self.recovered:
+            return  # claims a restart found: their upscale reads what it needs
+        try:
+            if self.inbox.pending():
+                ready_next_approved(self.engine, self.inbox)
+                return
+            writer = self.engine.writer
+            if self.stage1_pacing.pause_reason(self.config.daemon, self.engine.layout, writer.in_flight if writer else 0):
+                return
+            self.engine.get_next_batch_ready(self._batch_size())
+        except OSError as err:  # a folder gone or unreadable: the next job finds out, not this final
+            log.warning("getting the next job's LoRAs ready failed (%s); it reads them when it starts", err)
 
     def _batch_size(self) -> int:
         """The engine's batch size now, less where the batch would take stage1/ past daemon.max_pending."""

@@ -304,6 +304,12 @@ class Engine:
             log.warning("getting the next batch's LoRAs ready failed (%s: %s); they are swapped in when it starts",
                         type(err).__name__, err)
 
+    def get_next_batch_ready(self, count: int) -> None:
+        """The next stage-1 batch's LoRAs and prompts (of `count` images) got ready now, as a batch
+        gets the one after it ready: for a caller whose card is busy with other work that will
+        not read the LoRAs again (an approved image's stage 3, its steps queued)."""
+        self._next_batch_readier(count)()
+
     def _next_batch_readier(self, count: int):
         """What stage 1 runs once this batch's work is queued: the next batch's LoRAs, then its
         prompts (of `count` images, as this batch: the daemon's batches stay one size while it

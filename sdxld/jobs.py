@@ -122,20 +122,20 @@ def _record_for(path: Path, size, engine, sidecar, name):
 
 
 def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, young_s: float = 0.0,
-                next_ready: bool = True) -> JobOutcome:
+                while_card_works=None) -> JobOutcome:
     """Process one claimed approved image; it always ends in done/, failed/ or (stopped) back in approved/.
 
     A file that looks half-copied (empty, truncated) and changed less than `young_s` ago goes back
     to approved/ (incomplete) for a later try: the daemon waits for copies, a one-shot run does not.
-    `next_ready`: while the card runs its stage 3, the next waiting image's LoRAs are read
-    (ready_next_approved)."""
+    `while_card_works`: host work for while the card runs its stage 3 (the next job's LoRAs);
+    by default the next waiting image's files are read (ready_next_approved)."""
     try:
         image, record = _load(claim.path, engine, sidecar=claim.sidecar, name=claim.name)
         existing = engine.final_exists(record.tag)
         if existing is not None:
             inbox.done(claim)
             return JobOutcome(claim.name, JobStatus.SKIPPED, existing, "a final already exists")
-        result = engine.upscale(record, image, hooks, (lambda: ready_next_approved(engine, inbox)) if next_ready else None)
+        result = engine.upscale(record, image, hooks, while_card_works or (lambda: ready_next_approved(engine, inbox)))
     except Interrupted:
         inbox.release(claim)
         return JobOutcome(claim.name, JobStatus.INTERRUPTED)

@@ -382,8 +382,9 @@ def two_images_with_other_characters(root, make_engine):
     first, second = engine.stage1_once(a_seed), engine.stage1_once(b_seed)
     engine.flush()
     engine.loras.activate([next(c for c in characters if c.name == other), style])
-    for path in engine.loras.ready.paths():
-        engine.loras.ready.forget(path)
+    for character in characters:
+        if character.name in (a_name, b_name):
+            engine.loras.ready.forget(character.path)
     approved = engine.layout.approved
     approved.mkdir(parents=True, exist_ok=True)
     shutil.copy(second.path, approved / second.path.name)
@@ -420,3 +421,55 @@ def test_nothing_is_read_ahead_for_an_image_without_a_record_or_an_empty_inbox(r
     Image.new("RGB", (64, 64)).save(engine.layout.approved / "from_another_tool.png")
     ready_next_approved(engine, inbox)
     assert reads == [] and "ahead failed" not in caplog.text
+
+
+def test_after_an_approved_image_stage_1_starts_again_with_nothing_to_swap_or_encode(root, make_engine, events):
+    import dataclasses
+
+    import numpy as np
+
+    from sdxld import store
+    from sdxld.engine import SeedSequence
+
+    engine, _, first, _ = two_images_with_other_characters(root, make_engine)
+    # A seed whose batch draws another character than the approved image's: a swap back.
+    seed = next(seed for seed in range(100) if engine.new_stage1_record(seed).loras[0].name != first.record.loras[0].name)
+
+    def upscale_then_a_batch(ahead: bool):
+        engine.seeds = SeedSequence(seed)
+        record = dataclasses.replace(first.record, tag=store.new_tag())  # a final of its own each time
+        engine.upscale(record, first.image, while_card_works=(lambda: engine.get_next_batch_ready(2)) if ahead else None)
+        events.clear()
+        made = engine.stage1_batch(2, another_follows=True)
+        return events[:events.index("denoise")], [np.asarray(result.image) for result in made]
+
+    (before_steps, pixels), (before_steps_then, pixels_then) = upscale_then_a_batch(True), upscale_then_a_batch(False)
+    assert before_steps == [], "the batch after the approved image swapped or encoded before its steps"
+    assert before_steps_then[-2:] == ["merge", "encode"]
+    assert all((a == b).all() for a, b in zip(pixels, pixels_then))
+
+
+def test_the_daemon_gets_the_next_jobs_loras_ready_during_an_approved_images_stage_3(root, make_engine, events,
+                                                                                   monkeypatch):
+    from support.helpers import demo_config
+
+    from sdxld import daemon as daemon_module
+    from sdxld.foreground import StopFlag
+    from sdxld.service import Notifier
+
+    engine, inbox, _, second = two_images_with_other_characters(root, make_engine)
+    runner = daemon_module.Daemon(root / "config.yaml", engine.config, demo=True, stop=StopFlag(), notifier=Notifier())
+    runner.engine, runner.inbox = engine, inbox
+    got_ready = []
+    monkeypatch.setattr(engine, "get_next_batch_ready", lambda count: got_ready.append(count))
+    events.clear()
+    runner._ready_next_job()
+    assert events == ["read"] and got_ready == [], "another approved image waits: its files, not stage 1's"
+
+    (engine.layout.approved / second.path.name).unlink()
+    runner._ready_next_job()
+    assert got_ready == [1], "nothing waits: the next stage-1 batch's"
+
+    runner.config = demo_config(root, daemon__max_pending=1)  # stage 1 paused: two images wait in stage1/
+    runner._ready_next_job()
+    assert got_ready == [1]
