@@ -270,10 +270,10 @@ def test_compile_approved_retries_out_of_memory_without_building_the_smaller_sha
     no_recompiles()
     stage3_latent = stages.stage3_latent
 
-    def out_of_memory_at_two_tiles_a_call(models, record, image, settings, hooks=None):
+    def out_of_memory_at_two_tiles_a_call(models, record, image, settings, hooks=None, while_card_works=None):
         if settings.tile_batch > 1:
             raise stages.out_of_memory_error()("CUDA out of memory (injected)")
-        return stage3_latent(models, record, image, settings, hooks)
+        return stage3_latent(models, record, image, settings, hooks, while_card_works)
 
     monkeypatch.setattr(stages, "stage3_latent", out_of_memory_at_two_tiles_a_call)
     result = engine.upscale(second.record, second.image)  # one tile a call: a shape never built
