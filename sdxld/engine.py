@@ -6,6 +6,7 @@ holds it is the one thread that touches torch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import secrets
@@ -305,20 +306,12 @@ class Engine:
                         type(err).__name__, err)
 
     def get_next_batch_ready(self, count: int) -> None:
-        """The next stage-1 batch's LoRAs and prompts (of `count` images) got ready now, as a batch
-        gets the one after it ready: for a caller whose card is busy with other work that will
-        not read the LoRAs again (an approved image's stage 3, its steps queued)."""
-        self._next_batch_readier(count)()
-
-    def _next_batch_readier(self, count: int):
-        """What stage 1 runs once this batch's work is queued: the next batch's LoRAs, then its
-        prompts (of `count` images, as this batch: the daemon's batches stay one size while it
-        keeps up)."""
-        def get_ready() -> None:
-            self._ready_next_loras()
-            self._encode_next_prompts(count)
-
-        return get_ready
+        """The next stage-1 batch's LoRAs, then its prompts (of `count` images): what a batch runs
+        once its own work is queued, for the batch after it (of its own size: the daemon's batches
+        stay one size while it keeps up), and what a caller may run while the card is busy with
+        other work that will not read the LoRAs again (an approved image's stage 3, queued)."""
+        self._ready_next_loras()
+        self._encode_next_prompts(count)
 
     def _encode_next_prompts(self, count: int) -> None:
         """Encode the prompts the next batch will draw while the card runs this one, after its
@@ -386,9 +379,9 @@ class Engine:
             # group would swap its LoRAs out again (or push their files out of the budget).
             last = number == len(groups)
             records = [draw.record for draw in group]
-            images = self._stage1_measured(
-                records, hooks, self._next_batch_readier(count) if last and another_follows else None,
-                ahead.fit(records, self.loras.merger.rewrites) if ahead is not None else None)
+            next_batch = functools.partial(self.get_next_batch_ready, count) if last and another_follows else None
+            encoded = ahead.fit(records, self.loras.merger.rewrites) if ahead is not None else None
+            images = self._stage1_measured(records, hooks, next_batch, encoded)
             for draw, image in zip(group, images):
                 results[id(draw)] = self._publish_stage1(draw.record, image)
         return [results[id(draw)] for draw in draws]
@@ -506,7 +499,7 @@ class Engine:
     def upscale(self, record: Record, stage1_image, hooks: Hooks | None = None, while_card_works=None) -> FinalResult:
         """Stage 2 then stage 3 for one image, with the prompt, seed and LoRAs of its record;
         the stage-2/3 settings come from the current config. `while_card_works`: host work for
-        while the card runs stage 3 (the next approved image's LoRA files read: its caller's)."""
+        while the card runs stage 3 (the next job's LoRAs: its caller's)."""
         hooks = hooks or Hooks()
         gen = self.config.generation
         self.flush()  # the record may still be on its way to disk as a stage-1 image
