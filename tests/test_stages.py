@@ -320,6 +320,37 @@ def test_the_refiners_call_queues_its_steps_without_waiting_for_the_bases(sample
     assert not waits.counts, f"the host waited for the card: {dict(waits.counts)}"
 
 
+@pytest.mark.parametrize("sampler", ["UniPC", "Euler a"])
+def test_on_cuda_the_refiners_call_queues_its_steps_without_synchronizing(sampler):
+    """The meta device's count above, on a card: torch raises at any synchronizing CUDA call."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs an NVIDIA GPU; this machine has none")
+    from sdxld.models import ModelBank, img2img_from, make_scheduler
+    from sdxld.records import Record
+    from sdxld.stages import prompt_embeddings
+    from sdxld.tiny import build_pipelines
+
+    base, refiner = build_pipelines()
+    refiner.scheduler = make_scheduler(sampler, refiner.scheduler.config)
+    for model in (base, refiner):
+        model.to("cuda")
+    ModelBank(base=base, img2img=img2img_from(base), refiner=refiner, device="cuda", dtype_name="fp32", base_id="tiny")
+    record = Record(tag="t", prompt="a cat", negative="blurry", seed=1, width=128, height=224, sampler=sampler,
+                    steps=10, cfg=5.0, prompt_syntax="a1111")
+    embeddings = prompt_embeddings(refiner, record).pipeline_kwargs()
+    base_latents = torch.randn(1, 4, 224 // 8, 128 // 8, generator=torch.Generator().manual_seed(0)).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        refined = refiner(**embeddings, image=base_latents, num_inference_steps=10, guidance_scale=5.0,
+                          denoising_start=0.8, generator=torch.Generator().manual_seed(1), output_type="latent")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert refined.images.shape == (1, 4, 28, 16)
+
+
 class StopAtThePixels(Exception):
     """The final's pixels read back: the meta device has none to give."""
 
