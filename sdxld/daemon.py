@@ -273,8 +273,8 @@ class Daemon:
 
     def _ready_next_job(self) -> None:
         """While the card runs an approved image's stage 3 (its steps queued, the image's own LoRAs
-        read for the last time): the next job's LoRAs. Another approved image waiting: its files
-        read into memory. Otherwise, unless stage 1 is paused, the next stage-1 batch's LoRAs
+        read for the last time): the next job's LoRAs. Another approved image waiting: its LoRAs
+        (jobs.ready_next_approved). Otherwise, unless stage 1 is paused, the next stage-1 batch's LoRAs
         merged and its prompts encoded, as each batch does for the one after it, so that stage 1
         starts again with nothing to swap (an approval arriving meanwhile swaps as it would have)."""
         if self.recovered:

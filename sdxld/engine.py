@@ -466,6 +466,29 @@ class Engine:
         A LoRA that left its folder cannot be used: the upscale goes on without it and the note
         says so (it is written into the final's record)."""
         self.follow_lora_folders()
+        rotated, strengths, tagged, notes = self._recorded_loras(record)
+        self.loras.activate(rotated, strengths, tagged)
+        for note in notes:
+            log.warning("%s: %s", record.tag, note)
+        return notes
+
+    def prepare_recorded_loras(self, record: Record) -> None:
+        """Get the LoRAs a record names ready for its upscale while the card runs other work that
+        will not read the weights again (this approved image's stage 3, queued): merged now where
+        the weights stay on the device (the writes queue behind that work, as the next stage-1
+        batch's do), else their files read into the kept memory (lora.keep_in_memory_mb). On the
+        H100 a swap that read its file took 1.35 s (bench/results), and an approved image made
+        hours ago has let its files leave the memory long since. Its own upscale then finds them
+        merged (or merges from memory) and says what it could not use."""
+        rotated, strengths, tagged, _ = self._recorded_loras(record)
+        if self._merges_ahead():
+            self.loras.activate(rotated, strengths, tagged)
+        else:
+            self.loras.prepare(rotated + [entry for entry, _ in tagged])
+
+    def _recorded_loras(self, record: Record) -> tuple[list, list, list, list[str]]:
+        """A record's LoRAs as the library has them now: (rotated, their strengths, (tagged,
+        weight)), and a note for each that left its folder or changed since."""
         rotated, strengths, tagged, notes = [], [], [], []
         for use in record.loras:
             entry = self.loras.find(use.kind, use.name)
@@ -479,19 +502,7 @@ class Engine:
             else:
                 rotated.append(entry)
                 strengths.append(use.strength)
-        self.loras.activate(rotated, strengths, tagged)
-        for note in notes:
-            log.warning("%s: %s", record.tag, note)
-        return notes
-
-    def prepare_recorded_loras(self, record: Record) -> None:
-        """Read the files of the LoRAs a record names into the kept memory (lora.keep_in_memory_mb),
-        touching no weight, so that its upscale merges them without reading a file: the next
-        approved image's, while the card runs this one's stage 3. On the H100 a swap that read
-        its file took 1.35 s (bench/results), and an approved image made hours ago has let its
-        files leave the memory long since."""
-        entries = [entry for use in record.loras if (entry := self.loras.find(use.kind, use.name)) is not None]
-        self.loras.prepare(entries)
+        return rotated, strengths, tagged, notes
 
     def final_exists(self, tag: str) -> Path | None:
         return store.find_final(self.layout, tag)

@@ -161,10 +161,11 @@ def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, 
 
 
 def ready_next_approved(engine, inbox: Inbox) -> None:
-    """Read the LoRA files of the oldest image waiting in approved/ (the next one claimed, unless
-    another process takes it first) into the kept memory, so that its upscale merges them
-    without reading a file. Only an image with an sdxld record is looked at (its JSON, or its PNG's
-    chunk once the copy is complete); anything that goes wrong leaves that to its own upscale."""
+    """Get the LoRAs of the oldest image waiting in approved/ (the next one claimed, unless another
+    process takes it first) ready for its upscale (Engine.prepare_recorded_loras: merged where the
+    weights stay on the device, else their files read). Only an image with an sdxld record is
+    looked at (its JSON, or its PNG's chunk once the copy is complete); anything that goes wrong
+    leaves that to its own upscale."""
     try:
         waiting = inbox.pending()
         if not waiting:

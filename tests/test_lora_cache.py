@@ -392,17 +392,24 @@ def two_images_with_other_characters(root, make_engine):
     return engine, inbox, first, second
 
 
-def test_the_next_approved_images_loras_are_read_while_the_card_runs_this_ones_stage_3(root, make_engine, events):
+@pytest.mark.parametrize("merges_ahead", [True, False], ids=["weights on the device", "offloaded"])
+def test_the_next_approved_images_loras_get_ready_while_the_card_runs_this_ones_stage_3(root, make_engine, events,
+                                                                                       monkeypatch, merges_ahead):
     from sdxld.jobs import ready_next_approved
 
     engine, inbox, first, second = two_images_with_other_characters(root, make_engine)
+    monkeypatch.setattr(engine, "_merges_ahead", lambda: merges_ahead)
     events.clear()
     engine.upscale(first.record, first.image, while_card_works=lambda: ready_next_approved(engine, inbox))
-    # A's character read and merged; stage 2's pixels; then B's character read before stage 3's pixels.
-    assert files_and_pixels(events) == ["read", "merge", "pixels", "read", "pixels"]
+    # A's character read and merged; stage 2's pixels; then B's character read (and merged, where
+    # the weights stay on the device) before stage 3's pixels.
+    ahead = ["read", "merge"] if merges_ahead else ["read"]
+    assert files_and_pixels(events) == ["read", "merge", "pixels", *ahead, "pixels"]
     events.clear()
-    engine.upscale(second.record, second.image)
-    assert files_and_pixels(events) == ["merge", "pixels", "pixels"], "B's upscale read its character again"
+    made = engine.upscale(second.record, second.image)
+    swap = [] if merges_ahead else ["merge"]
+    assert files_and_pixels(events) == [*swap, "pixels", "pixels"], "B's upscale read its character again"
+    assert made.record.loras == second.record.loras
 
 
 def files_and_pixels(events) -> list[str]:
@@ -464,7 +471,7 @@ def test_the_daemon_gets_the_next_jobs_loras_ready_during_an_approved_images_sta
     monkeypatch.setattr(engine, "get_next_batch_ready", lambda count: got_ready.append(count))
     events.clear()
     runner._ready_next_job()
-    assert events == ["read"] and got_ready == [], "another approved image waits: its files, not stage 1's"
+    assert events == ["read", "merge"] and got_ready == [], "another approved image waits: its LoRAs, not stage 1's"
 
     (engine.layout.approved / second.path.name).unlink()
     runner._ready_next_job()
