@@ -279,10 +279,9 @@ class Daemon:
         starts again with nothing to swap (an approval arriving meanwhile swaps as it would have)."""
         if self.recovered:
             return  # claims a restart found: their upscale reads what it needs
+        if ready_next_approved(self.engine, self.inbox):
+            return
         try:
-            if self.inbox.pending():
-                ready_next_approved(self.engine, self.inbox)
-                return
             writer = self.engine.writer
             if self.stage1_pacing.pause_reason(self.config.daemon, self.engine.layout, writer.in_flight if writer else 0):
                 return

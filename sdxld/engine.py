@@ -357,8 +357,9 @@ class Engine:
         images that want it are interleaved. Returns the results in the order the seeds came.
 
         `another_follows`: the caller makes another stage-1 batch next (the daemon's loop), so
-        that batch's LoRAs are got ready while the card runs this one (_ready_next_loras). Not
-        for a caller that upscales these images next: they need this batch's LoRAs."""
+        that batch's LoRAs and prompts are got ready while the card runs this one
+        (get_next_batch_ready). Not for a caller that upscales these images next: they need this
+        batch's LoRAs."""
         self.follow_lora_folders()
         self.layout.ensure_output_dirs()
         ahead, self._prompts_ahead = self._prompts_ahead, None

@@ -128,7 +128,7 @@ def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, 
     A file that looks half-copied (empty, truncated) and changed less than `young_s` ago goes back
     to approved/ (incomplete) for a later try: the daemon waits for copies, a one-shot run does not.
     `while_card_works`: host work for while the card runs its stage 3 (the next job's LoRAs);
-    by default the next waiting image's files are read (ready_next_approved)."""
+    by default the next waiting image's LoRAs are got ready (ready_next_approved)."""
     try:
         image, record = _load(claim.path, engine, sidecar=claim.sidecar, name=claim.name)
         existing = engine.final_exists(record.tag)
@@ -160,23 +160,24 @@ def run_claimed(engine, inbox: Inbox, claim: Claim, hooks: Hooks | None = None, 
     return JobOutcome(claim.name, JobStatus.FINAL, result.path)
 
 
-def ready_next_approved(engine, inbox: Inbox) -> None:
+def ready_next_approved(engine, inbox: Inbox) -> bool:
     """Get the LoRAs of the oldest image waiting in approved/ (the next one claimed, unless another
     process takes it first) ready for its upscale (Engine.prepare_recorded_loras: merged where the
-    weights stay on the device, else their files read). Only an image with an sdxld record is
-    looked at (its JSON, or its PNG's chunk once the copy is complete); anything that goes wrong
-    leaves that to its own upscale."""
+    weights stay on the device, else their files read); whether an image waits (or may: after a
+    failure the next job is left alone). Only an image with an sdxld record is looked at (its
+    JSON, or its PNG's chunk once the copy is complete); anything that goes wrong leaves that to
+    its own upscale."""
     try:
         waiting = inbox.pending()
-        if not waiting:
-            return
-        record = find_record(waiting[0], engine.layout)
-        engine.prepare_recorded_loras(record)
+        if waiting:
+            engine.prepare_recorded_loras(find_record(waiting[0], engine.layout))
+        return bool(waiting)
     except RecordLookupError:
-        return  # another tool's image, or a copy still on its way: its upscale finds out
+        return True  # another tool's image, or a copy still on its way: its upscale finds out
     except Exception as err:  # noqa: BLE001 - getting ahead must never cost this image its final
-        log.warning("reading the next approved image's LoRAs ahead failed (%s: %s); its upscale reads them",
+        log.warning("getting the next approved image's LoRAs ready ahead failed (%s: %s); its upscale does it",
                     type(err).__name__, err)
+        return True
 
 
 def _young(path: Path, seconds: float) -> bool:

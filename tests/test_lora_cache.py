@@ -424,9 +424,9 @@ def test_nothing_is_read_ahead_for_an_image_without_a_record_or_an_empty_inbox(r
     engine, inbox, _, second = two_images_with_other_characters(root, make_engine)
     (engine.layout.approved / second.path.name).unlink()
     reads.clear()
-    ready_next_approved(engine, inbox)
+    assert ready_next_approved(engine, inbox) is False, "nothing waits: the next job is stage 1's"
     Image.new("RGB", (64, 64)).save(engine.layout.approved / "from_another_tool.png")
-    ready_next_approved(engine, inbox)
+    assert ready_next_approved(engine, inbox) is True, "an image waits, whatever made it"
     assert reads == [] and "ahead failed" not in caplog.text
 
 
