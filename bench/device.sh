@@ -5,7 +5,9 @@
 # when the caller collects files from $OUT, there too. Extra arguments go to bench/gpu.py.
 # CALL_S: the seconds the caller allows the whole call (the tests get what is left of it).
 #   bash bench/fetch_wheels.sh    # here, once: .whl/ for what the GPU machine lacks
-#   bash bench/device.sh          # there, with .whl carried along
+#   bash bench/device.sh          # there, with .whl (and .compile-cache, once a call made it) carried along
+# The compiled code's parts it hands back (compile-cache.tgz.*) go into .compile-cache/ here, for
+# the next call to carry (bench/compile_carry.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -14,6 +16,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# What earlier calls compiled, carried as .compile-cache/ (bench/compile_carry.sh): inductor looks
+# in this folder for every build, so the builds they made load in seconds instead of minutes.
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/sdxld-compile-cache}
+bash bench/compile_carry.sh unpack "$TORCHINDUCTOR_CACHE_DIR" .compile-cache
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
 "$PYTHON" -c 'import torch, diffusers, torchao; print("torch", torch.__version__, "diffusers", diffusers.__version__, "torchao", torchao.__version__)' \
   || echo "an import failed: the rows that need it will say FAILED"
@@ -40,23 +46,31 @@ case "$sections" in
   *) echo "SECTIONS is graphs or fast, not $sections" >&2; exit 2 ;;
 esac
 on_card=$("$PYTHON" -c 'import torch; print(int(torch.cuda.is_available()))')
+# The short benches' outputs share one file: a call hands back at most 8 files, and the compiled
+# code's parts take up to three of them.
+small="$results/small-benches.txt"
+: > "$small"
+small_bench() { echo "## bench/$*" | tee -a "$small"; timeout "$limit" "$PYTHON" "bench/$@" | tee -a "$small"; }
 # First, being short (about 30 s on a card, a minute on a CPU rehearsal): a stage-1 batch's
 # prompts through the text encoders, compel text by text against sdxld's one forward per encoder
 # (bench/text_encoders.py), which the graphs section's budget would otherwise leave no time for.
 if [ "$on_card" = 1 ]; then te_args="--device cuda --dtype bf16 --repeats 5"; else te_args="--batches 1 --repeats 1"; fi
-timeout 90 "$PYTHON" bench/text_encoders.py $te_args | tee "$results/text-encoders.txt"
+limit=90 small_bench text_encoders.py $te_args
 # SDXL's attention calls (recorded from its UNets and VAE at each stage's shape) under each SDPA
 # backend, flash, memory-efficient and cuDNN, against torch's default (bench/attention.py; about
 # 30 s on a card, 11 s on a CPU rehearsal at a quarter of the sizes): whether a backend switch pays.
 if [ "$on_card" = 1 ]; then attention_args="--device cuda --dtype bf16"; else attention_args=""; fi
-timeout 90 "$PYTHON" bench/attention.py $attention_args | tee "$results/attention.txt"
+limit=90 small_bench attention.py $attention_args
 "$PYTHON" bench/gpu.py --skip "$skip" --graphs-parts "$parts" --budget-s "${BUDGET_S:-420}" --out "$results" "$@"
 status=$?
+# What this call and the ones before it compiled, for the next call: into $OUT when the caller
+# collects it (then moved into .compile-cache/ to be carried), else straight into .compile-cache/.
+bash bench/compile_carry.sh pack "$TORCHINDUCTOR_CACHE_DIR" "${OUT:-.compile-cache}"
 # The CPU's share of an approved image (PNG, pixel conversions) with the card doing its part
 # (measured in the H100 call: bench/results/NVIDIA-H100-80GB-HBM3-host-costs.txt).
 if [ "$sections" = fast ]; then
   device=cpu; [ "$on_card" = 1 ] && device=cuda
-  timeout 120 "$PYTHON" bench/host_costs.py --device "$device" | tee "$results/host-costs-$device.txt"
+  limit=120 small_bench host_costs.py --device "$device"
 fi
 # The VAE compiled, and eager in the channels-last layout, against eager (performance.compile_vae,
 # performance.channels_last) on one VAE tile (1024 px: every tile of stage 2's and stage 3's
@@ -68,7 +82,7 @@ if [ $(( ${CALL_S:-575} - SECONDS )) -gt 200 ]; then
   else
     vae_args="--size 64x64 --repeats 1"
   fi
-  timeout 120 "$PYTHON" bench/vae_compile.py $vae_args | tee "$results/vae-compile.txt"
+  limit=120 small_bench vae_compile.py $vae_args
 fi
 # The suite's tests that only a GPU runs (they skip elsewhere, saying why): no sampler step
 # synchronizes, nor a batch's prompt encoding, a LoRA swap neither (and gives the CPU's weights), fp8 with LoRAs merged in

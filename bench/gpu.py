@@ -245,6 +245,7 @@ class Bench:
         self.rows: list[Row] = []
         self.started = time.perf_counter()
         self.budget_s = budget_s
+        self.compiled_code = compiled_code_found()
 
     def left_s(self) -> float:
         """Seconds left of --budget-s (infinite without one)."""
@@ -326,7 +327,8 @@ class Bench:
             "",
             f"torch {self._torch()}, diffusers {self._diffusers()}, Python {platform.python_version()}{self._driver()}; "
             "random weights with SDXL 1.0's architecture, bf16, SDPA attention, UniPC. "
-            "TFLOP counted with torch.utils.flop_counter (once per call shape, times the calls).",
+            "TFLOP counted with torch.utils.flop_counter (once per call shape, times the calls). "
+            f"{self.compiled_code}",
             "",
             "| measurement | seconds | TFLOP | TFLOP/s | peak VRAM (GiB) | note |",
             "|---|---:|---:|---:|---:|---|",
@@ -361,6 +363,20 @@ class Bench:
         except (OSError, subprocess.SubprocessError):
             found = []
         return f", driver {found[0]}" if found else ""
+
+
+def compiled_code_found() -> str:
+    """What inductor's cache folder held before anything was built: with the compiled code of
+    earlier calls (bench/compile_carry.sh) a build whose graph is among it is a warm start."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    folder = Path(cache_dir())
+    graphs = [entry for entry in folder.glob("fxgraph/*/*/*") if entry.is_file()]
+    if not graphs:
+        return "inductor's cache was empty at the start: every build row is a cold build."
+    megabytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 2**20
+    return (f"inductor's cache held {len(graphs)} compiled graphs ({megabytes:.0f} MiB) at the start, carried from "
+            "earlier calls: a build row whose graph was among them is a warm start (a restart's cost).")
 
 
 @dataclass

@@ -6,6 +6,7 @@ generates no kernels, so these run in seconds on a CPU."""
 import os
 
 import pytest
+from support.helpers import cpp_compiler_missing
 
 from sdxld.tiny import write_tiny_lora
 
@@ -102,17 +103,6 @@ def storage_addresses(unet) -> dict:
         else:
             where[(name, "")] = parameter.data_ptr()
     return where
-
-
-def cpp_compiler_missing() -> str | None:
-    """Why inductor cannot build kernels on this machine's CPU, or None."""
-    from torch._inductor import cpp_builder, exc
-
-    try:
-        cpp_builder.get_cpp_compiler()
-    except exc.InvalidCxxCompiler:
-        return "inductor builds C++ kernels for the CPU and this machine has no C++ compiler: install g++"
-    return None
 
 
 def long_case(*values):

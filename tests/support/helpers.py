@@ -1,5 +1,6 @@
 """Helpers shared by the tests: a demo config for a root, `sdxld` run as a process, the LoRA files
-an engine reads to check them, the GPU bench run with the tiny model."""
+an engine reads to check them, the GPU bench run with the tiny model, whether inductor can build
+kernels here."""
 
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ def checks_read(engine, label=lambda entry: entry.path.name) -> list[str]:
     real_load = library._load
     library._load = lambda entry: read.append(label(entry)) or real_load(entry)
     return read
+
+
+def cpp_compiler_missing() -> str | None:
+    """Why inductor cannot build kernels on this machine's CPU, or None."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return "inductor builds C++ kernels for the CPU and this machine has no C++ compiler: install g++"
+    return None
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
