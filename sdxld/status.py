@@ -281,7 +281,8 @@ def format_status(entries: list[dict], config_problem: str | None = None) -> str
             lines.append(f"  now:        {describe_job(d['current'])}")
         lines.append(f"  uptime:     {uptime / 3600:.1f} h; stage-1 images {d['stage1_made']}, finals {d['finals_made']}, failed {d['failed']}")
         if d.get("seconds_per_image") is not None:
-            lines.append(f"  rate:       {d['seconds_per_image']} s per stage-1 image, {d.get('images_per_hour')} stage-1 images/hour")
+            per_hour = f", {d['images_per_hour']:,.0f} stage-1 images/hour" if d.get("images_per_hour") else ""
+            lines.append(f"  rate:       {d['seconds_per_image']} s per stage-1 image{per_hour}")
         if d.get("seconds_per_final") is not None:
             lines.append(f"  finals:     {d['seconds_per_final']} s each, from taking the approved image to its saved final")
         lines.append(f"  queue:      {d['approved_queued']} approved waiting")
