@@ -48,12 +48,13 @@ case "$action" in
     archive=$(mktemp /tmp/compile-cache.XXXXXX)
     trap 'rm -f "$archive"' EXIT
     # Lock files belong to the processes that held them.
-    tar -cz -C "$folder" --exclude='*.lock' --exclude=./locks . > "$archive"
+    pack_leaving_out() { tar -cz -C "$folder" --exclude='*.lock' --exclude=./locks "$@" . > "$archive"; }
+    pack_leaving_out
     if over_limit "$archive"; then
       # inductor bundles each graph's Triton kernels into the graph's own entry (torch 2.6+), and
       # writes them back into triton/ when it loads the graph: that folder is a second copy.
       echo "compiled code: $(mib "$archive") MiB packed, over $LIMIT_MB MiB; packing it without triton/ (a copy of the kernels in the graphs' entries)"
-      tar -cz -C "$folder" --exclude='*.lock' --exclude=./locks --exclude=./triton . > "$archive"
+      pack_leaving_out --exclude=./triton
     fi
     if over_limit "$archive"; then
       echo "compiled code: $(mib "$archive") MiB packed, over the $LIMIT_MB MiB a call can carry: not kept"

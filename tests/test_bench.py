@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.helpers import cpp_compiler_missing, tiny_gpu_bench
+from support.helpers import cpp_compiler_missing, inductor_cache_use, tiny_gpu_bench
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,15 +73,6 @@ def test_attention_bench_records_sdxls_attention_calls_and_times_each_backend():
     assert "| flash ms | efficient ms | cudnn ms | default ms |" in result.stdout
 
 
-COMPILE_ONCE = """
-import torch
-double_then_add = torch.compile(lambda x: x * 2 + 1, backend="inductor")
-assert torch.equal(double_then_add(torch.arange(4.0)), torch.tensor([1.0, 3.0, 5.0, 7.0]))
-counters = torch._dynamo.utils.counters["inductor"]
-print(counters["fxgraph_cache_hit"], counters["fxgraph_cache_miss"])
-"""
-
-
 def test_a_gpu_call_finds_what_the_call_before_it_compiled(tmp_path):
     """bench/device.sh packs inductor's cache folder at the end of a call and unpacks it at the
     start of the next, on a fresh machine: the next call's builds of the same graphs are hits."""
@@ -93,12 +84,6 @@ def test_a_gpu_call_finds_what_the_call_before_it_compiled(tmp_path):
     cache, parts = tmp_path / "sdxld-compile-cache", tmp_path / "out"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
 
-    def build() -> tuple[int, int]:
-        done = subprocess.run([sys.executable, "-c", COMPILE_ONCE], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        hits, misses = done.stdout.split()[-2:]
-        return int(hits), int(misses)
-
     def carry(action: str, **extra: str) -> str:
         done = subprocess.run(["bash", str(REPO / "bench" / "compile_carry.sh"), action, str(cache), str(parts)],
                               env={**env, **extra}, capture_output=True, text=True, timeout=120)
@@ -106,10 +91,10 @@ def test_a_gpu_call_finds_what_the_call_before_it_compiled(tmp_path):
         return done.stdout
 
     assert "none (every build is cold)" in carry("unpack")  # the first call
-    assert build() == (0, 1)
+    assert inductor_cache_use(env) == (0, 1)
     assert "not kept" in carry("pack", COMPILE_CACHE_MB="0") and not list(parts.iterdir())
     assert "compiled code kept for the next call" in carry("pack")
     assert [p.name for p in parts.iterdir()] == ["compile-cache.tgz.00"]
     shutil.rmtree(cache)  # the next call starts on a bare machine
     assert "compiled code from an earlier call" in carry("unpack")
-    assert build() == (1, 0)
+    assert inductor_cache_use(env) == (1, 0)

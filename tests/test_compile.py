@@ -6,7 +6,7 @@ generates no kernels, so these run in seconds on a CPU."""
 import os
 
 import pytest
-from support.helpers import cpp_compiler_missing
+from support.helpers import cpp_compiler_missing, inductor_cache_use
 
 from sdxld.tiny import write_tiny_lora
 
@@ -302,36 +302,23 @@ def test_a_compile_cache_folder_the_user_chose_is_kept(monkeypatch, tmp_path):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
 
 
-COMPILE_IN_A_NEW_PROCESS = """
-import diffusers  # as the daemon does, before anything compiles (it sets inductor's default folder)
-import torch
+# As the daemon starts: diffusers imported before anything compiles (it sets inductor's default
+# folder), then sdxld's own.
+DAEMON_START = """
+import diffusers
 from sdxld.models import lasting_compile_cache
 lasting_compile_cache()
-double_then_add = torch.compile(lambda x: x * 2 + 1, backend="inductor")
-assert torch.equal(double_then_add(torch.arange(4.0)), torch.tensor([1.0, 3.0, 5.0, 7.0]))
-counters = torch._dynamo.utils.counters["inductor"]
-print(counters["fxgraph_cache_hit"], counters["fxgraph_cache_miss"])
 """
 
 
 def test_a_second_start_finds_what_the_first_compiled(tmp_path):
-    import subprocess
-    import sys
-
     if why := cpp_compiler_missing():
         pytest.skip(why)
     env = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
     env["XDG_CACHE_HOME"] = str(tmp_path)
 
-    def start() -> tuple[int, int]:
-        done = subprocess.run([sys.executable, "-c", COMPILE_IN_A_NEW_PROCESS], env=env, capture_output=True,
-                              text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        hits, misses = done.stdout.split()[-2:]
-        return int(hits), int(misses)
-
-    assert start() == (0, 1)
-    assert start() == (1, 0)
+    assert inductor_cache_use(env, before=DAEMON_START) == (0, 1)
+    assert inductor_cache_use(env, before=DAEMON_START) == (1, 0)
     assert any((tmp_path / "sdxld/torchinductor").rglob("*.py")), "the compiled code should be in sdxld's cache folder"
 
 

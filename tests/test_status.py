@@ -73,7 +73,7 @@ def test_daemons_of_other_hosts_go_stale_by_the_shares_clock_and_the_rest_are_su
     assert not list(folder.glob(".clock*")), "the clock probe is removed"
 
 
-def test_a_daemons_rate_reads_as_whole_images_per_hour(tmp_path):
+def test_a_daemons_rate_reads_as_whole_images_per_hour():
     daemon = {**_daemon("gpu-a", 11, per_hour=16184.4), "seconds_per_image": 0.19}
     assert "  rate:       0.19 s per stage-1 image, 16,184 stage-1 images/hour" in format_status([daemon]).splitlines()
 

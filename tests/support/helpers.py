@@ -1,6 +1,6 @@
 """Helpers shared by the tests: a demo config for a root, `sdxld` run as a process, the LoRA files
 an engine reads to check them, the GPU bench run with the tiny model, whether inductor can build
-kernels here."""
+kernels here and what its cache gives a new process."""
 
 from __future__ import annotations
 
@@ -52,6 +52,22 @@ def cpp_compiler_missing() -> str | None:
     except exc.InvalidCxxCompiler:
         return "inductor builds C++ kernels for the CPU and this machine has no C++ compiler: install g++"
     return None
+
+
+def inductor_cache_use(env: dict, before: str = "") -> tuple[int, int]:
+    """(hits, misses) of inductor's graph cache when a new process with `env` compiles one small
+    function, after running `before`."""
+    script = before + """
+import torch
+double_then_add = torch.compile(lambda x: x * 2 + 1, backend="inductor")
+assert torch.equal(double_then_add(torch.arange(4.0)), torch.tensor([1.0, 3.0, 5.0, 7.0]))
+counters = torch._dynamo.utils.counters["inductor"]
+print(counters["fxgraph_cache_hit"], counters["fxgraph_cache_miss"])
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    hits, misses = done.stdout.split()[-2:]
+    return int(hits), int(misses)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
