@@ -3,8 +3,9 @@
 At the final's size (3072x5376 by default) and a stage-1 image's (768x1344), old against new in
 one run, alternating, median of --repeat:
 
-- the PNG: Pillow at compress_level 4 (what sdxld used) vs sdxld.png (Up filter + ISA-L deflate;
-  and with the standard zlib, its fallback), seconds and megabytes, on two synthetic images: an
+- the PNG: Pillow at compress_level 4 (what sdxld used) vs sdxld.png (Up filter + ISA-L deflate,
+  on every core for a large image; on one thread; and with the standard zlib, its fallback),
+  seconds and megabytes, on two synthetic images: an
   illustration (flat colours, outlines, soft shading) and the same with film grain (the hardest
   case for any PNG);
 - float pixels to 8 bits: the pipelines' numpy output + to_pil vs tensor_to_pil on --device;
@@ -73,13 +74,14 @@ def bench_png(images: dict, repeat: int) -> list[tuple]:
     for name, image in images.items():
         old_s, old = timed(lambda: pillow_png(image), repeat)
         new_s, new = timed(lambda: png.encode(image), repeat)
+        one_thread_s, _ = timed(lambda: png.encode(image, threads=1), repeat)
         fast = png._deflater
         png._deflater = zlib
         try:
             zlib_s, via_zlib = timed(lambda: png.encode(image), repeat)
         finally:
             png._deflater = fast
-        rows.append((name, old_s, len(old), new_s, len(new), zlib_s, len(via_zlib)))
+        rows.append((name, old_s, len(old), new_s, len(new), one_thread_s, zlib_s, len(via_zlib)))
     return rows
 
 
@@ -209,18 +211,18 @@ def main() -> None:
 
     final = tuple(int(v) for v in args.final.split("x"))
     stage1 = (final[0] // 4, final[1] // 4)
-    print(f"host costs, device {args.device}, {torch.get_num_threads()} CPU threads, deflate {png.deflate_library()}, "
-          f"median of {args.repeat}")
+    print(f"host costs, device {args.device}, {torch.get_num_threads()} CPU threads, deflate {png.deflate_library()} "
+          f"(a large image on {png._usable_cores()} threads), median of {args.repeat}")
     images = {
         f"final {final[0]}x{final[1]} illustration": illustration(*final, grain=0),
         f"final {final[0]}x{final[1]} with grain": illustration(*final, grain=3),
         f"stage 1 {stage1[0]}x{stage1[1]} illustration": illustration(*stage1, grain=0),
     }
-    print("\nPNG                                   Pillow-4 s    MB   sdxld s    MB  x faster  size  | zlib s")
+    print("\nPNG                                   Pillow-4 s    MB   sdxld s    MB  x faster  size  | 1 thread s | zlib s")
     finals = {}
-    for name, old_s, old_b, new_s, new_b, zlib_s, _ in bench_png(images, args.repeat):
+    for name, old_s, old_b, new_s, new_b, one_thread_s, zlib_s, _ in bench_png(images, args.repeat):
         print(f"  {name:34} {old_s:8.3f} {old_b / 1e6:6.1f} {new_s:8.3f} {new_b / 1e6:6.1f} {old_s / new_s:8.1f}x"
-              f" {new_b / old_b:5.2f}  | {zlib_s:.3f}")
+              f" {new_b / old_b:5.2f}  | {one_thread_s:10.3f} | {zlib_s:.3f}")
         if name.startswith("final"):
             finals[name] = (old_s, new_s)
     print(f"\nconversions at {final[0]}x{final[1]}          old s   new s   ratio new/old")

@@ -105,3 +105,35 @@ def test_a_transparent_colour_key_goes_through_pillow_and_survives():
 def test_an_empty_image_is_refused():
     with pytest.raises(ValueError, match="empty image"):
         png.encode(Image.new("RGB", (0, 5)))
+
+
+def idat_stream(data: bytes) -> bytes:
+    """The zlib stream a PNG's IDAT chunks hold, joined."""
+    parts, offset = [], len(png.SIGNATURE)
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset:offset + 4])
+        if data[offset + 4:offset + 8] == b"IDAT":
+            parts.append(data[offset + 8:offset + 8 + length])
+        offset += 12 + length
+    return b"".join(parts)
+
+
+@pytest.mark.skipif(png.deflate_library() != "isal", reason="the threaded deflate is isal's; without isal, zlib's on one thread")
+def test_a_large_image_is_deflated_on_several_threads_into_one_zlib_stream(monkeypatch):
+    # Blocks of 4 KiB: a 300x200 image is 44 of them, deflated by 3 threads, joined into one
+    # stream with zlib's frame and checksum.
+    monkeypatch.setattr(png, "THREADED_FROM_BYTES", 1)
+    monkeypatch.setattr(png, "THREADED_BLOCK_BYTES", 4096)
+    image = random_image("RGB", 300, 200)
+    threaded, alone = png.encode(image, threads=3), png.encode(image, threads=1)
+    filtered = png.up_filtered(np.asarray(image)).tobytes()
+    assert idat_stream(threaded) != idat_stream(alone), "the threads wrote their own blocks"
+    assert zlib.decompress(idat_stream(threaded)) == filtered  # zlib checks the header and the Adler-32
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(threaded))), np.asarray(image))
+
+
+def test_small_images_are_deflated_in_one_call_on_one_thread(monkeypatch):
+    image = random_image("RGB", 64, 48)
+    filtered = png.up_filtered(np.asarray(image))
+    assert filtered.nbytes < png.THREADED_FROM_BYTES
+    assert idat_stream(png.encode(image, threads=8)) == png._deflater.compress(filtered, png.DEFLATE_LEVEL)
