@@ -47,8 +47,11 @@ case "$action" in
     rm -f "$parts"/compile-cache.tgz.*
     archive=$(mktemp /tmp/compile-cache.XXXXXX)
     trap 'rm -f "$archive"' EXIT
-    # Lock files belong to the processes that held them.
-    pack_leaving_out() { tar -cz -C "$folder" --exclude='*.lock' --exclude=./locks "$@" . > "$archive"; }
+    # Lock files belong to the processes that held them; precompiled C++ headers (hundreds of MB
+    # on a machine that built CPU kernels) are the host compiler's own cache, made again at need.
+    pack_leaving_out() {
+      tar -cz -C "$folder" --exclude='*.lock' --exclude=./locks --exclude=./precompiled_headers "$@" . > "$archive"
+    }
     pack_leaving_out
     if over_limit "$archive"; then
       # inductor bundles each graph's Triton kernels into the graph's own entry (torch 2.6+), and

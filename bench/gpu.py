@@ -373,10 +373,10 @@ def compiled_code_found() -> str:
     folder = Path(cache_dir())
     graphs = [entry for entry in folder.glob("fxgraph/*/*/*") if entry.is_file()]
     if not graphs:
-        return "inductor's cache was empty at the start: every build row is a cold build."
+        return f"inductor's cache ({folder}) was empty at the start: every build row is a cold build."
     megabytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file()) / 2**20
-    return (f"inductor's cache held {len(graphs)} compiled graphs ({megabytes:.0f} MiB) at the start, carried from "
-            "earlier calls: a build row whose graph was among them is a warm start (a restart's cost).")
+    return (f"inductor's cache ({folder}) held {len(graphs)} compiled graphs ({megabytes:.0f} MiB) at the start, "
+            "from earlier runs or calls: a build row whose graph was among them is a warm start (a restart's cost).")
 
 
 @dataclass
