@@ -44,9 +44,9 @@ case "$action" in
   pack)
     [ -d "$folder" ] || { echo "compiled code: $folder does not exist, nothing to keep"; exit 0; }
     mkdir -p "$parts"
-    rm -f "$parts"/compile-cache.tgz.*
     archive=$(mktemp /tmp/compile-cache.XXXXXX)
-    trap 'rm -f "$archive"' EXIT
+    staging=$(mktemp -d "$parts/.packing.XXXXXX")
+    trap 'rm -rf "$archive" "$staging"' EXIT
     # Lock files belong to the processes that held them; precompiled C++ headers (hundreds of MB
     # on a machine that built CPU kernels) are the host compiler's own cache, made again at need.
     pack_leaving_out() {
@@ -60,10 +60,18 @@ case "$action" in
       pack_leaving_out --exclude=./triton
     fi
     if over_limit "$archive"; then
-      echo "compiled code: $(mib "$archive") MiB packed, over the $LIMIT_MB MiB a call can carry: not kept"
+      # Parts packed earlier (this call's first pack, or what it unpacked) are a part of this
+      # folder: better than nothing for the next call.
+      kept=$(find "$parts" -maxdepth 1 -name 'compile-cache.tgz.*' | wc -l)
+      echo "compiled code: $(mib "$archive") MiB packed, over the $LIMIT_MB MiB a call can carry: not kept" \
+        "(the $kept part(s) already in $parts stay)"
       exit 0
     fi
-    split -b "$PART" -d "$archive" "$parts/compile-cache.tgz."
+    # The earlier parts are replaced only by a whole new set: a call cut off while packing still
+    # hands back one that unpacks.
+    split -b "$PART" -d "$archive" "$staging/compile-cache.tgz."
+    rm -f "$parts"/compile-cache.tgz.*
+    mv "$staging"/compile-cache.tgz.* "$parts"/
     echo "compiled code kept for the next call: $(mib "$archive") MiB in $(ls "$parts"/compile-cache.tgz.* | wc -l) part(s) in $parts"
     ;;
   *) usage ;;

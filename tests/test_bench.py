@@ -95,6 +95,9 @@ def test_a_gpu_call_finds_what_the_call_before_it_compiled(tmp_path):
     assert "not kept" in carry("pack", COMPILE_CACHE_MB="0") and not list(parts.iterdir())
     assert "compiled code kept for the next call" in carry("pack")
     assert [p.name for p in parts.iterdir()] == ["compile-cache.tgz.00"]
+    kept = (parts / "compile-cache.tgz.00").read_bytes()
+    assert "(the 1 part(s) already in" in carry("pack", COMPILE_CACHE_MB="0"), "a pack too large keeps the earlier one"
+    assert [p.name for p in parts.iterdir()] == ["compile-cache.tgz.00"] and (parts / "compile-cache.tgz.00").read_bytes() == kept
     shutil.rmtree(cache)  # the next call starts on a bare machine
     assert "compiled code from an earlier call" in carry("unpack")
     assert inductor_cache_use(env) == (1, 0)
