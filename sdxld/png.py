@@ -85,7 +85,8 @@ def deflate(data: np.ndarray, threads: int | None = None) -> bytes:
     threads = _usable_cores() if threads is None else threads
     if _deflater is zlib or threads < 2 or data.nbytes < THREADED_FROM_BYTES:
         return _deflater.compress(data, DEFLATE_LEVEL)  # a C-contiguous buffer: no copy
-    return _deflate_on_threads(data, threads)
+    # A thread more than there are blocks would only hold its buffers (a block and a tenth each).
+    return _deflate_on_threads(data, min(threads, -(-data.nbytes // THREADED_BLOCK_BYTES)))
 
 
 def _deflate_on_threads(data: np.ndarray, threads: int) -> bytes:

@@ -137,3 +137,15 @@ def test_small_images_are_deflated_in_one_call_on_one_thread(monkeypatch):
     filtered = png.up_filtered(np.asarray(image))
     assert filtered.nbytes < png.THREADED_FROM_BYTES
     assert idat_stream(png.encode(image, threads=8)) == png._deflater.compress(filtered, png.DEFLATE_LEVEL)
+
+
+@pytest.mark.skipif(png.deflate_library() != "isal", reason="the threaded deflate is isal's; without isal, zlib's on one thread")
+def test_no_more_threads_deflate_than_there_are_blocks(monkeypatch):
+    monkeypatch.setattr(png, "THREADED_FROM_BYTES", 1)
+    monkeypatch.setattr(png, "THREADED_BLOCK_BYTES", 4096)
+    started = []
+    real = png._deflate_on_threads
+    monkeypatch.setattr(png, "_deflate_on_threads", lambda data, threads: started.append(threads) or real(data, threads))
+    data = np.zeros((3, 3000), dtype=np.uint8)  # 9,000 bytes: three blocks
+    assert zlib.decompress(png.deflate(data, threads=64)) == data.tobytes()
+    assert started == [3]
