@@ -16,8 +16,9 @@ Pillow.
 A large image's deflate runs on every core (python-isal's threaded writer, made after pigz:
 blocks of 4 MiB deflated side by side, each primed with the 32 KiB before it, into one stream);
 that writer frames the stream as gzip, and PNG wants the same deflate data framed as zlib, so
-the frame is swapped (`_deflate_on_threads`). On two cores a grainy final's PNG took 0.73-0.85x
-the time of one thread's and a flat one about the same (`python bench/host_costs.py`).
+the frame is swapped (`_deflate_on_threads`). On two cores a grainy final's PNG took 0.73-0.98x
+the time of one thread's and a flat one 1.00-1.07x (`python bench/host_costs.py`); the gain is
+for hosts with more cores, such as the GPU machines' sixteen.
 """
 
 from __future__ import annotations
