@@ -212,7 +212,7 @@ def main() -> None:
     final = tuple(int(v) for v in args.final.split("x"))
     stage1 = (final[0] // 4, final[1] // 4)
     print(f"host costs, device {args.device}, {torch.get_num_threads()} CPU threads, deflate {png.deflate_library()} "
-          f"(a large image on {png._usable_cores()} threads), median of {args.repeat}")
+          f"(a large image on {png.usable_cores()} threads), median of {args.repeat}")
     images = {
         f"final {final[0]}x{final[1]} illustration": illustration(*final, grain=0),
         f"final {final[0]}x{final[1]} with grain": illustration(*final, grain=3),

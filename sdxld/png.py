@@ -83,7 +83,7 @@ def encode(image, text: dict[str, str] | None = None, threads: int | None = None
 
 def deflate(data: np.ndarray, threads: int | None = None) -> bytes:
     """`data` (C-contiguous bytes) as a zlib stream, what IDAT chunks hold."""
-    threads = _usable_cores() if threads is None else threads
+    threads = usable_cores() if threads is None else threads
     if _deflater is zlib or threads < 2 or data.nbytes < THREADED_FROM_BYTES:
         return _deflater.compress(data, DEFLATE_LEVEL)  # a C-contiguous buffer: no copy
     # A thread more than there are blocks would only hold its buffers (a block and a tenth each).
@@ -104,7 +104,8 @@ def _deflate_on_threads(data: np.ndarray, threads: int) -> bytes:
     return b"".join([_ZLIB_HEADER, framed[10:-8], struct.pack(">I", _deflater.adler32(data))])
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity): the threads a large image's deflate uses."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
